@@ -1,0 +1,45 @@
+# The two commands of the README: `make reproduce` (the main job on the toy zoo)
+# and `make test`. Both create .venv on first use; both are idempotent.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install test lint format reproduce zoo bench clean-venv
+
+install: $(STAMP)
+
+# torch is installed first and alone, pinned to the CPU wheel: an unpinned torch
+# pulled in by another package resolves to a multi-GB CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(PY) -m pytest -q
+
+reproduce: $(STAMP)
+	$(VENV)/bin/lsa reproduce
+
+zoo: $(STAMP)
+	$(VENV)/bin/lsa zoo build
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean-venv:
+	rm -rf $(VENV)

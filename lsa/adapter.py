@@ -1,0 +1,298 @@
+"""Architecture adapters: where each model family keeps its parts.
+
+Every method in lsa reaches a model's internals through one :class:`Adapter`, so
+no analysis file ever asks which architecture it is looking at. An adapter names,
+relative to the Hugging Face model object:
+
+- the embedding, the list of blocks, the final norm and the unembedding;
+- per block (relative to the block): the attention module, its output
+  projection (whose *input* is the concatenation of the heads' outputs,
+  ``[batch, pos, n_heads * d_head]``), the MLP, the MLP activation module
+  (output = what LAPE calls a neuron's activation) and the MLP output projection
+  (whose *input* is the neuron values ``[batch, pos, d_mlp]``);
+- the head geometry, including grouped-query attention (``n_kv_heads``).
+
+Writes to the residual stream are always the *outputs* of the two output
+projections. BLOOM adds the residual inside its attention and MLP forwards,
+so their module outputs are not writes; the projections' outputs are, in every
+family. GPT-NeoX with ``use_parallel_residual`` reads attention and MLP from the
+same residual, so it has no "mid" residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Module paths of one architecture family (dotted, ``[i]`` for the block index)."""
+
+    family: str
+    embed: str
+    blocks: str
+    final_norm: str
+    unembed: str
+    attn: str
+    o_proj: str
+    ln1: str
+    ln2: str
+    mlp: str
+    mlp_act: str
+    mlp_out: str
+    # True where o_proj / mlp_out store weights as [in, out] (GPT-2's Conv1D).
+    conv1d: bool = False
+
+
+LAYOUTS: dict[str, Layout] = {
+    "gpt2": Layout(
+        family="gpt2",
+        embed="transformer.wte",
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="attn",
+        o_proj="attn.c_proj",
+        ln1="ln_1",
+        ln2="ln_2",
+        mlp="mlp",
+        mlp_act="mlp.act",
+        mlp_out="mlp.c_proj",
+        conv1d=True,
+    ),
+    "bloom": Layout(
+        family="bloom",
+        embed="transformer.word_embeddings",
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        attn="self_attention",
+        o_proj="self_attention.dense",
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",
+        mlp="mlp",
+        mlp_act="mlp.gelu_impl",
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+    "llama": Layout(
+        family="llama",
+        embed="model.embed_tokens",
+        blocks="model.layers",
+        final_norm="model.norm",
+        unembed="lm_head",
+        attn="self_attn",
+        o_proj="self_attn.o_proj",
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",
+        mlp="mlp",
+        mlp_act="mlp.act_fn",
+        mlp_out="mlp.down_proj",
+    ),
+    "gpt_neox": Layout(
+        family="gpt_neox",
+        embed="gpt_neox.embed_in",
+        blocks="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        attn="attention",
+        o_proj="attention.dense",
+        ln1="input_layernorm",
+        ln2="post_attention_layernorm",
+        mlp="mlp",
+        mlp_act="mlp.act",
+        mlp_out="mlp.dense_4h_to_h",
+    ),
+}
+
+# Hugging Face ``config.model_type`` -> layout key. CPM-Generate is model_type "gpt2".
+MODEL_TYPES: dict[str, str] = {
+    "gpt2": "gpt2",
+    "bloom": "bloom",
+    "qwen2": "llama",
+    "llama": "llama",
+    "mistral": "llama",
+    "gpt_neox": "gpt_neox",
+}
+
+SUPPORTED = tuple(sorted(MODEL_TYPES))
+
+
+class UnsupportedArchitecture(ValueError):
+    """Raised for a model whose ``config.model_type`` has no adapter."""
+
+
+def check_supported(model_type: str | None) -> Layout:
+    """The layout of a model type, or :class:`UnsupportedArchitecture` naming the supported ones."""
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedArchitecture(
+            f"no adapter for architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
+        )
+    return LAYOUTS[MODEL_TYPES[model_type]]
+
+
+def _get(obj: object, path: str) -> nn.Module:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def _cfg(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One model's geometry plus its family's :class:`Layout`.
+
+    >>> adapter = Adapter.for_model(hf_model)        # doctest: +SKIP
+    >>> adapter.n_layers, adapter.n_heads, adapter.d_head  # doctest: +SKIP
+    (12, 12, 64)
+    """
+
+    layout: Layout
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_mlp: int
+    d_vocab: int
+    parallel_residual: bool = False
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> Adapter:
+        """Build the adapter of a Hugging Face causal LM (raises for unknown families)."""
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        layout = check_supported(model_type)
+        n_layers = _cfg(config, "num_hidden_layers", "n_layer")
+        n_heads = _cfg(config, "num_attention_heads", "n_head")
+        d_model = _cfg(config, "hidden_size", "n_embd")
+        n_kv_heads = _cfg(config, "num_key_value_heads", default=n_heads)
+        d_head = _cfg(config, "head_dim", default=d_model // n_heads)
+        d_mlp = _cfg(config, "intermediate_size", "n_inner", default=4 * d_model)
+        d_vocab = _get(model, layout.unembed).weight.shape[0]
+        parallel = bool(layout.family == "gpt_neox" and getattr(config, "use_parallel_residual", False))
+        return cls(
+            layout=layout,
+            model_type=model_type,
+            n_layers=int(n_layers),
+            n_heads=int(n_heads),
+            n_kv_heads=int(n_kv_heads),
+            d_head=int(d_head),
+            d_model=int(d_model),
+            d_mlp=int(d_mlp),
+            d_vocab=int(d_vocab),
+            parallel_residual=parallel,
+        )
+
+    # ----------------------------------------------------------------- modules
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return _get(model, self.layout.blocks)  # type: ignore[return-value]
+
+    def block(self, model: nn.Module, layer: int) -> nn.Module:
+        self.check_layer(layer)
+        return self.blocks(model)[layer]
+
+    def module(self, model: nn.Module, part: str, layer: int | None = None) -> nn.Module:
+        """A named part: ``"o_proj"``, ``"mlp_out"``, ... of a block, or a model-level part.
+
+        Model-level parts: ``embed``, ``final_norm``, ``unembed``. Block parts:
+        ``attn``, ``o_proj``, ``ln1``, ``ln2``, ``mlp``, ``mlp_act``, ``mlp_out``.
+        """
+        path = getattr(self.layout, part)
+        if part in ("embed", "final_norm", "unembed", "blocks"):
+            return _get(model, path)
+        if layer is None:
+            raise ValueError(f"part {part!r} needs a layer")
+        return _get(self.block(model, layer), path)
+
+    def path(self, part: str, layer: int | None = None) -> str:
+        """Dotted path of a part from the model root (``transformer.h.3.attn.c_proj``)."""
+        path = getattr(self.layout, part)
+        if layer is None:
+            return path
+        self.check_layer(layer)
+        return f"{self.layout.blocks}.{layer}.{path}"
+
+    # ----------------------------------------------------------------- weights
+    def o_proj_by_head(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """Rows of the attention output projection per head: ``[n_heads, d_head, d_model]``.
+
+        A head's write is ``z[..., h, :] @ W[h]`` where ``z`` is the projection
+        input viewed as ``[batch, pos, n_heads, d_head]``.
+        """
+        weight = self.module(model, "o_proj", layer).weight
+        w_in_out = weight if self.layout.conv1d else weight.T  # [n_heads*d_head, d_model]
+        return w_in_out.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def o_proj_bias(self, model: nn.Module, layer: int) -> torch.Tensor | None:
+        return self.module(model, "o_proj", layer).bias
+
+    def mlp_out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """Neuron output directions: ``[d_mlp, d_model]``."""
+        weight = self.module(model, "mlp_out", layer).weight
+        return weight if self.layout.conv1d else weight.T
+
+    def mlp_out_bias(self, model: nn.Module, layer: int) -> torch.Tensor | None:
+        return self.module(model, "mlp_out", layer).bias
+
+    def unembed_weight(self, model: nn.Module) -> torch.Tensor:
+        """``[d_vocab, d_model]``."""
+        return self.module(model, "unembed").weight
+
+    def unembed(self, model: nn.Module, resid: torch.Tensor) -> torch.Tensor:
+        """Logits of residual-stream vectors ``[..., d_model] -> [..., d_vocab]`` (final norm first)."""
+        return self.module(model, "unembed")(self.module(model, "final_norm")(resid))
+
+    # ----------------------------------------------------------------- checks
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The key/value group a query head reads (grouped-query attention)."""
+        self.check_head(head)
+        return head // self.group_size
+
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise IndexError(
+                f"layer {layer!r} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})"
+            )
+
+    def check_head(self, head: int, layer: int | None = None) -> None:
+        if layer is not None:
+            self.check_layer(layer)
+        if not isinstance(head, int) or not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head!r} out of range: each layer has {self.n_heads} heads (0..{self.n_heads - 1})")
+
+    def check_neuron(self, neuron: int, layer: int | None = None) -> None:
+        if layer is not None:
+            self.check_layer(layer)
+        if not isinstance(neuron, int) or not 0 <= neuron < self.d_mlp:
+            raise IndexError(f"neuron {neuron!r} out of range: each MLP has {self.d_mlp} neurons (0..{self.d_mlp - 1})")
+
+    def describe(self) -> dict[str, object]:
+        """Geometry as a plain dict (for provenance and model cards)."""
+        return {
+            "model_type": self.model_type,
+            "family": self.layout.family,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "d_head": self.d_head,
+            "d_model": self.d_model,
+            "d_mlp": self.d_mlp,
+            "d_vocab": self.d_vocab,
+            "parallel_residual": self.parallel_residual,
+        }

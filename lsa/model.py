@@ -1,0 +1,167 @@
+"""Loading models: one :class:`Model` = an nnsight model + its tokenizer + its adapter.
+
+``load_model`` takes a Hugging Face id, a local path, or a zoo short name
+(``toy-bilingual``, ``toy-en``, ``toy-zh``); ``wrap`` takes a model object that is
+already built (random models in tests). Every analysis takes a ``Model``.
+
+Large models run on NDIF with ``remote=True``: the flag is passed to nnsight's
+``trace`` untouched (see :meth:`Model.trace`), so the same calls return the same
+shapes. Loading weights from the hub needs internet; nothing in tests does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lsa.adapter import Adapter, check_supported
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO_DIR = ROOT / "data" / "models"
+ZOO = {"toy-bilingual": "toy-bilingual", "toy-en": "toy-en", "toy-zh": "toy-zh"}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` -> CUDA when present, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> str:
+    """Zoo short names -> their folder under ``data/models``; anything else unchanged."""
+    name = str(name_or_path)
+    if name in ZOO:
+        path = ZOO_DIR / ZOO[name]
+        if not path.exists():
+            raise FileNotFoundError(f"zoo model {name!r} is not built at {path}; run `lsa zoo build` (or `make zoo`)")
+        return str(path)
+    return name
+
+
+@dataclass
+class Model:
+    """A language model ready for analysis.
+
+    Attributes:
+        nn: the nnsight model (trace it: ``with model.nn.trace(tokens): ...``).
+        hf: the underlying ``torch.nn.Module`` (Hugging Face causal LM), for plain hooks.
+        tokenizer: its Hugging Face tokenizer.
+        adapter: where the architecture keeps its parts (:class:`lsa.adapter.Adapter`).
+        name: what it was loaded as (id, path or short name).
+        remote: trace on NDIF instead of locally.
+    """
+
+    nn: object
+    hf: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    name: str = "model"
+    remote: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def cfg(self) -> Adapter:
+        """Shorthand for the adapter (its geometry: ``n_layers``, ``n_heads``, ...)."""
+        return self.adapter
+
+    def trace(self, *inputs, **kwargs):
+        """``self.nn.trace`` with ``remote`` filled in."""
+        kwargs.setdefault("remote", self.remote)
+        return self.nn.trace(*inputs, **kwargs)
+
+    def module(self, part: str, layer: int | None = None) -> nn.Module:
+        """The torch module of a named part (see :meth:`Adapter.module`)."""
+        return self.adapter.module(self.hf, part, layer)
+
+    def envoy(self, part: str, layer: int | None = None):
+        """The nnsight envoy of a named part, for use inside ``trace``."""
+        obj = self.nn
+        for piece in self.adapter.path(part, layer).split("."):
+            obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
+        return obj
+
+    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` (no special tokens added)."""
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        lengths = {len(i) for i in ids}
+        if len(lengths) != 1:
+            raise ValueError(f"texts tokenize to different lengths {sorted(lengths)}; pass them one at a time")
+        return torch.tensor(ids, device=self.device)
+
+    def to_str_tokens(self, tokens: torch.Tensor | list[int]) -> list[str]:
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Plain forward (no nnsight): ``[batch, pos] -> [batch, pos, d_vocab]``."""
+        return self.hf(tokens.to(self.device)).logits
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.adapter.describe(), **self.meta}
+
+
+def wrap(hf_model: nn.Module, tokenizer=None, *, name: str = "model", remote: bool = False) -> Model:
+    """Wrap an already-built Hugging Face causal LM (e.g. a random one) as a :class:`Model`."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    adapter = Adapter.for_model(hf_model)  # fails early for unknown architectures
+    hf_model.eval()
+    nn_model = TransformersModel(hf_model, task="text-generation", tokenizer=tokenizer)
+    return Model(nn=nn_model, hf=hf_model, tokenizer=tokenizer, adapter=adapter, name=name, remote=remote)
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = "auto",
+    dtype: torch.dtype | str | None = None,
+    remote: bool = False,
+    **hf_kwargs,
+) -> Model:
+    """Load a model by Hugging Face id, local path or zoo short name.
+
+    >>> model = load_model("toy-bilingual")            # doctest: +SKIP
+    >>> model = load_model("Qwen/Qwen2-0.5B", dtype="bfloat16")   # needs internet  # doctest: +SKIP
+
+    Attention runs in the "eager" implementation unless ``attn_implementation``
+    is given, so attention patterns are available to every analysis.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_name(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    check_supported(config.model_type)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    hf_kwargs.setdefault("attn_implementation", "eager")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if remote:
+        from nnsight.modeling.transformers import TransformersModel
+
+        nn_model = TransformersModel(path, task="text-generation", tokenizer=tokenizer, **hf_kwargs)
+        hf = nn_model._module
+        return Model(
+            nn=nn_model, hf=hf, tokenizer=tokenizer, adapter=Adapter.for_model(hf), name=str(name_or_path), remote=True
+        )
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs)
+    hf.to(resolve_device(device))
+    model = wrap(hf, tokenizer, name=str(name_or_path))
+    card = Path(path) / "zoo.json"
+    if card.exists():
+        import json
+
+        model.meta["zoo"] = json.loads(card.read_text())
+    return model

@@ -1,0 +1,1 @@
+"""Interactive explorers (ipywidgets 8) for lsa results: heads, patching maps, circuits, neurons."""
