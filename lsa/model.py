@@ -132,6 +132,7 @@ def load_model(
     """Load a model by Hugging Face id, local path or zoo short name.
 
     >>> model = load_model("toy-bilingual")            # doctest: +SKIP
+    >>> model = load_model("random:qwen2")             # random weights, tiny GQA config  # doctest: +SKIP
     >>> model = load_model("Qwen/Qwen2-0.5B", dtype="bfloat16")   # needs internet  # doctest: +SKIP
 
     Attention runs in the "eager" implementation unless ``attn_implementation``
@@ -139,6 +140,12 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if str(name_or_path).startswith("random:"):
+        from lsa.configs import random_model
+
+        model = random_model(str(name_or_path).removeprefix("random:"))
+        model.hf.to(resolve_device(device))
+        return model
     path = resolve_name(name_or_path)
     config = AutoConfig.from_pretrained(path)
     check_supported(config.model_type)
