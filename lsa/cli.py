@@ -19,7 +19,14 @@ def _run(args: argparse.Namespace) -> int:
 
     output = Path(args.output or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     try:
-        cells = runner.plan(args.notebooks, args.model, args.language, runner.parse_params(args.param), output)
+        params = runner.parse_params(args.param)
+        if args.preset:
+            cells = runner.plan_preset(args.preset, output, random=args.random, params=params, notebooks=args.notebooks)
+        elif not args.notebooks:
+            raise runner.GridError("name at least one notebook, or a --preset")
+        else:
+            models, languages = args.model or ["toy-bilingual"], args.language or ["en"]
+            cells = runner.plan(args.notebooks, models, languages, params, output)
     except runner.GridError as exc:
         print(f"lsa run: {exc}", file=sys.stderr)
         return 2
@@ -56,13 +63,17 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lsa.runner import PRESETS
+
     parser = argparse.ArgumentParser(prog="lsa", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="execute notebooks over models x languages x parameters")
-    run.add_argument("notebooks", nargs="+", help="notebook paths or names under notebooks/ (e.g. quickstart)")
-    run.add_argument("--model", "-m", nargs="+", default=["toy-bilingual"], help="model ids, paths or zoo names")
-    run.add_argument("--language", "-l", nargs="+", default=["en"], help="languages; 'en+zh' = one run with both")
+    run.add_argument("notebooks", nargs="*", help="notebook paths or names under notebooks/ (e.g. quickstart)")
+    run.add_argument("--model", "-m", nargs="+", help="model ids, paths or zoo names (default toy-bilingual)")
+    run.add_argument("--language", "-l", nargs="+", help="languages (default en); 'en+zh' = one run with both")
+    run.add_argument("--preset", help="a named grid: " + ", ".join(sorted(PRESETS)) + " (notebooks given = a subset)")
+    run.add_argument("--random", action="store_true", help="with --preset: random models of the same shapes")
     run.add_argument("--param", "-p", action="append", help="key=value (repeat a key to make a grid)")
     run.add_argument("--output", "-o", help="output folder (default runs/<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")

@@ -36,6 +36,24 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 VERSIONED = ("lsa", "torch", "transformers", "nnsight", "tokenizers", "papermill", "pandas", "numpy")
 
 
+# Named grids: (notebook, models, languages, parameters). The zoo mirrors the paper's
+# design on the shipped toy models; "paper" names the paper's real models (these
+# need internet or NDIF; ``random=True`` swaps in random models of the same shapes).
+PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
+    "zoo": [
+        ("00_quickstart", ["toy-bilingual"], ["en+zh"], {}),
+        ("00_quickstart", ["toy-en"], ["en"], {}),
+        ("00_quickstart", ["toy-zh"], ["zh"], {}),
+    ],
+    "paper": [
+        ("00_quickstart", ["bigscience/bloom-560m"], ["en+zh"], {}),
+        ("00_quickstart", ["gpt2"], ["en"], {}),
+        ("00_quickstart", ["mymusise/CPM-Generate-distill"], ["zh"], {}),
+        ("00_quickstart", ["Qwen/Qwen2-0.5B"], ["en+zh"], {}),
+    ],
+}
+
+
 class GridError(ValueError):
     """A grid that cannot run (unknown notebook or parameter, existing output)."""
 
@@ -149,6 +167,31 @@ def plan(
             if len(combos) > 1:
                 folder = folder / slug(",".join(f"{k}={v}" for k, v in sorted(combo.items())))
             cells.append(Cell(notebook, model, language, dict(combo), folder, output))
+    return cells
+
+
+def plan_preset(
+    name: str,
+    output: str | Path = "runs",
+    *,
+    random: bool = False,
+    params: dict[str, list] | None = None,
+    notebooks: list[str] | None = None,
+) -> list[Cell]:
+    """The cells of a named grid. ``params`` override the preset's (only where a notebook declares them);
+    ``random`` replaces each model id by ``random:<id>`` (same shape, random weights, offline)."""
+    if name not in PRESETS:
+        raise GridError(f"no preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+    available = {p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")}
+    cells: list[Cell] = []
+    for notebook, models, languages, preset_params in PRESETS[name]:
+        if notebook not in available or (notebooks and notebook not in notebooks):
+            continue
+        declared = declared_parameters(resolve_notebook(notebook))
+        values = {k: [v] for k, v in preset_params.items()}
+        values.update({k: v for k, v in (params or {}).items() if k in declared})
+        names = [f"random:{m}" if random else m for m in models]
+        cells += plan([notebook], names, languages, values, output)
     return cells
 
 

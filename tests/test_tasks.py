@@ -1,0 +1,421 @@
+"""Task builders against real tokenizers: GPT-2's byte-level BPE for English, a word/character tokenizer for Chinese.
+
+Every check re-tokenizes or decodes the texts independently of the builder.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from functools import cache
+
+import pytest
+import torch
+from helpers import gpt2_tokenizer, word_tokenizer
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from lsa import tasks
+from lsa.splits import is_heldout
+
+
+@cache
+def gpt2():
+    return gpt2_tokenizer()
+
+
+def enc(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def dec(tok, ids):
+    return tok.decode([int(i) for i in ids])
+
+
+@cache
+def chinese_tokenizer(bos: bool = False, missing: tuple[str, ...] = ()):
+    """Names and verbs of the Chinese data as whole tokens, every other character its own token.
+
+    Words in ``missing`` are still cut as one piece but left out of the vocabulary (they become <unk>).
+    """
+    words = set(tasks.load_data("ioi", "zh")["names"])
+    words |= {v["verb"] for v in tasks.load_data("past_tense", "zh")["verbs"]}
+    words = sorted(words, key=len, reverse=True)
+    chars = sorted({c for t in tasks.TASKS for c in str(tasks.load_data(t, "zh"))} | set("了长"))
+    vocab = {"<unk>": 0, "<pad>": 1, "<s>": 2}
+    for w in words + chars:
+        if w not in missing:
+            vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(re.escape, words)) + "|."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>")
+
+
+def test_gpt2_tokenizer_gives_the_real_gpt2_ids():
+    tok = gpt2()
+    assert enc(tok, " Mary") == [5335]
+    assert enc(tok, " John") == [1757]
+    assert len(tok) == 50257
+
+
+# ---------------------------------------------------------------------------
+# data files
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("language", tasks.LANGUAGES)
+def test_ioi_data_files_have_enough_names_templates_and_varied_endings(language):
+    data = tasks.load_data("ioi", language)
+    assert len(set(data["names"])) >= 100
+    assert len(data["places"]) >= 10 and len(data["objects"]) >= 10
+    templates = data["templates"]
+    assert len(templates) >= 15
+    assert len({t["id"] for t in templates}) == len(templates)
+    splits = [t["split"] for t in templates]
+    assert set(splits) == {"train", "heldout"} and 3 <= splits.count("heldout") <= 4
+    for t in templates:
+        assert t["text"].count("{S}") == 2 and t["text"].count("{IO}") == 1, t["id"]
+    io_first = [t["text"].index("{IO}") < t["text"].index("{S}") for t in templates]
+    assert any(io_first) and not all(io_first)
+    last = {t["text"][-1] if language == "zh" else t["text"].split()[-1] for t in templates if t["split"] == "train"}
+    assert len(last) >= 4
+    # every held-out ending also ends some training template (NOTES: unseen final tokens fail)
+    held_last = {
+        t["text"][-1] if language == "zh" else t["text"].split()[-1] for t in templates if t["split"] != "train"
+    }
+    assert held_last <= last
+
+
+def test_past_tense_data_files_have_enough_verbs_adverbs_and_templates():
+    en, zh = tasks.load_data("past_tense", "en"), tasks.load_data("past_tense", "zh")
+    assert len(en["verbs"]) >= 100 and len(zh["verbs"]) >= 40
+    assert all(v["present"] != v["past"] and v["rest"] for v in en["verbs"])
+    assert len({v["present"] for v in en["verbs"]}) == len(en["verbs"])
+    assert len({v["verb"] for v in zh["verbs"]}) == len(zh["verbs"])
+    for data in (en, zh):
+        assert len(data["past_adverbs"]) >= 5 and len(data["habitual_adverbs"]) >= 5
+        assert len(data["templates"]) >= 6
+        assert {t["split"] for t in data["templates"]} == {"train", "heldout"}
+
+
+# ---------------------------------------------------------------------------
+# IOI, English, GPT-2 BPE
+# ---------------------------------------------------------------------------
+
+
+def test_ioi_en_positions_answers_and_texts_decode_to_the_names():
+    tok = gpt2()
+    p = tasks.build("ioi", "en", tok, n=40, seed=1)
+    assert len(p) == 40
+    assert torch.equal(p.positions["end"], p.lengths - 1)
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        n = int(p.lengths[i])
+        assert p.clean[i, :n].tolist() == enc(tok, m.clean_text)
+        assert p.corrupt[i, :n].tolist() == enc(tok, m.corrupt_text)
+        assert (p.clean[i, n:] == p.pad_id).all() and (p.corrupt[i, n:] == p.pad_id).all()
+        assert dec(tok, p.clean[i, :n]) == m.clean_text
+        assert dec(tok, [p.clean[i, p.positions["IO"][i]]]).strip() == m.io
+        assert dec(tok, [p.clean[i, p.positions["S1"][i]]]).strip() == m.s
+        assert dec(tok, [p.clean[i, p.positions["S2"][i]]]).strip() == m.s
+        assert p.positions["S1"][i] < p.positions["S2"][i]
+        assert dec(tok, [p.answer[i]]) == " " + m.io
+        assert dec(tok, [p.distractor[i]]) == " " + m.s
+        # the answer continues the clean text as one token
+        assert enc(tok, m.clean_text + " " + m.io) == p.clean[i, :n].tolist() + [int(p.answer[i])]
+
+
+def test_ioi_counterfactual_puts_three_distinct_new_names_in_the_slots():
+    tok = gpt2()
+    p = tasks.build("ioi", "en", tok, n=40, seed=2)
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        got = [dec(tok, [p.corrupt[i, p.positions[k][i]]]).strip() for k in ("IO", "S1", "S2")]
+        assert got == [m.corrupt_io, m.corrupt_s1, m.corrupt_s2]
+        assert len(set(got)) == 3 and not set(got) & {m.io, m.s}
+        # everything outside the three name slots is the same token
+        same = p.clean[i] == p.corrupt[i]
+        same[torch.stack([p.positions[k][i] for k in ("IO", "S1", "S2")])] = True
+        assert same.all()
+
+
+def test_every_kept_pair_has_equal_token_lengths():
+    tok = gpt2()
+    for task in tasks.TASKS:
+        p = tasks.build(task, "en", tok, n=60, seed=3)
+        for m, n in zip(p.meta.itertuples(), p.lengths.tolist()):
+            assert len(enc(tok, m.clean_text)) == len(enc(tok, m.corrupt_text)) == n
+
+
+def test_multi_token_name_is_dropped_and_reported_with_its_length():
+    tok = gpt2()
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["names"] = data["names"][:30] + ["Bartholomew", "Mary"]  # Mary twice: counted once
+    single = [x for x in dict.fromkeys(data["names"]) if len(enc(tok, " " + x)) == 1]
+    p = tasks.build_ioi("en", tok, n=50, data=data)
+    assert p.report.vocabulary["names"] == (len(single), len(dict.fromkeys(data["names"])))
+    assert len(single) < 31
+    examples = p.report.examples["names: not one token"]
+    assert "' Bartholomew' is 3 tokens" in examples
+    assert p.report.counts["names: not one token"] == 31 - len(single)
+    used = set(p.meta.io) | set(p.meta.s) | set(p.meta.corrupt_io) | set(p.meta.corrupt_s1) | set(p.meta.corrupt_s2)
+    assert "Bartholomew" not in used and used <= set(single)
+    assert "names: not one token" in p.report.table().reason.tolist()
+
+
+def test_same_seed_gives_same_prompts_and_another_seed_differs():
+    tok = gpt2()
+    a, b = tasks.build("ioi", "en", tok, n=30, seed=7), tasks.build("ioi", "en", tok, n=30, seed=7)
+    c = tasks.build("ioi", "en", tok, n=30, seed=8)
+    assert torch.equal(a.clean, b.clean) and torch.equal(a.corrupt, b.corrupt)
+    assert a.meta.equals(b.meta)
+    assert a.meta.clean_text.tolist() != c.meta.clean_text.tolist()
+
+
+def test_no_single_token_name_raises_an_error_naming_the_name_filter():
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["names"] = ["Bartholomew", "Maximilian", "Evangeline", "Archibald", "Ermengarde", "Thaddeus"]
+    assert all(len(enc(gpt2(), " " + x)) > 1 for x in data["names"])
+    with pytest.raises(ValueError, match=r"only 0 of 6 names are one token"):
+        tasks.build_ioi("en", gpt2(), data=data)
+
+
+@pytest.mark.parametrize("split", tasks.SPLITS)
+def test_ioi_split_filters_follow_is_heldout_and_template_splits(split):
+    p = tasks.build("ioi", "en", gpt2(), n=120, split=split, seed=4)
+    template_split = {t["id"]: t["split"] for t in tasks.load_data("ioi", "en")["templates"]}
+    splits = {template_split[t] for t in p.meta.template}
+    held = {is_heldout(io, s) for io, s in zip(p.meta.io, p.meta.s)}
+    if split == "train":
+        assert splits == {"train"} and held == {False}
+    elif split == "heldout_pairs":
+        assert splits == {"train"} and held == {True}
+    elif split == "heldout_templates":
+        assert splits == {"heldout"}
+    else:
+        assert splits == {"train", "heldout"} and held == {True, False}
+
+
+def test_unknown_task_language_split_or_variant_lists_the_valid_ones():
+    tok = gpt2()
+    with pytest.raises(ValueError, match=r"unknown task 'tense'.*'ioi', 'past_tense'"):
+        tasks.build("tense", "en", tok)
+    with pytest.raises(ValueError, match=r"unknown language 'fr'.*'en', 'zh'"):
+        tasks.build("ioi", "fr", tok)
+    with pytest.raises(ValueError, match=r"unknown split 'test'.*'heldout_pairs'"):
+        tasks.build("ioi", "en", tok, split="test")
+    with pytest.raises(ValueError, match=r"unknown variant 'marking'.*'abc'"):
+        tasks.build("ioi", "en", tok, variant="marking")
+    with pytest.raises(ValueError, match=r"unknown variant 'inflect'.*'copy', 'marking'"):
+        tasks.build("past_tense", "en", tok, variant="inflect")
+
+
+def test_fewer_prompts_than_requested_is_visible_in_the_report():
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["names"], data["places"], data["objects"] = ["Mary", "John", "Tom", "Sam", "Max"], ["park"], ["book"]
+    data["templates"] = data["templates"][:1]
+    p = tasks.build_ioi("en", gpt2(), n=500, data=data)
+    assert len(p) == 5 * 4  # one template, one place, one object: a prompt per ordered name pair
+    assert p.report.kept == 20 and p.report.requested == 500
+    assert "(500 requested)" in str(p.report) and p.report.counts["duplicate of an earlier prompt"] > 0
+
+
+# ---------------------------------------------------------------------------
+# past tense, English
+# ---------------------------------------------------------------------------
+
+
+def test_past_tense_en_answer_is_the_past_form_and_positions_hit_verb_adverb_name():
+    tok = gpt2()
+    p = tasks.build("past_tense", "en", tok, n=40, seed=5)
+    verbs = {v["present"]: v for v in tasks.load_data("past_tense", "en")["verbs"]}
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        n = int(p.lengths[i])
+        assert dec(tok, p.clean[i, :n]) == m.clean_text
+        low = lambda x: x[0].lower() + x[1:]
+        assert m.corrupt_text in (
+            m.clean_text.replace(f"{m.adverb},", f"{m.habitual},"),
+            m.clean_text.replace(f"{low(m.adverb)},", f"{low(m.habitual)},"),
+        )
+        assert m.corrupt_text != m.clean_text
+        assert dec(tok, [p.answer[i]]) == " " + verbs[m.verb]["past"]
+        assert dec(tok, [p.distractor[i]]) == " " + m.verb
+        assert dec(tok, [p.clean[i, p.positions["verb"][i]]]) == " " + m.verb
+        assert dec(tok, [p.clean[i, p.positions["name2"][i]]]) == " " + m["name"]
+        # the adverb position is the adverb's last token: the text up to it ends with the adverb
+        upto = dec(tok, p.clean[i, : p.positions["adverb"][i] + 1])
+        assert upto.lower().endswith(m.adverb.lower())
+        assert dec(tok, p.corrupt[i, : p.positions["adverb"][i] + 1]).lower().endswith(m.habitual.lower())
+
+
+@pytest.mark.parametrize("split", ["train", "heldout_pairs"])
+def test_past_tense_split_follows_is_heldout_of_adverb_and_verb(split):
+    p = tasks.build("past_tense", "en", gpt2(), n=80, split=split, seed=6)
+    held = {is_heldout(a, v) for a, v in zip(p.meta.adverb, p.meta.verb)}
+    assert held == {split == "heldout_pairs"}
+    assert set(p.meta.split) == {"train"}
+
+
+def test_counterfactual_of_different_length_is_dropped_and_reported():
+    tok = gpt2()
+    data = copy.deepcopy(tasks.load_data("past_tense", "en"))
+    # capitalised, "Lately" and "Every day" are both 2 tokens, lowercased " lately" is 1 and " every day" 2
+    assert len(enc(tok, ". Lately")) == len(enc(tok, ". Every day"))
+    assert len(enc(tok, " lately")) != len(enc(tok, " every day"))
+    data["past_adverbs"], data["habitual_adverbs"] = ["Lately"], ["Every day"]
+    data["templates"] = [
+        {"id": "t-lower", "split": "train", "text": "{HABITUAL}, {NAME} {PRESENT} {REST}. But {adverb}, {NAME}"}
+    ]
+    with pytest.raises(ValueError, match="clean/counterfactual lengths differ"):
+        tasks.build_past_tense("en", tok, n=10, data=data)
+    data["templates"].append(
+        {"id": "t-upper", "split": "train", "text": "{HABITUAL}, {NAME} {PRESENT} {REST}. {ADVERB}, {NAME}"}
+    )
+    p = tasks.build_past_tense("en", tok, n=10, data=data)
+    assert set(p.meta.template) == {"t-upper"} and p.report.counts["clean/counterfactual lengths differ"] > 0
+
+
+def test_past_adverb_without_an_equal_length_partner_is_reported():
+    data = copy.deepcopy(tasks.load_data("past_tense", "en"))
+    data["past_adverbs"] = ["Yesterday", "Two weeks ago"]
+    data["habitual_adverbs"] = ["Usually"]
+    p = tasks.build_past_tense("en", gpt2(), n=10, data=data)
+    assert set(p.meta.adverb) == {"Yesterday"}
+    assert p.report.vocabulary["past adverbs"] == (1, 2)
+    assert "past adverb has no habitual adverb of equal token length" in p.report.counts
+
+
+# ---------------------------------------------------------------------------
+# Chinese, word/character tokenizer
+# ---------------------------------------------------------------------------
+
+
+def test_ioi_zh_names_are_single_tokens_and_positions_decode():
+    tok = chinese_tokenizer()
+    p = tasks.build("ioi", "zh", tok, n=40, seed=0)
+    assert len(p) == 40 and p.report.vocabulary["names"] == (120, 120)
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        n = int(p.lengths[i])
+        assert p.clean[i, :n].tolist() == enc(tok, m.clean_text)
+        assert dec(tok, p.clean[i, :n]) == m.clean_text
+        assert dec(tok, [p.clean[i, p.positions["IO"][i]]]) == m.io
+        assert dec(tok, [p.clean[i, p.positions["S1"][i]]]) == m.s == dec(tok, [p.clean[i, p.positions["S2"][i]]])
+        assert dec(tok, [p.answer[i]]) == m.io and dec(tok, [p.distractor[i]]) == m.s
+        got = [dec(tok, [p.corrupt[i, p.positions[k][i]]]) for k in ("IO", "S1", "S2")]
+        assert len(set(got)) == 3 and not set(got) & {m.io, m.s}
+
+
+def test_past_tense_zh_copy_answers_the_verb_against_another_verb():
+    tok = chinese_tokenizer()
+    p = tasks.build("past_tense", "zh", tok, n=40, seed=1)
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        assert dec(tok, [p.answer[i]]) == m.verb == dec(tok, [p.clean[i, p.positions["verb"][i]]])
+        assert dec(tok, [p.distractor[i]]) != m.verb
+        assert dec(tok, [p.clean[i, p.positions["name2"][i]]]) == m["name"]
+        second = m.clean_text.split("。")[1]
+        assert m.adverb in second and m.corrupt_text.split("。")[1] == second.replace(m.adverb, m.habitual)
+
+
+def test_past_tense_zh_marking_prompt_ends_with_the_verb_and_answers_le():
+    tok = chinese_tokenizer()
+    p = tasks.build("past_tense", "zh", tok, n=40, seed=1, variant="marking")
+    le = enc(tok, "了")
+    assert len(le) == 1
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        end = int(p.positions["end"][i])
+        assert dec(tok, [p.clean[i, end]]) == m.verb == dec(tok, [p.corrupt[i, end]])
+        assert int(p.answer[i]) == le[0]
+        assert dec(tok, [p.distractor[i]]) == m.rest[0]  # characters are tokens here
+
+
+def test_multi_character_chinese_verb_is_dropped_for_a_character_tokenizer():
+    words = tasks.load_data("ioi", "zh")["names"]
+    chars = sorted({c for t in tasks.TASKS for c in str(tasks.load_data(t, "zh"))} | set("了"))
+    vocab = {"<unk>": 0, "<pad>": 1}
+    for w in words + chars:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(map(re.escape, words)) + "|."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>")
+    verbs = tasks.load_data("past_tense", "zh")["verbs"]
+    multi = [v["verb"] for v in verbs if len(v["verb"]) > 1]
+    p = tasks.build("past_tense", "zh", tok, n=20)
+    assert p.report.vocabulary["verbs"] == (len(verbs) - len(multi), len(verbs))
+    assert p.report.counts["verbs: a form is not one token"] == len(multi)
+    assert not set(p.meta.verb) & set(multi)
+
+
+def test_tokenizer_that_adds_bos_does_not_shift_positions():
+    plain, with_bos = chinese_tokenizer(), chinese_tokenizer(bos=True)
+    assert with_bos.encode("小明")[0] == 2  # it does add <s> by default
+    a = tasks.build("ioi", "zh", plain, n=10)
+    b = tasks.build("ioi", "zh", with_bos, n=10)
+    assert torch.equal(a.clean, b.clean) and all(torch.equal(a.positions[k], b.positions[k]) for k in a.positions)
+    c = tasks.build("ioi", "zh", with_bos, n=10, prepend_bos=True)
+    assert (c.clean[:, 0] == 2).all() and torch.equal(c.clean[:, 1:], a.clean)
+    assert all(torch.equal(c.positions[k], a.positions[k] + 1) for k in a.positions)
+
+
+def test_describe_shows_the_tokens_at_each_position():
+    tok = gpt2()
+    p = tasks.build("ioi", "en", tok, n=4)
+    table = tasks.describe(p, tok, k=3)
+    assert len(table) == 3
+    assert table["at IO"].str.strip().tolist() == p.meta.io[:3].tolist()
+    assert table["answer"].tolist() == (" " + p.meta.io[:3]).tolist()
+
+
+def test_words_unknown_to_a_word_level_tokenizer_are_dropped_not_kept_as_unk():
+    tok = chinese_tokenizer(missing=("小明", "去"))
+    assert enc(tok, "小明") == [tok.unk_token_id]  # one token, but the unknown one
+    p = tasks.build("ioi", "zh", tok, n=60)
+    assert p.report.vocabulary["names"] == (119, 120)
+    assert p.report.examples["names: unknown to the tokenizer"] == ["'小明'"]
+    assert p.report.counts["prompt has tokens unknown to the tokenizer"] > 0  # templates with 去 in them
+    q = tasks.build("past_tense", "zh", tok, n=60)
+    assert q.report.counts["verbs: unknown to the tokenizer"] == 1
+    for ps in (p, q):
+        assert not (ps.clean == tok.unk_token_id).any() and not (ps.corrupt == tok.unk_token_id).any()
+        assert "小明" not in "".join(ps.meta.clean_text) + "".join(ps.meta.corrupt_text)
+
+
+def test_bad_count_or_bos_request_is_a_clear_error():
+    with pytest.raises(ValueError, match="n must be a positive number"):
+        tasks.build("ioi", "en", gpt2(), n=0)
+    with pytest.raises(ValueError, match="no bos_token_id"):
+        tasks.build("ioi", "en", word_tokenizer(), n=3, prepend_bos=True)
+
+
+@pytest.mark.parametrize("language", tasks.LANGUAGES)
+def test_ioi_context_variant_adds_a_third_name_first_and_replaces_all_four(language):
+    tok = gpt2() if language == "en" else chinese_tokenizer()
+    space = " " if language == "en" else ""
+    p = tasks.build("ioi", language, tok, n=20, variant="context", seed=3)
+    assert len(p) == 20
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        at = lambda ids, k, i=i: dec(tok, [ids[i, p.positions[k][i]]]).strip()
+        assert p.positions["C"][i] < p.positions["IO"][i] and p.positions["C"][i] < p.positions["S1"][i]
+        assert [at(p.clean, k) for k in ("C", "IO", "S1", "S2")] == [m.c, m.io, m.s, m.s]
+        new = [at(p.corrupt, k) for k in ("C", "IO", "S1", "S2")]
+        assert new == [m.corrupt_c, m.corrupt_io, m.corrupt_s1, m.corrupt_s2]
+        assert len(set(new)) == 4 and not set(new) & {m.c, m.io, m.s}
+        assert m.clean_text.startswith(m.c) and dec(tok, [p.answer[i]]) == space + m.io
+
+
+def test_template_without_the_slots_its_task_reads_is_named_in_the_error():
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["templates"] = [{"id": "bad-1", "split": "train", "text": "When {IO} and {S} went out, someone gave it to"}]
+    with pytest.raises(ValueError, match=r"template 'bad-1' needs \{IO\} once and \{S\} twice"):
+        tasks.build_ioi("en", gpt2(), n=5, data=data)
+    data = copy.deepcopy(tasks.load_data("past_tense", "zh"))
+    data["templates"] = [{"id": "bad-2", "split": "train", "text": "每天，{NAME}{VERB}{REST}。{NAME}"}]
+    with pytest.raises(ValueError, match=r"template 'bad-2' needs .*\{ADVERB\}"):
+        tasks.build_past_tense("zh", chinese_tokenizer(), n=5, data=data)
