@@ -45,6 +45,12 @@ class Layout:
     mlp_out: str
     # True where o_proj / mlp_out store weights as [in, out] (GPT-2's Conv1D).
     conv1d: bool = False
+    # Query/key/value projections (their outputs, before any rotary embedding):
+    # "separate": three modules q, k, v, each output [..., heads * d_head] (kv heads for k, v);
+    # "concat": one module, output [..., q | k | v], each n_heads * d_head wide (GPT-2's c_attn);
+    # "interleaved": one module, output viewed [..., n_heads, 3, d_head] (BLOOM, GPT-NeoX).
+    qkv: tuple[str, ...] = ()
+    qkv_layout: str = "separate"
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -62,6 +68,8 @@ LAYOUTS: dict[str, Layout] = {
         mlp_act="mlp.act",
         mlp_out="mlp.c_proj",
         conv1d=True,
+        qkv=("attn.c_attn",),
+        qkv_layout="concat",
     ),
     "bloom": Layout(
         family="bloom",
@@ -76,6 +84,8 @@ LAYOUTS: dict[str, Layout] = {
         mlp="mlp",
         mlp_act="mlp.gelu_impl",
         mlp_out="mlp.dense_4h_to_h",
+        qkv=("self_attention.query_key_value",),
+        qkv_layout="interleaved",
     ),
     "llama": Layout(
         family="llama",
@@ -90,6 +100,8 @@ LAYOUTS: dict[str, Layout] = {
         mlp="mlp",
         mlp_act="mlp.act_fn",
         mlp_out="mlp.down_proj",
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        qkv_layout="separate",
     ),
     "gpt_neox": Layout(
         family="gpt_neox",
@@ -104,6 +116,8 @@ LAYOUTS: dict[str, Layout] = {
         mlp="mlp",
         mlp_act="mlp.act",
         mlp_out="mlp.dense_4h_to_h",
+        qkv=("attention.query_key_value",),
+        qkv_layout="interleaved",
     ),
 }
 
@@ -234,8 +248,54 @@ class Adapter:
         w_in_out = weight if self.layout.conv1d else weight.T  # [n_heads*d_head, d_model]
         return w_in_out.reshape(self.n_heads, self.d_head, self.d_model)
 
+    def qkv_columns(self, model: nn.Module, kind: str, layer: int, head: int) -> tuple[nn.Module, slice]:
+        """Where one head's query, key or value is made: ``(projection module, columns of its output)``.
+
+        ``kind`` is ``"q"``, ``"k"`` or ``"v"``; ``head`` is a query head for ``"q"`` and
+        a key/value head (a group under grouped-query attention) for ``"k"`` / ``"v"``.
+        The columns index the projection's output ``[..., out]`` before any rotary
+        embedding, so calling the module on another input and copying these columns
+        gives that head the other input.
+        """
+        if kind not in ("q", "k", "v"):
+            raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
+        which = "qkv".index(kind)
+        n = self.n_heads if kind == "q" else self.n_kv_heads
+        if not isinstance(head, int) or not 0 <= head < n:
+            what = "query heads" if kind == "q" else "key/value heads"
+            raise IndexError(f"{kind} head {head!r} out of range: each layer has {n} {what} (0..{n - 1})")
+        d = self.d_head
+        block = self.block(model, layer)
+        if self.layout.qkv_layout == "separate":
+            return _get(block, self.layout.qkv[which]), slice(head * d, (head + 1) * d)
+        if self.layout.qkv_layout == "concat":
+            start = which * self.n_heads * d + head * d
+            return _get(block, self.layout.qkv[0]), slice(start, start + d)
+        if self.layout.qkv_layout == "interleaved":
+            start = head * 3 * d + which * d
+            return _get(block, self.layout.qkv[0]), slice(start, start + d)
+        raise ValueError(f"unknown qkv layout {self.layout.qkv_layout!r}")
+
     def o_proj_bias(self, model: nn.Module, layer: int) -> torch.Tensor | None:
         return self.module(model, "o_proj", layer).bias
+
+    def value_weights(self, model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Value projection per key/value head: ``W [n_kv_heads, d_model, d_head]``, ``b [n_kv_heads, d_head]``.
+
+        A head's value vector at a position is ``x @ W[g] + b[g]`` where ``x`` is the
+        attention input (the output of ``ln1``) and ``g = kv_head(head)``. Fused
+        QKV projections are sliced through :meth:`qkv_columns`, so no method needs
+        to know their layout.
+        """
+        self.check_layer(layer)
+        ws, bs = [], []
+        for g in range(self.n_kv_heads):
+            module, cols = self.qkv_columns(model, "v", layer, g)
+            weight = module.weight.T if self.layout.conv1d else module.weight  # [out, d_model]
+            ws.append(weight[cols].T)
+            if module.bias is not None:
+                bs.append(module.bias[cols])
+        return torch.stack(ws), (torch.stack(bs) if bs else None)
 
     def mlp_out_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """Neuron output directions: ``[d_mlp, d_model]``."""
