@@ -1,0 +1,290 @@
+"""Steering by neurons: set, scale or shift chosen FFN neurons during a forward or generation.
+
+An edit (:class:`NeuronEdit`) changes some neurons of the adapter's ``mlp_act``
+modules (the values LAPE measures) at every position:
+
+- ``deactivate(neurons, value=0.0)``: set them to a value;
+- ``scale(neurons, factor)``: multiply them;
+- ``activate(neurons, stats, language, mode="replace" | "add")``: replace them
+  with, or add, the language's mean activation (Language Arithmetics,
+  Gurgurov et al. 2025);
+- ``shift(neurons, stats, source, target)``: add the difference of means
+  ``mean[target] - mean[source]``.
+
+:func:`steer` installs the edits as plain forward hooks for the duration of a
+``with`` block and removes them on exit, also when the block raises::
+
+    with steer(model, deactivate(lape.mask("en")), activate(lape.mask("zh"), stats, "zh")):
+        text = generate(model, ["When Mary and John"])
+
+Effects are measured as per-language loss (:func:`language_loss`) and as the
+share of generated tokens in a script (:func:`script_share`, CJK vs Latin on
+decoded text).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from lsa.neurons import NeuronStats, _as_language_dict, _forward, as_neuron_set, token_batches
+
+OPS = ("set", "scale", "add")
+
+
+@dataclass(frozen=True)
+class NeuronEdit:
+    """Change ``neurons`` (``{layer: indices}``) by ``op`` with ``values``.
+
+    ``values``: a number for all neurons, or ``{layer: tensor [n_indices]}`` (one value per neuron).
+    ``op``: ``"set"`` (x <- v), ``"scale"`` (x <- x * v) or ``"add"`` (x <- x + v).
+    """
+
+    neurons: dict  # any form lsa.neurons.as_neuron_set reads; stored as {layer: LongTensor}
+    op: str
+    values: float | dict
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"unknown op {self.op!r}; one of {OPS}")
+        object.__setattr__(self, "neurons", as_neuron_set(self.neurons))
+        if isinstance(self.values, Mapping):
+            for layer, idx in self.neurons.items():
+                if layer not in self.values or torch.as_tensor(self.values[layer]).numel() not in (1, len(idx)):
+                    raise ValueError(f"values for layer {layer} must hold one number per neuron ({len(idx)})")
+
+    def layer_values(self, layer: int) -> float | torch.Tensor:
+        if isinstance(self.values, Mapping):
+            return torch.as_tensor(self.values[layer])
+        return float(self.values)
+
+
+def deactivate(neurons, value: float = 0.0) -> NeuronEdit:
+    """Set the neurons to ``value`` (0 by default)."""
+    return NeuronEdit(as_neuron_set(neurons), "set", float(value))
+
+
+def scale(neurons, factor: float) -> NeuronEdit:
+    """Multiply the neurons by ``factor``."""
+    return NeuronEdit(as_neuron_set(neurons), "scale", float(factor))
+
+
+def _per_layer(neurons: dict, table: torch.Tensor, strength: float) -> dict:
+    return {layer: (table[layer, idx] * strength).float() for layer, idx in neurons.items()}
+
+
+def activate(neurons, stats: NeuronStats, language: str, *, mode: str = "replace", strength: float = 1.0) -> NeuronEdit:
+    """Replace the neurons with (``mode="replace"``) or add to them (``"add"``) ``strength`` x the language's mean."""
+    if mode not in ("replace", "add"):
+        raise ValueError(f"mode must be 'replace' or 'add', not {mode!r}")
+    neurons = as_neuron_set(neurons, stats.n_layers, stats.d_mlp)
+    mean = stats.mean[stats.lang_index(language)]
+    return NeuronEdit(neurons, "set" if mode == "replace" else "add", _per_layer(neurons, mean, strength))
+
+
+def shift(neurons, stats: NeuronStats, source: str, target: str, *, strength: float = 1.0) -> NeuronEdit:
+    """Add ``strength * (mean[target] - mean[source])`` to the neurons (difference of means)."""
+    neurons = as_neuron_set(neurons, stats.n_layers, stats.d_mlp)
+    diff = stats.mean[stats.lang_index(target)] - stats.mean[stats.lang_index(source)]
+    return NeuronEdit(neurons, "add", _per_layer(neurons, diff, strength))
+
+
+def _apply(x: torch.Tensor, edit: NeuronEdit, layer: int) -> torch.Tensor:
+    idx = edit.neurons[layer].to(x.device)
+    v = edit.layer_values(layer)
+    if torch.is_tensor(v):
+        v = v.to(x.device, x.dtype)
+    picked = x.index_select(-1, idx)
+    if edit.op == "set":
+        new = torch.zeros_like(picked) + v
+    elif edit.op == "scale":
+        new = picked * v
+    else:
+        new = picked + v
+    return x.index_copy(-1, idx, new)
+
+
+@contextmanager
+def steer(model, *edits: NeuronEdit):
+    """Apply neuron edits (in order) to every forward inside the ``with`` block.
+
+    Hooks sit on the adapter's ``mlp_act`` modules and are removed on exit, even on error.
+    """
+    cfg = model.adapter
+    by_layer: dict[int, list[NeuronEdit]] = {}
+    for edit in edits:
+        if not isinstance(edit, NeuronEdit):
+            raise ValueError(f"steer takes NeuronEdit objects (deactivate/scale/activate/shift), not {type(edit)}")
+        checked = as_neuron_set(edit.neurons, cfg.n_layers, cfg.d_mlp)
+        for layer in checked:
+            by_layer.setdefault(layer, []).append(edit)
+
+    def make_hook(layer):
+        def hook(module, inputs, output):
+            for edit in by_layer[layer]:
+                output = _apply(output, edit, layer)
+            return output
+
+        return hook
+
+    handles = []
+    try:
+        for layer in by_layer:
+            handles.append(model.module("mlp_act", layer).register_forward_hook(make_hook(layer)))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def language_loss(
+    model,
+    texts: Mapping[str, Iterable],
+    *,
+    edits: Iterable[NeuronEdit] = (),
+    batch_size: int = 16,
+    max_length: int = 128,
+    add_special_tokens: bool = True,
+) -> pd.DataFrame:
+    """Mean next-token cross-entropy per language over non-padding tokens (optionally under ``edits``).
+
+    Returns one row per language: ``language``, ``loss``, ``n_tokens`` (predicted tokens).
+    """
+    rows = []
+    with steer(model, *edits):
+        for lang, source in _as_language_dict(texts).items():
+            total, count = 0.0, 0
+            for ids, mask, _ in token_batches(
+                model, source, batch_size=batch_size, max_length=max_length, add_special_tokens=add_special_tokens
+            ):
+                ids, mask = ids.to(model.device), mask.to(model.device)
+                logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                target = ids[:, 1:]
+                valid = (mask[:, 1:] * mask[:, :-1]).bool()
+                losses = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+                ).reshape(target.shape)
+                total += float(losses[valid].sum())
+                count += int(valid.sum())
+            rows.append({"language": lang, "loss": total / max(count, 1), "n_tokens": count})
+    return pd.DataFrame(rows)
+
+
+def generate(
+    model,
+    prompts: str | list[str],
+    *,
+    edits: Iterable[NeuronEdit] = (),
+    max_new_tokens: int = 20,
+    add_special_tokens: bool = True,
+    stop_at_eos: bool = True,
+) -> list[str]:
+    """Greedy continuations of each prompt (decoded new tokens only), optionally under ``edits``."""
+    ids = generate_ids(
+        model,
+        prompts,
+        edits=edits,
+        max_new_tokens=max_new_tokens,
+        add_special_tokens=add_special_tokens,
+        stop_at_eos=stop_at_eos,
+    )
+    return [_decode(model.tokenizer, new) for new in ids]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    prompts: str | list[str],
+    *,
+    edits: Iterable[NeuronEdit] = (),
+    max_new_tokens: int = 20,
+    add_special_tokens: bool = True,
+    stop_at_eos: bool = True,
+) -> list[list[int]]:
+    """Greedy new token ids per prompt (a loop of full forwards: plain, and steered inside ``edits``).
+
+    With ``stop_at_eos`` a prompt's generation ends before the tokenizer's end-of-text token.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    stop = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    outs = []
+    with steer(model, *edits):
+        for prompt in prompts:
+            ids = model.tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"]
+            ids = ids.to(model.device)
+            new = []
+            for _ in range(max_new_tokens):
+                logits = _forward(model, ids, torch.ones_like(ids)).logits[:, -1]
+                nxt = logits.argmax(-1, keepdim=True)
+                if stop is not None and int(nxt) == stop:
+                    break
+                new.append(int(nxt))
+                ids = torch.cat([ids, nxt], dim=1)
+            outs.append(new)
+    return outs
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
+_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+
+
+def token_script(text: str) -> str:
+    """``"cjk"`` if the text has a CJK character, else ``"latin"`` if it has a Latin letter, else ``"other"``."""
+    if _CJK.search(text):
+        return "cjk"
+    if _LATIN.search(text):
+        return "latin"
+    return "other"
+
+
+def script_share(tokens: Iterable[str], script: str) -> float:
+    """Share of tokens in ``script`` (``"cjk"`` or ``"latin"``) among those in either; nan if none.
+
+    ``tokens``: decoded tokens (strings). Punctuation, digits and spaces count for neither.
+    """
+    if script not in ("cjk", "latin"):
+        raise ValueError(f"script must be 'cjk' or 'latin', not {script!r}")
+    kinds = [token_script(t) for t in tokens]
+    known = [k for k in kinds if k != "other"]
+    return sum(k == script for k in known) / len(known) if known else float("nan")
+
+
+def steering_run(
+    model,
+    prompts: list[str],
+    edits: Iterable[NeuronEdit],
+    *,
+    target_script: str,
+    max_new_tokens: int = 20,
+) -> pd.DataFrame:
+    """Generate from each prompt with and without ``edits``; share of ``target_script`` tokens in each.
+
+    One row per prompt: ``prompt``, ``baseline``, ``steered``, ``share_before``, ``share_after``.
+    """
+    edits = list(edits)
+    base = generate_ids(model, prompts, max_new_tokens=max_new_tokens)
+    steered = generate_ids(model, prompts, edits=edits, max_new_tokens=max_new_tokens)
+    tok = model.tokenizer
+    share = lambda ids: script_share([tok.decode([i]) for i in ids], target_script)
+    return pd.DataFrame(
+        {
+            "prompt": prompts,
+            "baseline": [_decode(tok, ids) for ids in base],
+            "steered": [_decode(tok, ids) for ids in steered],
+            "share_before": [share(ids) for ids in base],
+            "share_after": [share(ids) for ids in steered],
+        }
+    )
