@@ -13,12 +13,12 @@ FAMILIES = tuple(TINY)  # gpt2, bloom, qwen2 (grouped-query), llama, mistral (1 
 
 
 def word_tokenizer(vocab_size: int = 97) -> PreTrainedTokenizerFast:
-    """Whitespace tokenizer over the words ``w0 .. w{n-1}`` (``w0`` unknown, ``w1`` pad, ``w2`` eos)."""
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    """Whitespace tokenizer over ``<unk> <pad> <eos>`` (ids 0-2) and the words ``w3 .. w{n-1}``."""
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", pad_token="w1", eos_token="w2")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
 
 def tiny_model(family: str = "gpt2", seed: int = 0) -> Model:
