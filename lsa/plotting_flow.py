@@ -1,0 +1,159 @@
+"""Figures of information-flow results: a route, head activation frequency, vocabulary projection, logit lens.
+
+Each function takes a result (a route graph from :func:`lsa.flow.route`, a
+frequency frame from :func:`lsa.flow.head_frequency`, a frame from
+:mod:`lsa.lens`), never a model, and returns the matplotlib figure.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import networkx as nx
+import numpy as np
+import pandas as pd
+
+KIND_COLOURS = {"attn": "tab:blue", "attn+residual": "tab:blue", "residual": "0.6", "ffn": "tab:orange"}
+
+
+def _xy(node, parallel: bool) -> tuple[float, float]:
+    layer, position, kind = node
+    if kind == "embed":
+        return float(position), 0.0
+    offset = {"mid": 1.0, "ffn": 1.5, "post": 2.0}[kind] if not parallel else {"ffn": 1.0, "post": 2.0}[kind]
+    x = position + (0.25 if kind == "ffn" else 0.0)
+    return x, 2.0 * layer + offset
+
+
+def plot_route(graph: nx.DiGraph, *, ax=None, max_width: float = 6.0, title: str | None = None):
+    """Draw a route: tokens on x, layers on y (embedding at the bottom), edge width = importance.
+
+    Attention edges are blue (labelled with their heads where one head dominates),
+    residual edges grey, FFN edges orange; the output node is marked in red.
+    """
+    tokens = graph.graph.get("tokens", [])
+    parallel = graph.graph.get("parallel", False)
+    n_layers = graph.graph.get("n_layers", 1 + max((n[0] for n in graph.nodes), default=0))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tokens) + 1.5), 1.0 + 1.1 * n_layers))
+    else:
+        fig = ax.figure
+    for u, v, data in graph.edges(data=True):
+        (x0, y0), (x1, y1) = _xy(u, parallel), _xy(v, parallel)
+        ax.plot([x0, x1], [y0, y1], color=KIND_COLOURS[data["kind"]], lw=0.5 + max_width * data["weight"], alpha=0.75)
+        heads = data.get("heads", {})
+        if heads and u[1] != v[1]:
+            best = max(heads, key=heads.get)
+            ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"{v[0]}.{best}", fontsize=7, color="tab:blue", ha="center")
+    for node in graph.nodes:
+        x, y = _xy(node, parallel)
+        ax.scatter(
+            [x], [y], s=14 if node[2] != "ffn" else 22, color="black" if node[2] != "ffn" else "tab:orange", zorder=3
+        )
+    end = graph.graph.get("position")
+    if end is not None:
+        ax.scatter(*_xy((n_layers - 1, end, "post"), parallel), s=60, color="tab:red", zorder=4)
+    ax.set_xticks(range(len(tokens)))
+    ax.set_xticklabels(tokens, rotation=45, ha="right")
+    ax.set_yticks([0.0] + [2.0 * layer + 2.0 for layer in range(n_layers)])
+    ax.set_yticklabels(["embed"] + [f"L{layer}" for layer in range(n_layers)])
+    ax.hlines([2.0 * layer + 2.0 for layer in range(n_layers)], -0.5, len(tokens) - 0.5, color="0.9", lw=0.6, zorder=0)
+    ax.set_xlim(-0.5, max(len(tokens), 1) - 0.5)
+    ax.set_ylim(-0.5, 2.0 * n_layers + 0.5)
+    tau = graph.graph.get("tau")
+    pred = graph.graph.get("prediction")
+    ax.set_title(title or f"route of the prediction {pred!r} at position {end} (tau={tau})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_head_frequency(freq: pd.DataFrame, languages: list[str] | None = None, *, cmap: str = "viridis"):
+    """Side-by-side heatmaps (layer x head), one per language, of head activation frequency."""
+    languages = languages or list(dict.fromkeys(freq["language"]))
+    n_layers, n_heads = int(freq["layer"].max()) + 1, int(freq["head"].max()) + 1
+    fig, axes = plt.subplots(1, len(languages), figsize=(0.35 * n_heads * len(languages) + 2, 0.3 * n_layers + 1.5))
+    axes = np.atleast_1d(axes)
+    image = None
+    for ax, language in zip(axes, languages):
+        grid = freq[freq["language"] == language].pivot_table(index="layer", columns="head", values="frequency")
+        grid = grid.reindex(index=range(n_layers), columns=range(n_heads))
+        image = ax.imshow(grid.values, vmin=0, vmax=1, cmap=cmap, origin="lower", aspect="auto")
+        ax.set_title(language)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes), label="share of routes using the head")
+    return fig
+
+
+def plot_frequency_scatter(freq: pd.DataFrame, a: str = "en", b: str = "zh", *, n_label: int = 5, ax=None):
+    """Head frequency in language ``a`` vs ``b``; the ``n_label`` heads that differ most are labelled ``layer.head``."""
+    from lsa.flow import compare_frequency
+
+    wide = compare_frequency(freq, a, b)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    else:
+        fig = ax.figure
+    ax.scatter(wide[a], wide[b], s=14, alpha=0.7)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+    for _, row in wide.head(n_label).iterrows():
+        ax.annotate(
+            f"{int(row['layer'])}.{int(row['head'])}",
+            (row[a], row[b]),
+            fontsize=8,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel(f"frequency ({a})")
+    ax.set_ylabel(f"frequency ({b})")
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(f"head activation frequency, r = {wide.attrs['correlation']:.2f}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_projection(frame: pd.DataFrame, *, title: str | None = None):
+    """Bar chart of a vocabulary projection (:func:`lsa.lens.head_projection` and friends): promoted vs suppressed."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 0.3 * frame["rank"].max() + 2))
+    for ax, direction, colour in zip(axes, ("promoted", "suppressed"), ("tab:green", "tab:red")):
+        part = frame[frame["direction"] == direction].sort_values("rank", ascending=False)
+        ax.barh(part["token"].astype(str), part["logit"], color=colour)
+        ax.set_title(direction)
+    first = frame.iloc[0] if len(frame) else None
+    if title is None and first is not None:
+        what = {"head": f"head {first['layer']}.{first['head']}", "ffn": f"FFN {first['layer']}"}.get(
+            first["component"], f"neuron {first['layer']}.{first['neuron']}"
+        )
+        title = f"{what} write at position {first['position']}"
+    fig.suptitle(title or "")
+    fig.tight_layout()
+    return fig
+
+
+def plot_logit_lens(lens) -> plt.Figure:
+    """Target token probability and rank per layer (from :func:`lsa.lens.logit_lens`), top-1 token annotated."""
+    if lens.target is None:
+        raise ValueError("this logit lens has no target token; pass target= to logit_lens")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    t = lens.target
+    ax.plot(t["layer"], t["prob"], marker="o", label=f"p({t['token'].iloc[0]!r})")
+    ax.set_xticks(t["layer"].tolist())
+    ax.set_xlabel("layer (-1 = embedding)")
+    ax.set_ylabel("probability")
+    ax.set_ylim(-0.02, 1.02)
+    top1 = lens.top[lens.top["rank"] == 0]
+    for _, row in top1.iterrows():
+        ax.annotate(
+            str(row["token"]),
+            (row["layer"], row["prob"]),
+            fontsize=7,
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha="center",
+        )
+    rank = ax.twinx()
+    rank.plot(t["layer"], t["rank"], color="tab:red", ls="--", label="rank")
+    rank.set_ylabel("rank of the target")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
