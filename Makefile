@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+SYSTEM := $(VENV)/.system-stamp
+BROWSER := $(VENV)/.browser-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -21,6 +23,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# A CJK font for figures (best effort), and Debian's Chromium for the real-browser
+# widget test (required by `make test`); apt as root, skipped when present.
+$(SYSTEM): $(STAMP) scripts/install_system.sh
+	bash scripts/install_system.sh $(PY)
+	touch $(SYSTEM)
+
+$(BROWSER): $(SYSTEM)
+	bash scripts/install_system.sh --browser $(PY)
+	touch $(BROWSER)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -29,10 +41,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+test: lint $(BROWSER)
 	$(PY) -m pytest -q
 
-reproduce: $(STAMP)
+reproduce: $(SYSTEM)
 	$(VENV)/bin/lsa reproduce
 
 zoo: $(STAMP)

@@ -146,3 +146,28 @@ def attribution_scatter(tables: dict[str, pd.DataFrame]):
             ax.annotate(label, (row.exact, row.attribution), fontsize=8, xytext=(3, 3), textcoords="offset points")
     fig.tight_layout()
     return fig
+
+
+# Fonts with Chinese glyphs, tried after DejaVu Sans (matplotlib falls back per glyph).
+CJK_FONTS = (
+    "WenQuanYi Micro Hei",
+    "Noto Sans CJK SC",
+    "Source Han Sans SC",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+)
+
+
+def use_cjk_fonts() -> list[str]:
+    """Add the installed CJK fonts to matplotlib's fallback list (so Chinese tokens render); returns them."""
+    from matplotlib import font_manager, rcParams
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    found = [name for name in CJK_FONTS if name in installed]
+    if found:
+        rcParams["font.family"] = ["DejaVu Sans", *found]
+    return found
+
+
+use_cjk_fonts()

@@ -12,6 +12,8 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+import lsa.plotting  # noqa: F401  (CJK font fallback for Chinese token labels)
+
 KIND_COLOURS = {"attn": "tab:blue", "attn+residual": "tab:blue", "residual": "0.6", "ffn": "tab:orange"}
 
 
