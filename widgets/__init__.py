@@ -1,1 +1,11 @@
-"""Interactive explorers (ipywidgets 8) for lsa results: heads, patching maps, circuits, neurons."""
+"""Interactive explorers (ipywidgets 8) for lsa results: heads, patching maps, circuits, neurons.
+
+Each widget takes results (and a model only where it must run one) and keeps the
+data it currently shows in ``.current`` and its figure in ``.figure``.
+"""
+
+from widgets.circuits import CircuitViewer
+from widgets.heads import HeadExplorer
+from widgets.patching import PatchingMap
+
+__all__ = ["CircuitViewer", "HeadExplorer", "PatchingMap"]

@@ -1,0 +1,243 @@
+"""Figures of circuits (each takes circuits or result tables, never a model).
+
+:func:`draw` is the circuit diagram of the paper's Figures 2 and 3: layers from
+bottom to top, heads as nodes along each layer, components filled by role,
+edges drawn with width by |effect|; two circuits overlay in two colours with
+shared components ringed in both.
+
+>>> fig = draw([en_circuit, zh_circuit], labels=["en", "zh"])     # doctest: +SKIP
+>>> lsa.plotting.save(fig, output_dir, "circuit_en_vs_zh")          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+from matplotlib.patches import FancyArrowPatch, Patch
+
+import lsa.plotting  # noqa: F401  (CJK font fallback for Chinese labels)
+from lsa.circuits import LOGITS, Circuit
+
+ROLE_COLOURS = {
+    "name mover": "#66c2a5",
+    "negative name mover": "#fc8d62",
+    "S-inhibition": "#8da0cb",
+    "induction": "#e78ac3",
+    "duplicate token": "#a6d854",
+    "previous token": "#ffd92f",
+    "copy": "#e5c494",
+    "copy suppression": "#fb9a99",
+    "past tense": "#cab2d6",
+    "direct (attends S)": "#bebada",
+    "direct": "#d9d9d9",
+    "unclassified": "#f7f7f7",
+}
+CIRCUIT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
+EDGE_STYLES = {"q": "-", "k": "--", "v": ":", LOGITS: "-"}
+
+
+def role_colour(role: str) -> str:
+    if role in ROLE_COLOURS:
+        return ROLE_COLOURS[role]
+    palette = sns.color_palette("pastel", 10).as_hex()
+    return palette[sum(map(ord, role or "?")) % len(palette)]
+
+
+def _position(key: tuple, n_heads: int, n_layers: int) -> tuple[float, float]:
+    if key == (LOGITS,):
+        return (n_heads - 1) / 2, n_layers
+    if key[0] == "head":
+        return float(key[2]), float(key[1])
+    x = n_heads + 0.3 if key[0] == "mlp" else n_heads + 0.3 + 0.15 * (key[2] % 5)
+    return x, key[1] + 0.3
+
+
+def draw(
+    circuits: Circuit | Sequence[Circuit],
+    labels: Sequence[str] | None = None,
+    *,
+    ax=None,
+    title: str | None = None,
+    overlay: bool | None = None,
+    min_width: float = 0.5,
+    max_width: float = 5.0,
+):
+    """The circuit diagram of one circuit, or of several of one shape overlaid (shared components ringed).
+
+    Nodes: every head of the model as a grey dot; a circuit's component as a
+    disc ringed in the circuit's colour and filled by its role in that circuit
+    (shared components: nested discs, outermost = first circuit); MLPs and
+    neurons as squares right of the heads. Edges: width by |effect|, line style by
+    receiver input (q solid, k dashed, v dotted); one circuit: colour by the
+    sign of the effect (blue = supports the behaviour, red = opposes); several:
+    colour by circuit. ``overlay`` (default: when all circuits come from one model)
+    puts them on one diagram; otherwise each gets its own panel, side by side
+    (head indices of different models do not correspond).
+    """
+    circuits = [circuits] if isinstance(circuits, Circuit) else list(circuits)
+    if not circuits:
+        raise ValueError("draw needs at least one circuit")
+    labels = list(labels) if labels is not None else [c.language or c.model for c in circuits]
+    if len(labels) != len(circuits):
+        raise ValueError(f"{len(labels)} labels for {len(circuits)} circuits")
+    shapes = {(c.n_layers, c.n_heads) for c in circuits}
+    if overlay is None:
+        overlay = len(shapes) == 1 and len({c.model for c in circuits}) == 1
+    if overlay and len(shapes) > 1:
+        raise ValueError(f"circuits of different shapes {sorted(shapes)} cannot be overlaid")
+    if not overlay and len(circuits) > 1:
+        if ax is not None:
+            raise ValueError("circuits drawn side by side make their own axes; do not pass ax")
+        fig, axes = plt.subplots(1, len(circuits), figsize=(5.5 * len(circuits), 5.5))
+        for i, (c, lab) in enumerate(zip(circuits, labels)):
+            draw(c, [lab], ax=axes[i], title=f"{lab}: {c.model}")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        return fig
+    n_layers, n_heads = circuits[0].n_layers, circuits[0].n_heads
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * n_heads + 2.5), max(4.0, 1.1 * n_layers + 1.5)))
+    else:
+        fig = ax.figure
+    grid = np.array([(h, la) for la in range(n_layers) for h in range(n_heads)])
+    ax.scatter(grid[:, 0], grid[:, 1], s=60, c="#dddddd", zorder=1)
+    lx, ly = _position((LOGITS,), n_heads, n_layers)
+    ax.scatter([lx], [ly], marker="s", s=400, c="#444444", zorder=3)
+    ax.annotate("logits", (lx, ly), ha="center", va="center", color="white", fontsize=8, zorder=4)
+
+    effects = [abs(e.effect) for c in circuits for e in c.edges if e.effect is not None]
+    top = max(effects) if effects else 1.0
+    top = top if top > 0 else 1.0
+    several = len(circuits) > 1
+    offsets = np.linspace(-0.08, 0.08, len(circuits)) if several else [0.0]
+    for i, c in enumerate(circuits):
+        for e in c.edges:
+            x0, y0 = _position(e.sender, n_heads, n_layers)
+            x1, y1 = _position(e.receiver, n_heads, n_layers)
+            width = min_width + (max_width - min_width) * (abs(e.effect) / top if e.effect is not None else 0.2)
+            colour = CIRCUIT_COLOURS[i % 4] if several else ("#1f4e9c" if (e.effect or 0) <= 0 else "#c0392b")
+            ax.add_patch(
+                FancyArrowPatch(
+                    (x0 + offsets[i], y0),
+                    (x1 + offsets[i], y1),
+                    arrowstyle="-|>",
+                    mutation_scale=10,
+                    lw=width,
+                    ls=EDGE_STYLES[e.kind],
+                    color=colour,
+                    alpha=0.6,
+                    shrinkA=9,
+                    shrinkB=11,
+                    connectionstyle="arc3,rad=0.08",
+                    zorder=2,
+                )
+            )
+    members: dict[tuple, list[int]] = {}
+    for i, c in enumerate(circuits):
+        for comp in c.components:
+            members.setdefault(comp.key, []).append(i)
+    roles_seen = []
+    for key, which in members.items():
+        x, y = _position(key, n_heads, n_layers)
+        marker = "o" if key[0] == "head" else "s"
+        for ring, i in enumerate(which):  # one disc per circuit holding it, outermost first, filled by its role
+            role = circuits[i].get(key).role
+            roles_seen += [role] if role not in roles_seen else []
+            size = 420 + 300 * (len(which) - 1 - ring)
+            ax.scatter(
+                [x],
+                [y],
+                s=size,
+                marker=marker,
+                c=role_colour(role),
+                edgecolors=CIRCUIT_COLOURS[i % 4],
+                linewidths=2.5,
+                zorder=5 + ring,
+            )
+        ax.annotate(circuits[which[0]].get(key).name, (x, y), ha="center", va="center", fontsize=7, zorder=10)
+    ax.set_yticks(range(n_layers))
+    ax.set_yticklabels([f"L{la}" for la in range(n_layers)])
+    ax.set_xticks(range(n_heads))
+    ax.set_xticklabels([f"H{h}" for h in range(n_heads)])
+    ax.set_xlim(-0.8, n_heads + (1.2 if any(k[0] != "head" for k in members) else -0.2))
+    ax.set_ylim(-0.7, n_layers + 0.6)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    handles = [Patch(facecolor=role_colour(r), label=r or "no role") for r in roles_seen]
+    if several:
+        handles += [
+            Line2D([], [], marker="o", ls="", mfc="white", mec=CIRCUIT_COLOURS[i % 4], mew=2.5, ms=10, label=lab)
+            for i, lab in enumerate(labels)
+        ]
+        shared = sum(len(w) == len(circuits) for w in members.values())
+        handles.append(Line2D([], [], ls="", label=f"shared by all: {shared}"))
+    handles += [Line2D([], [], color="grey", ls=EDGE_STYLES[k], label=f"via {k}") for k in ("q", "k", "v")]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    if not members:
+        ax.text((n_heads - 1) / 2, (n_layers - 1) / 2, "empty circuit", ha="center", color="grey")
+    ax.set_title(title or " vs ".join(f"{lab}" for lab in labels) + f" ({circuits[0].task or 'circuit'})")
+    fig.tight_layout()
+    return fig
+
+
+def step_effects(steps: pd.DataFrame, value: str = "effect"):
+    """Heatmaps ``[layer, head]`` of each discovery step's normalised effects (one panel per step and input).
+
+    ``steps``: :attr:`lsa.circuits.Discovery.steps`. Selected heads are boxed.
+    """
+    if steps is None or not len(steps):
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no discovery steps", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    order = {kind: i for i, kind in enumerate((LOGITS, "q", "k", "v"))}
+    panels = sorted(steps.groupby(["step", "receiver_input"]), key=lambda p: (p[0][0], order.get(p[0][1], 9)))
+    n_layers, n_heads = int(steps["layer"].max()) + 1, int(steps["head"].max()) + 1
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.45 * n_layers + 2.2), squeeze=False)
+    lim = float(np.nanmax(np.abs(steps[value].to_numpy()))) or 1.0
+    for ax, ((step, kind), frame) in zip(axes[0], panels):
+        grid = np.full((n_layers, n_heads), np.nan)
+        for r in frame.itertuples():
+            grid[int(r.layer), int(r.head)] = getattr(r, value)
+        im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
+        for r in frame[frame["selected"]].itertuples():
+            ax.add_patch(plt.Rectangle((r.head - 0.5, r.layer - 0.5), 1, 1, fill=False, ec="black", lw=2))
+        receivers = frame["receivers"].iloc[0]
+        ax.set_title(f"step {step}: -> {receivers}" + ("" if kind == LOGITS else f" ({kind})"), fontsize=8)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(n_heads))
+        ax.set_yticks(range(n_layers))
+    axes[0][0].set_ylabel("layer")
+    fig.colorbar(
+        im, ax=list(axes[0]), shrink=0.8, label=f"normalised {value} (blue: carries the behaviour; boxed: selected)"
+    )
+    return fig
+
+
+def faithfulness_matrix(frame: pd.DataFrame, value: str = "normalized"):
+    """Heatmap circuit x language of faithfulness (from :func:`lsa.circuits.faithfulness_table`)."""
+    grid = frame.pivot_table(index="circuit", columns="language", values=value, aggfunc="mean")
+    fig, ax = plt.subplots(figsize=(1.4 * grid.shape[1] + 2.5, 0.7 * grid.shape[0] + 1.6))
+    sns.heatmap(
+        grid, annot=True, fmt=".2f", cmap="viridis", vmin=0, vmax=max(1.0, float(np.nanmax(grid.to_numpy()))), ax=ax
+    )
+    ax.set_title(f"circuit faithfulness ({value}) by prompt language")
+    ax.set_xlabel("prompts")
+    ax.set_ylabel("circuit")
+    fig.tight_layout()
+    return fig
+
+
+def overlap(matrix: pd.DataFrame, title: str = "circuit overlap (Jaccard)"):
+    """Heatmap of a pairwise overlap matrix (from :func:`lsa.circuits.overlap_matrix`)."""
+    fig, ax = plt.subplots(figsize=(0.9 * len(matrix) + 2.5, 0.8 * len(matrix) + 1.5))
+    sns.heatmap(matrix.astype(float), annot=True, fmt=".2f", cmap="magma", vmin=0, vmax=1, ax=ax)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,377 @@
+"""HeadExplorer, PatchingMap, CircuitViewer: each control drives what the widget shows (headless).
+
+Observers run synchronously when a control's ``.value`` is set and ``Button.click()``
+fires handlers, so each test sets controls and checks the widget's ``current``
+data against the results it was given or an independent computation (plain
+hooks on the tiny model, attention and projections computed by hand here).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from helpers import FAMILIES, make_prompts, tiny_model, word_tokenizer  # noqa: E402
+
+from lsa import flow as F  # noqa: E402
+from lsa import patching as P  # noqa: E402
+from lsa.configs import random_model  # noqa: E402
+from widgets.heads import TYPED, HeadExplorer  # noqa: E402
+from widgets.patching import PatchingMap  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("gpt2")
+    en = make_prompts(n=3, pos=6, seed=0)
+    zh = make_prompts(n=3, pos=6, seed=1, lengths=[6, 5, 4])
+    heads = {
+        "en": P.activation_patching(model, en, "head", progress=False),
+        "zh": P.activation_patching(model, zh, "head", progress=False),
+    }
+    freq = F.head_frequency(model, {"en": en, "zh": zh})
+    return model, en, zh, heads, freq
+
+
+def _by_hand(model, tokens: torch.Tensor, layer: int, head: int, position: int):
+    """Attention pattern ``[q, k]`` of one head and its write's logits at ``position``, from plain hooks.
+
+    GPT-2: q, k from ``c_attn``'s output, softmax(q k^T / sqrt(d_head)) under a causal
+    mask; the head's write = its slice of ``c_proj``'s input times its rows of the
+    Conv1D weight; logits = W_U (gamma * centred(write) / s(final residual)).
+    """
+    hf = model.hf
+    attn = hf.transformer.h[layer].attn
+    d_model, dh = hf.config.n_embd, hf.config.n_embd // hf.config.n_head
+    seen = {}
+    hooks = [
+        attn.c_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("qkv", o)),
+        attn.c_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0])),
+        hf.transformer.ln_f.register_forward_pre_hook(lambda m, a: seen.__setitem__("resid", a[0])),
+    ]
+    with torch.no_grad():
+        hf(tokens[None])
+    for h in hooks:
+        h.remove()
+    q, k, _ = seen["qkv"][0].split(d_model, dim=-1)
+    q, k = q[:, head * dh : (head + 1) * dh], k[:, head * dh : (head + 1) * dh]
+    scores = q @ k.T / math.sqrt(dh)
+    n = tokens.shape[0]
+    scores = scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+    pattern = scores.softmax(-1)
+    z = seen["z"][0, position, head * dh : (head + 1) * dh]
+    write = z @ attn.c_proj.weight[head * dh : (head + 1) * dh]
+    ln = hf.transformer.ln_f
+    resid = seen["resid"][0, position]
+    logits = hf.lm_head.weight @ ((write - write.mean()) / torch.sqrt(resid.var(unbiased=False) + ln.eps) * ln.weight)
+    return pattern, logits
+
+
+# ---------------------------------------------------------------------------- HeadExplorer
+def test_head_explorer_layer_and_head_controls_show_that_heads_pattern_and_projection(setup):
+    model, en, zh, heads, freq = setup
+    ex = HeadExplorer(model, {"en": en, "zh": zh}, k=4)
+    ex.layer.value = 1
+    ex.head.value = 2
+    cur = ex.current
+    assert (cur["layer"], cur["head"], cur["position"]) == (1, 2, 5)  # end of en #0 (6 tokens)
+    pattern, logits = _by_hand(model, en.clean[0], 1, 2, 5)
+    assert torch.allclose(cur["pattern"], pattern, atol=1e-5)
+    promoted = cur["projection"].query("direction == 'promoted'")
+    suppressed = cur["projection"].query("direction == 'suppressed'")
+    assert promoted["token_id"].tolist() == logits.topk(4).indices.tolist()
+    assert suppressed["token_id"].tolist() == logits.topk(4, largest=False).indices.tolist()
+    assert "head 1.2 writes at position 5" in ex.projection_html.value
+    assert f"w{int(logits.argmax())}" in ex.projection_html.value
+    assert ex.figure is not None and ex.figure.axes[0].get_title() == "attention of head 1.2"
+
+
+def test_head_explorer_prompt_and_position_controls_move_the_view(setup):
+    model, en, zh, heads, freq = setup
+    ex = HeadExplorer(model, {"en": en, "zh": zh}, k=3)
+    ex.prompt.value = ("zh", 2)  # 4 real tokens (padding trimmed)
+    assert ex.current["tokens"].tolist() == zh.clean[2, :4].tolist()
+    assert [v for _, v in ex.position.options] == [0, 1, 2, 3] and ex.position.value == 3
+    ex.head.value = 3
+    ex.position.value = 2
+    pattern, logits = _by_hand(model, zh.clean[2, :4], 0, 3, 2)
+    assert torch.allclose(ex.current["pattern"], pattern, atol=1e-5)
+    top = ex.current["attended"]
+    assert top["source"].iloc[0] == int(pattern[2, :3].argmax())
+    assert abs(top["weight"].iloc[0] - float(pattern[2].max())) < 1e-5
+    assert ex.current["projection"]["token_id"].iloc[0] == int(logits.argmax())
+
+
+def test_head_explorer_typed_prompt_runs_the_model_on_that_text(setup):
+    model, en, zh, heads, freq = setup
+    ex = HeadExplorer(model, en)
+    ex.text.value = "w5 w6 w7 w8"
+    assert ex.prompt.value == TYPED
+    assert ex.current["tokens"].tolist() == [5, 6, 7, 8]
+    assert ex.current["labels"] == ["0:w5", "1:w6", "2:w7", "3:w8"]
+    pattern, _ = _by_hand(model, torch.tensor([5, 6, 7, 8]), 0, 0, 3)
+    assert torch.allclose(ex.current["pattern"], pattern, atol=1e-5)
+
+
+def test_head_explorer_shows_each_languages_patching_effect_and_route_frequency(setup):
+    model, en, zh, heads, freq = setup
+    ex = HeadExplorer(model, {"en": en, "zh": zh}, patching=heads, frequency=freq)
+    ex.select(layer=1, head=3)
+    effects = ex.current["effects"].set_index("language")
+    for lang, res in heads.items():
+        row = res.components.index[(res.components["layer"] == 1) & (res.components["head"] == 3)][0]
+        want = (res.patched[row].mean() - res.clean.mean()) / (res.clean.mean() - res.corrupt.mean())
+        assert abs(effects.loc[lang, "normalized"] - float(want)) < 1e-5
+        assert abs(effects.loc[lang, "normalized"] - float(res.array[1, 3])) < 1e-6
+    fr = ex.current["frequency"].set_index("language")
+    for lang in ("en", "zh"):
+        want = freq[(freq["layer"] == 1) & (freq["head"] == 3) & (freq.language == lang)]["frequency"].item()
+        assert fr.loc[lang, "frequency"] == want
+    assert "patching effect of 1.3" in ex.effects_html.value and "route frequency of 1.3" in ex.frequency_html.value
+
+
+def test_head_explorer_without_a_model_still_shows_results(setup):
+    model, en, zh, heads, freq = setup
+    ex = HeadExplorer(patching=heads, frequency=freq)
+    assert (ex.n_layers, ex.n_heads) == (2, 4)
+    ex.head.value = 1
+    assert ex.current["pattern"] is None and "pass model=" in ex.attention_html.value
+    assert set(ex.current["effects"]["language"]) == {"en", "zh"}
+
+
+def test_head_explorer_bad_input_shows_a_message_not_a_traceback(setup):
+    model, en, zh, heads, freq = setup
+    other = random_model(
+        dict(model_type="gpt2", n_layer=3, n_head=8, n_embd=32, n_positions=64), tokenizer=word_tokenizer()
+    )
+    wrong = P.activation_patching(other, en, "head", progress=False)
+    ex = HeadExplorer(model, en, patching={"en": wrong})
+    assert "covers 3 layers x 8 heads" in ex.message.value and "2 x 4" in ex.message.value
+    assert ex.current["effects"] is None  # not shown for the wrong model
+    shown = ex.current["pattern"].clone()
+    ex.select(head=7)
+    assert "head 7 out of range" in ex.message.value
+    assert torch.equal(ex.current["pattern"], shown) and ex.head.value == 0
+    ex.select(layer=0, position=99)
+    assert "position 99 out of range" in ex.message.value
+    ex.prompt.value = TYPED  # nothing typed yet
+    assert "type a prompt" in ex.message.value
+
+
+# ---------------------------------------------------------------------------- PatchingMap
+def test_patching_map_click_and_dropdowns_select_a_cell_with_its_per_prompt_effects(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads)
+    res = heads["en"]
+    assert torch.allclose(pm.current["grid"], res.array, equal_nan=True)
+    pm._buttons[1][3].click()  # the map's cell layer 1, head 3
+    assert pm.current["cell"] == {"layer": 1, "head": 3}
+    assert (pm.row.value, pm.col.value) == (1, 3)
+    row = res.components.index[(res.components["layer"] == 1) & (res.components["head"] == 3)][0]
+    per = pm.current["per_prompt"]
+    assert per["effect"].tolist() == pytest.approx((res.patched[row] - res.clean).tolist(), abs=1e-6)
+    assert per["metric"].tolist() == pytest.approx(res.patched[row].tolist(), abs=1e-6)
+    pm.row.value = 0
+    pm.col.value = 2
+    assert pm.current["cell_value"] == pytest.approx(float(res.array[0, 2]))
+    assert "layer 0, head 2" in pm.summary_html.value
+    assert pm._buttons[0][2].layout.border.startswith("2px")  # the selected cell is outlined
+
+
+def test_patching_map_language_toggle_value_and_side_by_side(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads)
+    pm.select(1, 1)
+    pm.language.value = "zh"
+    assert torch.allclose(pm.current["grid"], heads["zh"].array, equal_nan=True)
+    assert pm.current["cell"] == {"layer": 1, "head": 1}  # the selection survives the toggle
+    assert set(pm.current["per_prompt"]["language"]) == {"zh"}
+    pm.value.value = "effect"
+    assert torch.allclose(pm.current["grid"], heads["zh"].grid("effect"))
+    pm.side_by_side.value = True
+    assert set(pm.current["per_prompt"]["language"]) == {"en", "zh"}
+    assert [ax.get_title() for ax in pm.figure.axes[:2]] == ["en", "zh"]
+    summary = pm.current["summary"].set_index("language")
+    for lang, res in heads.items():
+        assert summary.loc[lang, "effect"] == pytest.approx(float(res.grid("effect")[1, 1]), abs=1e-6)
+
+
+def test_patching_map_of_a_layer_by_position_result_labels_positions_with_tokens(setup):
+    model, en, zh, heads, freq = setup
+    res = P.activation_patching(model, en, "resid_pre", positions="each", progress=False)
+    pm = PatchingMap(res, model=model, prompts=en)
+    assert pm.explorer is None  # not a head grid
+    assert [label for label, _ in pm.col.options][:2] == [f"0:w{int(en.clean[0, 0])}", f"1:w{int(en.clean[0, 1])}"]
+    pm.select(1, 4)
+    assert pm.current["cell"] == {"layer": 1, "pos": 4}
+    assert pm.current["cell_value"] == pytest.approx(float(res.array[1, 4]))
+    assert len(pm.current["per_prompt"]) == len(en)
+
+
+def test_patching_map_with_a_model_opens_the_selected_head_in_a_head_explorer(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads, model=model, prompts={"en": en, "zh": zh})
+    pm._buttons[1][2].click()
+    assert (pm.explorer.current["layer"], pm.explorer.current["head"]) == (1, 2)
+    pattern, _ = _by_hand(model, en.clean[0], 1, 2, 5)
+    assert torch.allclose(pm.explorer.current["pattern"], pattern, atol=1e-5)
+
+
+def test_patching_map_bad_input_shows_a_message(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads, model=model)
+    pm.select(1, 2)
+    pm.select(7, 0)
+    assert "layer 7 is not in this result" in pm.message.value
+    assert pm.current["cell"] == {"layer": 1, "head": 2}
+    pm.select(0, 0, language="fr")
+    assert "no result for language 'fr'" in pm.message.value
+    other = random_model(
+        dict(model_type="gpt2", n_layer=3, n_head=8, n_embd=32, n_positions=64), tokenizer=word_tokenizer()
+    )
+    wrong = P.activation_patching(other, en, "head", layers=[2], progress=False)
+    pm = PatchingMap(wrong, model=model)
+    assert "from another model" in pm.message.value and pm.explorer is None
+
+
+# ---------------------------------------------------------------------------- CircuitViewer
+def _circuits(tmp_path):
+    from lsa.circuits import Circuit, Component, Edge
+
+    en = Circuit(
+        "tiny-gpt2",
+        2,
+        4,
+        "ioi",
+        "en",
+        components=[
+            Component("head", 1, 2, role="name mover", effect=-0.4, evidence={"step": 1, "receiver_input": "logits"}),
+            Component("head", 0, 1, role="duplicate token", effect=-0.2, evidence={"step": 2, "receiver_input": "q"}),
+            Component("mlp", 0, effect=-0.1, evidence={"note": "by hand"}),
+        ],
+        edges=[
+            Edge(("head", 1, 2), ("logits",), "logits", -0.4),
+            Edge(("head", 0, 1), ("head", 1, 2), "q", -0.2),
+            Edge(("mlp", 0), ("head", 1, 2), "v", -0.05),
+        ],
+    )
+    zh = Circuit(
+        "tiny-gpt2",
+        2,
+        4,
+        "ioi",
+        "zh",
+        components=[
+            Component("head", 1, 2, role="name mover", effect=-0.5, evidence={"step": 1, "receiver_input": "logits"}),
+            Component("head", 0, 3, role="S-inhibition", effect=-0.3, evidence={"step": 2, "receiver_input": "k"}),
+        ],
+        edges=[Edge(("head", 1, 2), ("logits",), "logits", -0.5), Edge(("head", 0, 3), ("head", 1, 2), "k", -0.3)],
+    )
+    path = en.to_json(tmp_path / "ioi_en.json")
+    return {"en": path, "zh": zh}, en, zh
+
+
+def test_circuit_viewer_overlays_saved_circuits_and_shows_the_selected_components_evidence(tmp_path):
+    from widgets.circuits import CircuitViewer
+
+    given, en, zh = _circuits(tmp_path)
+    cv = CircuitViewer(given)  # en from its JSON file, zh as an object
+    table = cv.current["table"].set_index("component")
+    assert set(table.index) == {"0.1", "0.3", "MLP0", "1.2"}
+    assert table.loc["1.2", "in"] == "en, zh" and table.loc["0.3", "in"] == "zh"
+    assert table.loc["1.2", "effect_zh"] == -0.5 and table.loc["0.1", "role_en"] == "duplicate token"
+    cv.select("1.2")
+    cv.select("0.1")
+    ev = cv.current["evidence"]
+    assert ev["circuit"].tolist() == ["en"] and json.loads(ev["evidence"].iloc[0]) == {"step": 2, "receiver_input": "q"}
+    assert cv.current["edges"][["sender", "receiver", "kind"]].values.tolist() == [["0.1", "1.2", "q"]]
+    assert "duplicate token" in cv.evidence_html.value and "receiver_input" in cv.evidence_html.value
+    cv.component.value = ("head", 1, 2)
+    assert cv.current["evidence"]["effect"].tolist() == [-0.4, -0.5]
+    assert len(cv.current["edges"]) == 5  # 3 edges touch 1.2 in en, 2 in zh
+    # two circuits shown: their comparison; Jaccard by hand = |{1.2}| / |{1.2, 0.1, MLP0, 0.3}|
+    assert cv.current["comparison"]["jaccard"].item() == pytest.approx(1 / 4)
+    assert cv.figure is not None
+
+
+def test_circuit_viewer_role_filter_and_circuit_choice_change_what_is_shown(tmp_path):
+    from widgets.circuits import CircuitViewer
+
+    given, en, zh = _circuits(tmp_path)
+    cv = CircuitViewer(given)
+    cv.role.value = ("name mover",)
+    assert cv.current["table"]["component"].tolist() == ["1.2"]
+    cv.select("1.2")
+    edges = cv.current["edges"]
+    assert edges[["circuit", "receiver", "kind"]].values.tolist() == [
+        ["en", "logits", "logits"],
+        ["zh", "logits", "logits"],
+    ]
+    cv.role.value = ("name mover", "S-inhibition")
+    assert set(cv.current["table"]["component"]) == {"1.2", "0.3"}
+    cv.shown.value = ("zh",)
+    assert cv.current["shown"] == ["zh"] and cv.current["comparison"] is None
+    assert set(cv.current["table"]["in"]) == {"zh"}
+    cv.role.value = ("(all roles)",)
+    assert set(cv.current["table"]["component"]) == {"1.2", "0.3"}  # zh has no other components
+
+
+def test_circuit_viewer_bad_input_shows_a_message(tmp_path):
+    from lsa.circuits import Circuit, Component
+    from widgets.circuits import CircuitViewer
+
+    cv = CircuitViewer(tmp_path / "missing.json")
+    assert "no circuit file" in cv.message.value
+    given, en, zh = _circuits(tmp_path)
+    cv = CircuitViewer(given)
+    cv.select("1.3")
+    assert "'1.3' is not among the shown components" in cv.message.value
+    cv.select(("head", 9))
+    assert "not among the shown components" in cv.message.value
+    big = Circuit("other", 4, 8, "ioi", "en", components=[Component("head", 3, 7, role="name mover")])
+    cv = CircuitViewer([big], model=tiny_model("gpt2"))
+    assert "3.7" in cv.message.value and "does not have" in cv.message.value
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_explorer_shows_a_causal_pattern_and_a_projection_on_every_family(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=2, pos=5, vocab=97)
+    ex = HeadExplorer(model, prompts, k=3)
+    last = model.adapter.n_heads - 1
+    ex.select(layer=1, head=last, position=2)
+    pattern = ex.current["pattern"]
+    assert pattern.shape == (5, 5)
+    assert torch.allclose(pattern.sum(-1), torch.ones(5), atol=1e-5)
+    assert torch.count_nonzero(torch.triu(pattern, 1)) == 0  # no query sees a later token
+    assert len(ex.current["projection"]) == 6 and ex.message.value == ""
+
+
+def test_patching_map_slices_a_head_by_position_result_and_maps_grouped_path_patching(setup):
+    model, en, zh, heads, freq = setup
+    res = P.activation_patching(model, en, "head", positions=["first", "mid"], progress=False)
+    pm = PatchingMap(res)
+    assert [v for _, v in pm.extra.options] == ["first", "mid"]
+    pm.extra.value = "mid"
+    assert torch.allclose(pm.current["grid"], res.array[:, :, 1])
+    pm.select(1, 2)
+    assert pm.current["cell"] == {"layer": 1, "head": 2, "pos": "mid"}
+    row = res.components.index[
+        (res.components["layer"] == 1) & (res.components["head"] == 2) & (res.components["pos"] == "mid")
+    ][0]
+    assert pm.current["per_prompt"]["metric"].tolist() == pytest.approx(res.patched[row].tolist(), abs=1e-6)
+    path = P.path_patching(model, en, senders=[[(0, 1), (0, 2)], (1, 3)], progress=False)
+    pm = PatchingMap(path)  # one column of sender groups
+    assert pm.current["rows"] == ["0.1, 0.2", "1.3"] and pm.current["cols"] == ["all"]
+    pm._buttons[1][0].click()
+    assert pm.current["cell"] == {"senders": "1.3"}
+    assert pm.current["per_prompt"]["effect"].tolist() == pytest.approx(
+        (path.patched[1] - path.clean).tolist(), abs=1e-6
+    )
