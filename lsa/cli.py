@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", "-m", nargs="+", help="model ids, paths or zoo names (default toy-bilingual)")
     run.add_argument("--language", "-l", nargs="+", help="languages (default en); 'en+zh' = one run with both")
     run.add_argument("--preset", help="a named grid: " + ", ".join(sorted(PRESETS)) + " (notebooks given = a subset)")
-    run.add_argument("--random", action="store_true", help="with --preset: random models of the same shapes")
+    run.add_argument(
+        "--random",
+        action="store_true",
+        help="with --preset: random models with the same layer and head counts (offline)",
+    )
     run.add_argument("--param", "-p", action="append", help="key=value (repeat a key to make a grid)")
     run.add_argument("--output", "-o", help="output folder (default runs/<timestamp>)")
     run.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")

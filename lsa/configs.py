@@ -64,7 +64,9 @@ TINY: dict[str, dict] = {
 # width counts of the published checkpoints).
 PAPER_SHAPES: dict[str, dict] = {
     "bigscience/bloom-560m": dict(model_type="bloom", n_layer=24, n_head=16, hidden_size=1024, vocab_size=250880),
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
+    "openai-community/gpt2": dict(
+        model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257
+    ),
     "mymusise/CPM-Generate-distill": dict(
         model_type="gpt2", n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=30000
     ),
@@ -137,11 +139,39 @@ def default_tokenizer():
     return gpt2_bpe_tokenizer()
 
 
-def random_model(spec: str | dict, *, seed: int = 0, tokenizer=None, name: str | None = None):
+NARROW_D_HEAD = 8
+
+
+def narrow(config: dict, d_head: int = NARROW_D_HEAD) -> dict:
+    """The same layer, head and key/value-head counts with ``d_head`` wide heads (MLP 4x the width).
+
+    For exercising shape-dependent code (every layer, every head, grouped-query
+    groups) at a fraction of the cost of the real widths.
+    """
+    config = dict(config)
+    heads = config.get("num_attention_heads", config.get("n_head"))
+    width = heads * d_head
+    for key in ("hidden_size", "n_embd"):
+        if key in config:
+            config[key] = width
+    if "hidden_size" not in config and "n_embd" not in config:
+        config["hidden_size"] = width
+    if "intermediate_size" in config:
+        config["intermediate_size"] = 4 * width
+    if "head_dim" in config:
+        config["head_dim"] = d_head
+    return config
+
+
+def random_model(
+    spec: str | dict, *, seed: int = 0, tokenizer=None, name: str | None = None, narrow_heads: bool = False
+):
     """A :class:`lsa.model.Model` with random weights: a family in ``TINY``, a paper model id, or a config JSON path.
 
-    Paper shapes keep their layer, head and width counts; the vocabulary is cut to
-    the tokenizer's size (random embeddings of unused ids would only cost memory).
+    Paper shapes keep their layer, head and width counts (``narrow_heads=True``:
+    the same layer and head counts with 8-wide heads, see :func:`narrow`); the
+    vocabulary is cut to the tokenizer's size (random embeddings of unused ids
+    would only cost memory).
     """
     from lsa.model import wrap
 
@@ -157,6 +187,10 @@ def random_model(spec: str | dict, *, seed: int = 0, tokenizer=None, name: str |
     else:
         known = ", ".join([*TINY, *PAPER_SHAPES])
         raise ValueError(f"unknown random model {spec!r}: use one of {known}, or a config JSON file")
+    if narrow_heads:
+        config = narrow(config)
     config["vocab_size"] = len(tokenizer)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config[key] = getattr(tokenizer, key, None)
     hf = random_hf_model(config, seed=seed)
     return wrap(hf, tokenizer, name=name or f"random:{spec}")

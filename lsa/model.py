@@ -133,6 +133,7 @@ def load_model(
 
     >>> model = load_model("toy-bilingual")            # doctest: +SKIP
     >>> model = load_model("random:qwen2")             # random weights, tiny GQA config  # doctest: +SKIP
+    >>> model = load_model("random-narrow:Qwen/Qwen2-0.5B")   # its layer/head counts, 8-wide heads  # doctest: +SKIP
     >>> model = load_model("Qwen/Qwen2-0.5B", dtype="bfloat16")   # needs internet  # doctest: +SKIP
 
     Attention runs in the "eager" implementation unless ``attn_implementation``
@@ -140,10 +141,11 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if str(name_or_path).startswith("random:"):
+    if str(name_or_path).startswith(("random:", "random-narrow:")):
         from lsa.configs import random_model
 
-        model = random_model(str(name_or_path).removeprefix("random:"))
+        kind, spec = str(name_or_path).split(":", 1)
+        model = random_model(spec, narrow_heads=kind == "random-narrow", name=str(name_or_path))
         model.hf.to(resolve_device(device))
         return model
     path = resolve_name(name_or_path)

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import time
 from pathlib import Path
 
 from lsa import runner
 
-QUICK = {"n_prompts": [16]}
+QUICK = {"n_prompts": [16], "n_texts": [200]}
+
+# The findings the report leads with: (notebook, model, key pattern).
+HEADLINES: list[tuple[str, str, str]] = [
+    ("00_quickstart", "toy-bilingual", r"(ioi|past_tense)_(en|zh)_accuracy"),
+    ("03_compare_circuits", "toy-bilingual", r"ioi_circuit_(jaccard|weighted_overlap|role_agreement|shared)_.*"),
+    ("03_compare_circuits", "toy-bilingual", r"ioi_faithfulness_.*"),
+    ("03_compare_circuits", "toy-en+toy-zh", r"ioi_circuit_(jaccard|role_agreement|shared)_.*"),
+    ("03_compare_circuits", "toy-en+toy-zh", r"ioi_faithfulness_.*"),
+    ("02_past_tense", "toy-bilingual", r"frequency_correlation|english_specific_heads|ablation_.*"),
+    (
+        "04_language_neurons",
+        "toy-bilingual",
+        r"(lape|plnd)_neurons_.*|(lape|plnd)_off_(en_loss_en|en_loss_zh)|.*_steer_.*",
+    ),
+]
 
 
 def collect(output: Path) -> list[dict]:
@@ -46,6 +62,16 @@ def _fmt(value) -> str:
 def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
     """``report.md`` and ``report.html`` in ``output``; returns the HTML path."""
     lines = ["# lsa: findings on the toy zoo", "", f"Run folder: `{output}`; wall time {wall_s:.0f} s.", ""]
+    lines += ["## Headline findings", ""]
+    for notebook, model, pattern in HEADLINES:
+        for run in runs:
+            prov = run["provenance"]
+            if prov["notebook"].removesuffix(".ipynb") != notebook or prov["model"] != model:
+                continue
+            for key, item in run["findings"].items():
+                if re.fullmatch(pattern, key):
+                    lines.append(f"- {model}, {notebook}: {item.get('statement', key)} = **{_fmt(item.get('value'))}**")
+    lines.append("")
     for run in runs:
         prov = run["provenance"]
         rel = run["folder"].relative_to(output)

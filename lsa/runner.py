@@ -44,14 +44,51 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("00_quickstart", ["toy-bilingual"], ["en+zh"], {}),
         ("00_quickstart", ["toy-en"], ["en"], {}),
         ("00_quickstart", ["toy-zh"], ["zh"], {}),
+        ("01_ioi_circuit", ["toy-bilingual"], ["en", "zh"], {}),
+        ("01_ioi_circuit", ["toy-en"], ["en"], {}),
+        ("01_ioi_circuit", ["toy-zh"], ["zh"], {}),
+        ("02_past_tense", ["toy-bilingual"], ["en+zh"], {}),
+        (
+            "03_compare_circuits",
+            ["toy-bilingual"],
+            ["en+zh"],
+            {"circuits": ["{circuit:toy-bilingual:en}", "{circuit:toy-bilingual:zh}"]},
+        ),
+        (
+            "03_compare_circuits",
+            ["toy-en+toy-zh"],
+            ["en+zh"],
+            {"circuits": ["{circuit:toy-en:en}", "{circuit:toy-zh:zh}"]},
+        ),
+        ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
+        ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
     "paper": [
-        ("00_quickstart", ["bigscience/bloom-560m"], ["en+zh"], {}),
-        ("00_quickstart", ["gpt2"], ["en"], {}),
+        ("00_quickstart", ["bigscience/bloom-560m", "Qwen/Qwen2-0.5B"], ["en+zh"], {}),
+        ("00_quickstart", ["openai-community/gpt2"], ["en"], {}),
         ("00_quickstart", ["mymusise/CPM-Generate-distill"], ["zh"], {}),
-        ("00_quickstart", ["Qwen/Qwen2-0.5B"], ["en+zh"], {}),
+        ("01_ioi_circuit", ["bigscience/bloom-560m"], ["en", "zh"], {}),
+        ("01_ioi_circuit", ["openai-community/gpt2"], ["en"], {}),
+        ("01_ioi_circuit", ["mymusise/CPM-Generate-distill"], ["zh"], {}),
+        (
+            "03_compare_circuits",
+            ["bigscience/bloom-560m"],
+            ["en+zh"],
+            {"circuits": ["{circuit:bigscience/bloom-560m:en}", "{circuit:bigscience/bloom-560m:zh}"]},
+        ),
+        (
+            "03_compare_circuits",
+            ["gpt2+CPM"],
+            ["en+zh"],
+            {"circuits": ["{circuit:openai-community/gpt2:en}", "{circuit:mymusise/CPM-Generate-distill:zh}"]},
+        ),
+        ("05_activation_patching", ["bigscience/bloom-560m"], ["en+zh"], {}),
+        ("02_past_tense", ["Qwen/Qwen2-0.5B"], ["en+zh"], {}),
     ],
 }
+# "{circuit:<model>:<language>}" in a preset parameter is the circuit.json that
+# 01_ioi_circuit writes for that model and language in the same grid.
+_CIRCUIT_REF = re.compile(r"\{circuit:([^:}]+):([^}]+)\}")
 
 
 class GridError(ValueError):
@@ -179,7 +216,7 @@ def plan_preset(
     notebooks: list[str] | None = None,
 ) -> list[Cell]:
     """The cells of a named grid. ``params`` override the preset's (only where a notebook declares them);
-    ``random`` replaces each model id by ``random:<id>`` (same shape, random weights, offline)."""
+    ``random`` replaces each model id by ``random-narrow:<id>`` (its layer and head counts, random weights, offline)."""
     if name not in PRESETS:
         raise GridError(f"no preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
     available = {p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")}
@@ -188,11 +225,22 @@ def plan_preset(
         if notebook not in available or (notebooks and notebook not in notebooks):
             continue
         declared = declared_parameters(resolve_notebook(notebook))
-        values = {k: [v] for k, v in preset_params.items()}
+        name_of = lambda m: f"random-narrow:{m}" if random and "+" not in m else m  # noqa: E731
+        values = {k: [_circuit_refs(v, Path(output), name_of)] for k, v in preset_params.items()}
         values.update({k: v for k, v in (params or {}).items() if k in declared})
-        names = [f"random:{m}" if random else m for m in models]
+        names = [name_of(m) for m in models]
         cells += plan([notebook], names, languages, values, output)
     return cells
+
+
+def _circuit_refs(value, output: Path, name_of):
+    """Replace ``{circuit:<model>:<language>}`` references by the path 01_ioi_circuit writes."""
+    if isinstance(value, list):
+        return [_circuit_refs(v, output, name_of) for v in value]
+    if isinstance(value, str) and (m := _CIRCUIT_REF.fullmatch(value)):
+        model, language = m.groups()
+        return str(output.resolve() / "01_ioi_circuit" / slug(name_of(model)) / slug(language) / "circuit.json")
+    return value
 
 
 def git_revision() -> str:
