@@ -1,0 +1,90 @@
+"""`lsa reproduce` end to end on the toy zoo (small prompt sets), and the paper preset on random models."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from lsa import reproduce, runner
+
+
+def _report_sections(text: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """``(notebook, model, language) -> {finding: value text}`` parsed back out of report.md."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if m := re.fullmatch(r"## (\S+) — (\S+) \((\S+)\)", line):
+            current = sections.setdefault(m.groups(), {})
+        elif current is not None and (m := re.match(r"- \*\*(\S+)\*\* = (.*?): ", line)):
+            current[m.group(1)] = m.group(2)
+    return sections
+
+
+def _same(text: str, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return text == str(value)
+    if math.isnan(value):
+        return text == "nan"
+    return math.isclose(float(text), value, rel_tol=5e-3, abs_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    code = reproduce.main(output=out, quick=True)
+    return code, out
+
+
+def test_reproduce_runs_every_notebook_on_the_zoo_and_all_succeed(reproduced):
+    code, out = reproduced
+    provenance = [json.loads(p.read_text()) for p in out.rglob("provenance.json")]
+    failed = [(p["notebook"], p["model"], p["error"]) for p in provenance if p["status"] != "ok"]
+    assert failed == []
+    assert code == 0
+    notebooks = {p["notebook"].removesuffix(".ipynb") for p in provenance}
+    assert notebooks == {p.stem for p in runner.NOTEBOOK_DIR.glob("*.ipynb")}
+    assert len(provenance) == len(runner.PRESETS["zoo"]) + 1  # 01_ioi_circuit runs twice on toy-bilingual
+
+
+def test_report_numbers_are_the_notebooks_saved_findings(reproduced):
+    _, out = reproduced
+    sections = _report_sections((out / "report.md").read_text())
+    checked = 0
+    for prov_path in out.rglob("provenance.json"):
+        prov = json.loads(prov_path.read_text())
+        findings = json.loads((prov_path.parent / "findings.json").read_text())
+        assert findings, f"{prov['notebook']} wrote no findings"
+        section = sections[(prov["notebook"].removesuffix(".ipynb"), prov["model"], prov["language"])]
+        for key, item in findings.items():
+            assert _same(section[key], item["value"]), (key, section[key], item["value"])
+            checked += 1
+    assert checked >= 40
+    html = (out / "report.html").read_text()
+    for png in out.rglob("*.png"):
+        assert str(png.relative_to(out)) in html
+
+
+def test_paper_preset_dry_run_lists_the_papers_models(capsys):
+    from lsa import cli
+
+    assert cli.main(["run", "--preset", "paper", "--dry-run", "-o", "/nonexistent/out"]) == 0
+    listed = capsys.readouterr().out
+    for model in ("bigscience/bloom-560m", "openai-community/gpt2", "mymusise/CPM-Generate-distill", "Qwen/Qwen2-0.5B"):
+        assert f"| {model} |" in listed
+    assert not Path("/nonexistent/out").exists()
+
+
+def test_paper_preset_runs_offline_on_random_models_with_the_papers_layer_and_head_counts(tmp_path):
+    params = {"n_prompts": [4], "max_steps": [1], "n_texts": [16]}
+    cells = runner.plan_preset("paper", tmp_path, random=True, params=params)
+    assert {c.model for c in cells} >= {
+        "random-narrow:bigscience/bloom-560m",
+        "random-narrow:Qwen/Qwen2-0.5B",
+        "random-narrow:openai-community/gpt2",
+        "random-narrow:mymusise/CPM-Generate-distill",
+    }
+    result = runner.run_grid(cells, progress=False)
+    assert [(c.label, c.error) for c in result.failed] == []
+    shapes = {json.loads(p.read_text())["model"]: p.parent for p in tmp_path.glob("01_ioi_circuit/*/*/provenance.json")}
+    assert len(shapes) == 3  # BLOOM (en, zh), GPT-2 (en), CPM (zh): every IOI circuit run finished
