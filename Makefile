@@ -9,6 +9,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# The zoo's tiny models run 10-40x slower on two busy OpenMP threads than on one
+# (NOTES.md); notebook kernels inherit this. Override for large models: make ... OMP_NUM_THREADS=8
+OMP_NUM_THREADS ?= 1
+export OMP_NUM_THREADS
 
 .PHONY: install test lint format reproduce zoo bench clean-venv
 
