@@ -31,6 +31,7 @@ from lsa.model import Model
 from lsa.patching import (
     Metric,
     PatchResult,
+    _forward_traced,
     _position_index,
     _runs,
     _units,
@@ -94,34 +95,13 @@ def attribution_patching(
 
     with torch.no_grad():
         donor_logits, donor_acts = forward(model, donor_tokens, end, reads=value_sites)
-    embed = model.module("embed")
-    with torch.no_grad():
-        base_emb, donor_emb = embed(base_tokens), embed(donor_tokens)
-    alpha = {"value": 0.0}
-
-    def interpolate(module, args, out):
-        if steps > 1:
-            out = base_emb + alpha["value"] * (donor_emb - base_emb)
-        return out if out.requires_grad else out.detach().requires_grad_()
-
-    handle = embed.register_forward_hook(interpolate)
     wrt = sorted(set(grad_site.values()))
-    reads = set(value_sites) | set(grad_site.values())
-    grads: dict = {}
-    try:
-        with torch.enable_grad():
-            for k in range(steps):
-                alpha["value"] = k / steps
-                logits, acts = forward(model, base_tokens, end, reads=reads)
-                values_k = metric(logits, prompts)
-                run_metric(lambda *_, v=values_k: v, logits, prompts)  # shape check
-                step_grads = torch.autograd.grad(values_k.sum(), [acts[key] for key in wrt])
-                for key, g in zip(wrt, step_grads):
-                    grads[key] = g / steps if k == 0 else grads[key] + g / steps
-                if k == 0:
-                    base_acts, values = {key: v.detach() for key, v in acts.items()}, values_k.detach()
-    finally:
-        handle.remove()
+    if model.remote:
+        base_acts, values, grads = _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric, steps)
+    else:
+        base_acts, values, grads = _local_gradients(
+            model, prompts, base_tokens, donor_tokens, end, value_sites, wrt, metric, steps
+        )
 
     base_metric = values.detach().float().cpu()
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
@@ -153,6 +133,52 @@ def attribution_patching(
         method="attribution patching" if steps == 1 else f"attribution patching (IG, {steps} steps)",
         meta={"site": site, "steps": steps},
     )
+
+
+def _local_gradients(model, prompts, base_tokens, donor_tokens, end, value_sites, wrt, metric, steps):
+    """Base activations, base metric and d metric / d site by torch autograd (``steps`` > 1: along the input path)."""
+    embed = model.module("embed")
+    with torch.no_grad():
+        base_emb, donor_emb = embed(base_tokens), embed(donor_tokens)
+    alpha = {"value": 0.0}
+
+    def interpolate(module, args, out):
+        if steps > 1:
+            out = base_emb + alpha["value"] * (donor_emb - base_emb)
+        return out if out.requires_grad else out.detach().requires_grad_()
+
+    handle = embed.register_forward_hook(interpolate)
+    reads = set(value_sites) | set(wrt)
+    grads: dict = {}
+    try:
+        with torch.enable_grad():
+            for k in range(steps):
+                alpha["value"] = k / steps
+                logits, acts = forward(model, base_tokens, end, reads=reads)
+                values_k = metric(logits, prompts)
+                run_metric(lambda *_, v=values_k: v, logits, prompts)  # shape check
+                step_grads = torch.autograd.grad(values_k.sum(), [acts[key] for key in wrt])
+                for key, g in zip(wrt, step_grads):
+                    grads[key] = g / steps if k == 0 else grads[key] + g / steps
+                if k == 0:
+                    base_acts, values = {key: v.detach() for key, v in acts.items()}, values_k.detach()
+    finally:
+        handle.remove()
+    return base_acts, values, grads
+
+
+def _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric, steps):
+    """The same from two traces: the base run, then its backward from d metric / d end logits (computed here)."""
+    if steps != 1:
+        raise ValueError("integrated gradients (steps > 1) interpolate input embeddings locally; use steps=1 remotely")
+    with torch.no_grad():
+        logits, base_acts = forward(model, base_tokens, end, reads=value_sites)
+    end_logits = logits.detach().float().requires_grad_()
+    values = metric(end_logits, prompts)
+    run_metric(lambda *_: values, end_logits, prompts)  # shape check
+    (logit_grad,) = torch.autograd.grad(values.sum(), end_logits)
+    _, grads = _forward_traced(model, base_tokens, end, reads=wrt, logit_grad=logit_grad.to(logits.dtype))
+    return base_acts, values.detach(), grads
 
 
 def correlation(exact: PatchResult, approx: PatchResult, value: str = "effect") -> float:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -794,7 +795,13 @@ def discover(
     steps = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     circuit.evidence["steps"] = _plain(steps.to_dict("records"))  # every candidate's score, kept with the circuit
     scores = None
-    if roles and len(circuit):
+    if roles and len(circuit) and model.remote:
+        warnings.warn(
+            "role suggestions read attention patterns and weights locally: skipped for a remote model "
+            "(the circuit and its edges are complete)",
+            stacklevel=2,
+        )
+    elif roles and len(circuit):
         scores = head_scores(model, prompts)
         suggest_roles(circuit, scores, attention=attention)
     return Discovery(circuit=circuit, steps=steps, scores=scores)
@@ -1045,6 +1052,7 @@ def cross_faithfulness(
     seed: int = 0,
     split: str = "all",
     device="auto",
+    remote: bool | str = False,
     **kwargs,
 ) -> pd.DataFrame:
     """Each circuit's faithfulness in each language, on the model it was found in (loaded by name if not given).
@@ -1060,7 +1068,7 @@ def cross_faithfulness(
     frames = []
     for label, circuit in circuits.items():
         if circuit.model not in models:
-            models[circuit.model] = load_model(circuit.model, device=device)
+            models[circuit.model] = load_model(circuit.model, device=device, remote=remote)
         model = models[circuit.model]
         built, skipped = prompt_sets(model, languages, circuit.task or "ioi", n=n_prompts, seed=seed, split=split)
         frame = faithfulness_table(model, {label: circuit}, built, **kwargs)
@@ -1092,6 +1100,7 @@ def discover_each(
     seed: int = 0,
     split: str = "all",
     device="auto",
+    remote: bool | str = False,
     **discover_kwargs,
 ) -> tuple[list[Circuit], dict[str, str]]:
     """Discover a circuit for each ``(model name, language)`` pair; ``({...}, {pair: reason skipped})``.
@@ -1108,7 +1117,7 @@ def discover_each(
     found, skipped = [], {}
     for name, language in pairs:
         if name not in models:
-            models[name] = load_model(name, device=device)
+            models[name] = load_model(name, device=device, remote=remote)
         built, why = prompt_sets(models[name], [language], task, n=n_prompts, seed=seed, split=split)
         if language in why:
             skipped[f"{name}/{language}"] = why[language]

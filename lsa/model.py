@@ -5,8 +5,12 @@
 already built (random models in tests). Every analysis takes a ``Model``.
 
 Large models run on NDIF with ``remote=True``: the flag is passed to nnsight's
-``trace`` untouched (see :meth:`Model.trace`), so the same calls return the same
-shapes. Loading weights from the hub needs internet; nothing in tests does.
+``trace`` (see :meth:`Model.trace`), and the analyses that support it build their
+work as nnsight traces, so the same calls return the same results. ``remote="local"``
+runs nnsight's simulation of that path here: each trace is serialized, rebuilt with
+lsa's own modules hidden (as on the server) and run on the local weights, which is
+how the tests check the remote path offline. Loading weights from the hub needs
+internet; nothing in tests does.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class Model:
         tokenizer: its Hugging Face tokenizer.
         adapter: where the architecture keeps its parts (:class:`lsa.adapter.Adapter`).
         name: what it was loaded as (id, path or short name).
-        remote: trace on NDIF instead of locally.
+        remote: ``True``: trace on NDIF instead of locally; ``"local"``: nnsight's local
+            simulation of a remote trace (serialized and rebuilt here); ``False``: local.
     """
 
     nn: object
@@ -61,11 +66,14 @@ class Model:
     tokenizer: object
     adapter: Adapter
     name: str = "model"
-    remote: bool = False
+    remote: bool | str = False
     meta: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the weights' device (CPU for a model on NDIF, whose local copy has no weights)."""
+        if self.remote is True:
+            return torch.device("cpu")
         return next(self.hf.parameters()).device
 
     @property
@@ -74,8 +82,17 @@ class Model:
         return self.adapter
 
     def trace(self, *inputs, **kwargs):
-        """``self.nn.trace`` with ``remote`` filled in."""
+        """``self.nn.trace`` with ``remote`` filled in (lsa's code is shipped with remote traces)."""
         kwargs.setdefault("remote", self.remote)
+        if kwargs["remote"] is True:
+            repo = getattr(self.nn, "repo_id", "") or ""
+            if not repo or Path(repo).exists():
+                raise ValueError(
+                    f"{self.name!r} was built or loaded on this machine, so NDIF cannot run it: load a Hugging Face id "
+                    "with load_model(id, remote=True), or use remote='local' to simulate NDIF here"
+                )
+        if kwargs["remote"]:
+            ship_lsa()
         return self.nn.trace(*inputs, **kwargs)
 
     def module(self, part: str, layer: int | None = None) -> nn.Module:
@@ -84,8 +101,12 @@ class Model:
 
     def envoy(self, part: str, layer: int | None = None):
         """The nnsight envoy of a named part, for use inside ``trace``."""
+        return self.envoy_at(self.adapter.path(part, layer))
+
+    def envoy_at(self, path: str):
+        """The nnsight envoy of a module by its dotted path from the model root."""
         obj = self.nn
-        for piece in self.adapter.path(part, layer).split("."):
+        for piece in path.split("."):
             obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
         return obj
 
@@ -104,21 +125,42 @@ class Model:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Plain forward (no nnsight): ``[batch, pos] -> [batch, pos, d_vocab]``."""
-        return self.hf(tokens.to(self.device)).logits
+        """Forward ``[batch, pos] -> [batch, pos, d_vocab]``: plain torch locally, one trace when remote."""
+        if not self.remote:
+            return self.hf(tokens.to(self.device)).logits
+        unembed = self.envoy("unembed")  # looked up here: the request then carries no Model
+        with self.trace(tokens.cpu(), use_cache=False):
+            out = unembed.output.save()
+        return out.to(self.device)
 
     def describe(self) -> dict:
         return {"name": self.name, **self.adapter.describe(), **self.meta}
 
 
-def wrap(hf_model: nn.Module, tokenizer=None, *, name: str = "model", remote: bool = False) -> Model:
+def ship_lsa() -> None:
+    """Send lsa's own code by value with remote traces (the NDIF server does not have it installed)."""
+    import nnsight
+
+    import lsa
+
+    nnsight.register(lsa)
+
+
+def check_remote(remote) -> bool | str:
+    """``remote`` must be ``False``, ``True`` or ``"local"``."""
+    if remote in (False, True, "local"):
+        return remote
+    raise ValueError(f"remote must be False, True (NDIF) or 'local' (simulated here), got {remote!r}")
+
+
+def wrap(hf_model: nn.Module, tokenizer=None, *, name: str = "model", remote: bool | str = False) -> Model:
     """Wrap an already-built Hugging Face causal LM (e.g. a random one) as a :class:`Model`."""
     from nnsight.modeling.transformers import TransformersModel
 
     adapter = Adapter.for_model(hf_model)  # fails early for unknown architectures
     hf_model.eval()
     nn_model = TransformersModel(hf_model, task="text-generation", tokenizer=tokenizer)
-    return Model(nn=nn_model, hf=hf_model, tokenizer=tokenizer, adapter=adapter, name=name, remote=remote)
+    return Model(nn=nn_model, hf=hf_model, tokenizer=tokenizer, adapter=adapter, name=name, remote=check_remote(remote))
 
 
 def load_model(
@@ -126,7 +168,7 @@ def load_model(
     *,
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | str | None = None,
-    remote: bool = False,
+    remote: bool | str = False,
     **hf_kwargs,
 ) -> Model:
     """Load a model by Hugging Face id, local path or zoo short name.
@@ -137,8 +179,11 @@ def load_model(
     >>> model = load_model("Qwen/Qwen2-0.5B", dtype="bfloat16")   # needs internet  # doctest: +SKIP
 
     Attention runs in the "eager" implementation unless ``attn_implementation``
-    is given, so attention patterns are available to every analysis.
+    is given, so attention patterns are available to every analysis. ``remote=True``
+    loads only the configuration and tokenizer here (weights stay on NDIF);
+    ``remote="local"`` loads the weights here and simulates the remote path.
     """
+    check_remote(remote)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if str(name_or_path).startswith(("random:", "random-narrow:")):
@@ -147,6 +192,9 @@ def load_model(
         kind, spec = str(name_or_path).split(":", 1)
         model = random_model(spec, narrow_heads=kind == "random-narrow", name=str(name_or_path))
         model.hf.to(resolve_device(device))
+        if remote is True:
+            raise ValueError("a random model exists only on this machine; use remote='local' to simulate NDIF")
+        model.remote = remote
         return model
     path = resolve_name(name_or_path)
     config = AutoConfig.from_pretrained(path)
@@ -157,7 +205,7 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    if remote:
+    if remote is True:
         from nnsight.modeling.transformers import TransformersModel
 
         nn_model = TransformersModel(path, task="text-generation", tokenizer=tokenizer, **hf_kwargs)
@@ -167,7 +215,7 @@ def load_model(
         )
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs)
     hf.to(resolve_device(device))
-    model = wrap(hf, tokenizer, name=str(name_or_path))
+    model = wrap(hf, tokenizer, name=str(name_or_path), remote=remote)
     card = Path(path) / "zoo.json"
     if card.exists():
         import json

@@ -12,7 +12,10 @@ Steps, each one call:
    layer and neuron, the token count, the count of activations > 0 and the sums
    of activations, absolute activations and squares (:class:`NeuronStats`,
    ``[lang, layer, neuron]``). Memory does not grow with the corpus; the stats
-   can be saved every few batches and a run resumed.
+   can be saved every few batches and a run resumed. On a remote model
+   (``model.remote``: NDIF, or ``"local"`` for nnsight's simulation) each batch is
+   one nnsight trace that reduces inside the trace (:func:`activation_totals`, the
+   same code the hooks run), so only ``[layer, neuron]`` totals come back.
 2. :func:`lape` picks language-specific neurons from the activation
    probabilities exactly as the published ``identify.py`` does (filter at the
    95th percentile, lowest-entropy 1 %, assignment at the 95th percentile);
@@ -30,6 +33,7 @@ Cost: one forward pass per batch plus four reductions over the MLP activations
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from collections.abc import Iterable, Mapping
@@ -422,16 +426,84 @@ def _forward(model, ids: torch.Tensor, mask: torch.Tensor):
         return model.hf(**kwargs)
 
 
+def _trace_args(model, ids: torch.Tensor, mask: torch.Tensor, *, last_only: bool = True) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for ``model.trace``: the forward :func:`_forward` runs, for a remote model.
+
+    Inputs go to ``model.device`` (the CPU for NDIF, whose server places them).
+    ``last_only``: logits at the last position only, where the model's forward
+    takes ``logits_to_keep``.
+    """
+    device = model.device
+    kwargs = {"attention_mask": mask.to(device), "use_cache": False}
+    if last_only and "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return (ids.to(device),), kwargs
+
+
+def _from_weights(model, fn, *args) -> torch.Tensor:
+    """``fn(adapter, root, *args)`` computed from the model's weights (a tensor).
+
+    ``root`` is the torch model for a local model; for a remote one it is the
+    nnsight model inside a one-token trace, so the weights are read where they
+    are and only ``fn``'s result comes back.
+    """
+    cfg = model.adapter
+    if not model.remote:
+        return fn(cfg, model.hf, *args)
+    one = torch.zeros(1, 1, dtype=torch.long)
+    inputs, kwargs = _trace_args(model, one, torch.ones_like(one))
+    root = model.nn  # the block names no lsa Model: it would ship the tokenizer with every trace
+    with torch.no_grad(), model.trace(*inputs, **kwargs):
+        out = fn(cfg, root, *args).cpu().save()
+    return out
+
+
 # ----------------------------------------------------------------- collection
 
 
+def activation_totals(x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """One batch's totals of neuron activations ``x [..., d_mlp]`` over the kept positions.
+
+    ``keep``: a boolean mask over the flattened positions (``None``: all). Returns
+    ``(count of x > 0, sum, sum of |x|, sum of x^2)``, each ``[d_mlp]`` (sums in
+    float32). The hooks of :func:`collect_stats` call it on a local model, and its
+    trace calls it inside the trace on a remote one.
+    """
+    x = x.detach()
+    x = x.reshape(-1, x.shape[-1])
+    if keep is not None:
+        x = x[keep.to(x.device)]
+    x = x.float()
+    return (x > 0).sum(0), x.sum(0), x.abs().sum(0), (x * x).sum(0)
+
+
+def _traced_totals(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """One traced forward reducing every layer's activations inside the trace: ``[4, layer, d_mlp]`` float64.
+
+    Only these totals come back from a remote trace, never the activations.
+    """
+    inputs, kwargs = _trace_args(model, ids, mask)
+    acts = [model.envoy("mlp_act", layer) for layer in range(model.adapter.n_layers)]
+    with torch.no_grad(), model.trace(*inputs, **kwargs):
+        layers = []
+        for env in acts:
+            layers.append(torch.stack([t.double() for t in activation_totals(env.output, keep)]))
+        totals = torch.stack(layers, dim=1).cpu().save()
+    return totals
+
+
 class _Accumulator:
-    """Hooks on every ``mlp_act`` module that add one batch's totals into buffers (no per-token Python)."""
+    """One batch's totals of every ``mlp_act`` module, in buffers (no per-token Python).
+
+    Local models: forward hooks on the modules; remote models (``model.remote``):
+    one nnsight trace per batch that reduces inside the trace (:func:`_traced_totals`).
+    """
 
     def __init__(self, model):
         self.model = model
+        self.remote = bool(model.remote)
         cfg = model.adapter
-        device = model.device
+        device = torch.device("cpu") if self.remote else model.device
         self.n_layers, self.d_mlp = cfg.n_layers, cfg.d_mlp
         self.mask: torch.Tensor | None = None
         self.handles = []
@@ -443,9 +515,10 @@ class _Accumulator:
         self.sq = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def __enter__(self):
-        for layer in range(self.n_layers):
-            module = self.model.module("mlp_act", layer)
-            self.handles.append(module.register_forward_hook(self._hook(layer)))
+        if not self.remote:
+            for layer in range(self.n_layers):
+                module = self.model.module("mlp_act", layer)
+                self.handles.append(module.register_forward_hook(self._hook(layer)))
         return self
 
     def __exit__(self, *exc):
@@ -455,15 +528,11 @@ class _Accumulator:
 
     def _hook(self, layer: int):
         def hook(module, inputs, output):
-            x = output.detach()
-            x = x.reshape(-1, x.shape[-1])
-            if self.mask is not None:
-                x = x[self.mask]
-            x = x.float()
-            self.pos[layer] += (x > 0).sum(0)
-            self.sum[layer] += x.sum(0)
-            self.abs[layer] += x.abs().sum(0)
-            self.sq[layer] += (x * x).sum(0)
+            pos, total, abs_total, sq = activation_totals(output, self.mask)
+            self.pos[layer] += pos
+            self.sum[layer] += total
+            self.abs[layer] += abs_total
+            self.sq[layer] += sq
             self.calls[layer] += 1
 
         return hook
@@ -474,6 +543,11 @@ class _Accumulator:
         self.calls = [0] * self.n_layers
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor) -> int:
+        if self.remote:
+            flat = mask.reshape(-1).bool()
+            totals = _traced_totals(self.model, ids, mask, None if bool(flat.all()) else flat)
+            self.pos, self.sum, self.abs, self.sq = totals[0].long(), totals[1], totals[2], totals[3]
+            return int(flat.sum())
         flat = mask.reshape(-1).bool().to(self.model.device)
         self.mask = None if bool(flat.all()) else flat
         self.reset()
@@ -728,12 +802,18 @@ def plnd_importance(model, stats: NeuronStats) -> torch.Tensor:
     The expected norm of what a neuron writes to the residual stream (Zhao et al.
     2024 score a neuron by the output change when it is removed). For SwiGLU
     models ``a`` is the gate activation, so this ignores the up projection's factor.
+    A remote model reads the norms inside one trace (:func:`_from_weights`).
     """
-    cfg = model.adapter
-    norms = torch.stack(
-        [cfg.mlp_out_weight(model.hf, layer).detach().float().norm(dim=-1).cpu() for layer in range(cfg.n_layers)]
-    ).to(torch.float64)  # [layer, neuron]
+    norms = _from_weights(model, _out_norms).to(torch.float64)  # [layer, neuron]
     return stats.mean_abs * norms[None]
+
+
+def _out_norms(cfg, root) -> torch.Tensor:
+    """``||W_out[neuron]||`` of every layer: ``[layer, neuron]`` float32 (``root``: see :func:`_from_weights`)."""
+    norms = []
+    for layer in range(cfg.n_layers):
+        norms.append(cfg.mlp_out_weight(root, layer).detach().float().norm(dim=-1).cpu())
+    return torch.stack(norms)
 
 
 def plnd_neurons(importance: torch.Tensor, languages: list[str], *, top_rate: float = 0.01) -> LapeResult:
@@ -925,6 +1005,20 @@ class LayerActivations:
         return self.acts[:, neuron]
 
 
+def _kept_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x [batch, pos, d_mlp]`` at the positions where ``keep [batch, pos]`` is true: ``[n_kept, d_mlp]`` float32, CPU."""
+    return x.detach()[keep.to(x.device)].float().cpu()
+
+
+def _traced_rows(model, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One layer's activations at the non-padding tokens, read and saved inside one trace (remote models)."""
+    inputs, kwargs = _trace_args(model, ids, mask)
+    env, keep = model.envoy("mlp_act", layer), mask.bool()
+    with torch.no_grad(), model.trace(*inputs, **kwargs):
+        rows = _kept_rows(env.output, keep).save()
+    return rows
+
+
 @torch.no_grad()
 def record_activations(
     model,
@@ -935,27 +1029,37 @@ def record_activations(
     batch_size: int = 16,
     max_length: int = 64,
 ) -> LayerActivations:
-    """Activations of all neurons of ``layer`` on up to ``max_texts`` texts per language (for top tokens)."""
+    """Activations of all neurons of ``layer`` on up to ``max_texts`` texts per language (for top tokens).
+
+    A remote model runs one trace per batch that saves the layer's activations at
+    the non-padding tokens.
+    """
     check_neuron(model, layer, 0)
-    module = model.module("mlp_act", layer)
     rows, chunks, text_id = [], [], 0
     store = {}
-    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("x", o.detach().float().cpu()))
+    handle = None
+    if not model.remote:
+        keep_rows = lambda m, i, o: store.__setitem__("x", _kept_rows(o, store["keep"]))
+        handle = model.module("mlp_act", layer).register_forward_hook(keep_rows)
     try:
         for lang, source in _as_language_dict(texts).items():
             sample = itertools.islice(iter(source), max_texts)
             for ids, mask, _ in token_batches(model, sample, batch_size=batch_size, max_length=max_length):
-                _forward(model, ids, mask)
-                x = store["x"]
                 keep = mask.bool()
-                chunks.append(x[keep])
+                if model.remote:
+                    chunks.append(_traced_rows(model, layer, ids, mask))
+                else:
+                    store["keep"] = keep
+                    _forward(model, ids, mask)
+                    chunks.append(store["x"])
                 for b in range(ids.shape[0]):
                     for pos in range(int(keep[b].sum())):
                         tid = int(ids[b, pos])
                         rows.append((lang, text_id, pos, tid))
                     text_id += 1
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     tok = model.tokenizer
     tokens = pd.DataFrame(rows, columns=["language", "text", "pos", "token_id"])
     tokens["token"] = [tok.decode([t]) if tok is not None else str(t) for t in tokens["token_id"]]
@@ -1004,17 +1108,11 @@ def promoted_tokens(model, layer: int, neuron: int, *, k: int = 10) -> pd.DataFr
     and the unembedding. For a positive activation (a positive gate x up product
     in SwiGLU models) the top rows are promoted. Columns: ``direction``
     (``promoted`` / ``suppressed``), ``rank``, ``token``, ``token_id``, ``logit``.
+    A remote model computes the ``[d_vocab]`` logits inside one trace.
     """
     check_neuron(model, layer, neuron)
-    cfg = model.adapter
-    d = cfg.mlp_out_weight(model.hf, layer)[neuron].detach().float()
-    norm = cfg.module(model.hf, "final_norm")
-    if isinstance(norm, torch.nn.LayerNorm):
-        d = d - d.mean()
-    weight = getattr(norm, "weight", None)
-    if weight is not None:
-        d = d * weight.detach().float()
-    logits = cfg.unembed_weight(model.hf).detach().float() @ d  # [d_vocab]
+    centre = isinstance(model.adapter.module(model.hf, "final_norm"), torch.nn.LayerNorm)
+    logits = _from_weights(model, _direction_logits, layer, neuron, centre)  # [d_vocab]
     rows = []
     for direction, largest in (("promoted", True), ("suppressed", False)):
         top = logits.topk(min(k, logits.numel()), largest=largest)
@@ -1022,6 +1120,17 @@ def promoted_tokens(model, layer: int, neuron: int, *, k: int = 10) -> pd.DataFr
             token = model.tokenizer.decode([i]) if model.tokenizer is not None else str(i)
             rows.append({"direction": direction, "rank": rank, "token": token, "token_id": i, "logit": v})
     return pd.DataFrame(rows)
+
+
+def _direction_logits(cfg, root, layer: int, neuron: int, centre: bool) -> torch.Tensor:
+    """``[d_vocab]``: a neuron's output direction through the final norm's linear part and the unembedding."""
+    d = cfg.mlp_out_weight(root, layer)[neuron].detach().float()
+    if centre:
+        d = d - d.mean()
+    weight = getattr(cfg.module(root, "final_norm"), "weight", None)
+    if weight is not None:
+        d = d * weight.detach().float()
+    return cfg.unembed_weight(root).detach().float() @ d
 
 
 # ----------------------------------------------------------------- texts

@@ -47,6 +47,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import nnsight
 import pandas as pd
 import torch
 from torch import nn
@@ -256,7 +257,7 @@ def forward(
     reads: Iterable[tuple[str, int]] = (),
     start: tuple[int, torch.Tensor] | None = None,
     stop_after: tuple[str, int] | None = None,
-    module_edits: Sequence[tuple[nn.Module, Edit]] = (),
+    projections: Sequence[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] = (),
     attn_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     logits: bool = True,
 ) -> tuple[torch.Tensor | None, dict[tuple[str, int], torch.Tensor]]:
@@ -267,8 +268,9 @@ def forward(
     attention output projection's output). ``reads`` are stored after any edit at
     the same site. ``start=(layer, hidden)`` skips blocks before ``layer`` and feeds
     ``hidden`` ``[batch, pos, d_model]`` to it. ``stop_after`` ends the forward once
-    that site is read (then no logits). ``module_edits`` are extra output edits on
-    arbitrary modules (path patching's receiver projections). ``attn_cache``
+    that site is read (then no logits). ``projections`` ``(module, layer, input, column mask)``
+    replace the masked output columns of a query / key / value projection in
+    ``layer`` by that projection applied to ``input`` (path patching's receivers). ``attn_cache``
     ``(attention output, o_proj input, o_proj output)`` of the start layer lets its
     attention skip recomputing queries, keys and values (see :func:`_attn_stub`).
     Gradients follow the
@@ -276,9 +278,8 @@ def forward(
     so no real position attends to padding (padded positions hold junk, never read).
     """
     if getattr(model, "remote", False):
-        raise ValueError(
-            "lsa's patching engine runs the model locally with torch hooks; this model is remote (NDIF). "
-            "Load it locally (remote=False) or trace it with model.trace(..., remote=True) by hand"
+        return _forward_traced(
+            model, tokens, end, edits=edits, reads=reads, stop_after=stop_after, projections=projections, logits=logits
         )
     if start is not None:  # probe once, before any hook is in place
         _returns_tuple(model, "blocks")
@@ -355,8 +356,13 @@ def forward(
                 pre_cache[layer] = _hidden_in(args, kwargs)
 
             handles.append(blocks[layer].register_forward_pre_hook(record, with_kwargs=True))
-        for module, edit in module_edits:
-            handles.append(module.register_forward_hook(lambda m, args, out, edit=edit: edit(out)))
+        for module, _, given, colmask in projections:
+            proj = module(given)  # before the hook is in place
+
+            def replace(m, args, out, proj=proj, colmask=colmask):
+                return torch.where(colmask, proj, out)
+
+            handles.append(module.register_forward_hook(replace))
         out = None
         stubs = _skip_stubs(model, start_layer)
         if attn_cache is not None:
@@ -373,6 +379,133 @@ def forward(
     finally:
         for h in handles:
             h.remove()
+
+
+# Where each site lives, in the order a block runs them: (part, "pre" = input / "out" = output, rank).
+_TRACE_POINTS = {
+    "resid_pre": ("block", "pre", 0),
+    "attn_in": ("ln1", "out", 1),
+    "head": ("o_proj", "pre", 2),
+    "attn_out": ("o_proj", "out", 3),
+    "resid_mid": ("o_proj", "out", 3),
+    "attn_full": ("attn", "out", 4),
+    "neuron": ("mlp_out", "pre", 5),
+    "mlp_out": ("mlp_out", "out", 6),
+    "resid_post": ("block", "out", 7),
+}
+
+
+def _trace_plan(model: Model, edits, reads, projections=()) -> list[tuple[str, int, str, list]]:
+    """Hook points ``(part, layer, kind, sites)`` in forward order; ``resid_mid`` also reads its block's input.
+
+    A projection ``(module, layer, input, mask)`` becomes the point ``(dotted path, layer, "proj", [input, mask])``
+    between the attention input and the heads' outputs.
+    """
+    points: dict[tuple, list] = {}
+    names = {id(m): name for name, m in model.hf.named_modules()} if projections else {}
+    for module, layer, given, colmask in projections:
+        points[(layer, 1.5, names[id(module)], "proj")] = [given, colmask]
+    for site, layer in list(edits) + sorted(set(reads) - set(edits)):
+        if site not in _TRACE_POINTS:
+            raise ValueError(f"unknown site {site!r}")
+        model.adapter.check_layer(layer)
+        part, kind, rank = _TRACE_POINTS[site]
+        points.setdefault((layer, rank, part, kind), [])
+        if site not in points[(layer, rank, part, kind)]:
+            points[(layer, rank, part, kind)].append(site)
+        if site == "resid_mid":
+            points.setdefault((layer, 0, "block", "pre"), [])
+    return [(part, layer, kind, sites) for (layer, _, part, kind), sites in sorted(points.items())]
+
+
+def _envoy(model: Model, part: str, layer: int):
+    return model.envoy("blocks")[layer] if part == "block" else model.envoy(part, layer)
+
+
+def _forward_traced(
+    model: Model,
+    tokens: torch.Tensor,
+    end: torch.Tensor,
+    *,
+    edits: dict[tuple[str, int], Edit] | None = None,
+    reads: Iterable[tuple[str, int]] = (),
+    stop_after: tuple[str, int] | None = None,
+    projections: Sequence[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] = (),
+    logits: bool = True,
+    logit_grad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, dict[tuple[str, int], torch.Tensor]]:
+    """:func:`forward` as one nnsight trace (``model.remote``: NDIF, or ``"local"``, its simulation here).
+
+    The same edits and reads at the same sites, applied in the block's forward
+    order inside the trace; only the read sites and the end-position logits come
+    back. Every layer runs (no cached start: on a remote model the cache would
+    have to travel both ways), which gives the same values as a cached start.
+
+    ``logit_grad`` ``[batch, d_vocab]``: also run the backward pass of
+    ``sum(end logits * logit_grad)`` inside the trace and return, instead of the
+    read sites' values, their gradients. With ``logit_grad`` = d metric / d end
+    logits, these are d metric / d site (the metric depends on the sites only
+    through the end logits), so no metric code has to travel.
+    """
+    edits, reads = dict(edits or {}), set(reads)
+    # envoys are looked up here, so the request carries them (references to the model) rather than the Model
+    plan = [
+        (model.envoy_at(part) if kind == "proj" else _envoy(model, part, layer), part, layer, kind, sites)
+        for part, layer, kind, sites in _trace_plan(model, edits, reads, projections)
+    ]
+    embed, unembed = model.envoy("embed"), model.envoy("unembed")
+    rows = torch.arange(tokens.shape[0])
+    end = end.cpu()
+    out = None
+    weights = None if logit_grad is None else logit_grad.detach().cpu()
+    with torch.set_grad_enabled(weights is not None), model.trace(tokens.cpu(), use_cache=False) as tracer:
+        got = {}
+        blocks_in = {}
+        if weights is not None:  # a graph to differentiate even where the weights are frozen
+            embed.output.requires_grad_(True)
+        for env, part, layer, kind, sites in plan:
+            if kind == "proj":  # a receiver's q / k / v columns from its patched input
+                env.output = torch.where(sites[1], env(sites[0]), env.output)
+                continue
+            raw = env.input if kind == "pre" else env.output
+            x = raw[0] if isinstance(raw, tuple) else raw
+            y = x
+            for site in sites:
+                edit = edits.get((site, layer))
+                if site == "resid_mid":
+                    pre = blocks_in[layer]
+                    if edit is not None:
+                        y = edit(pre + y) - pre
+                    value = pre + y
+                else:
+                    if edit is not None:
+                        y = edit(y)
+                    value = y
+                if (site, layer) in reads:
+                    got[(site, layer)] = value
+            if part == "block" and kind == "pre":
+                blocks_in[layer] = y
+            if y is not x:
+                new = (y, *raw[1:]) if isinstance(raw, tuple) else y
+                if kind == "pre":
+                    env.input = new
+                else:
+                    env.output = new
+            if stop_after is not None and stop_after[1] == layer and stop_after[0] in sites:
+                nnsight.save(got)
+                tracer.stop()
+        if weights is not None:
+            loss = (unembed.output[rows, end] * weights).sum()
+            grads = {}
+            with loss.backward():
+                for key in reversed(list(got)):  # gradients arrive in reverse forward order
+                    grads[key] = got[key].grad
+            got = nnsight.save(grads)
+        nnsight.save(got)
+        if logits and stop_after is None and weights is None:
+            out = unembed.output[rows, end].save()
+    device = model.device
+    return (None if out is None else out.to(device)), {k: v.detach().to(device) for k, v in got.items()}
 
 
 # ============================================================== results
@@ -523,20 +656,54 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _chunk_size(prompts: PromptSet, batch_size: int | None, max_tokens: int | None, device=None) -> int:
+def _chunk_size(prompts: PromptSet, batch_size: int | None, max_tokens: int | None, model: Model | None = None) -> int:
     """Interventions per expanded forward: ``batch_size``, else as many as fit ``max_tokens`` rows x positions.
 
-    Default budget: :data:`DEFAULT_MAX_TOKENS` for the device type (on one CPU
-    thread batching gains nothing and big batches leave the cache; GPUs want width).
+    Default budget: :func:`auto_max_tokens` for the model's device.
     """
     if batch_size is not None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return batch_size
+    width = prompts.clean.shape[1]
     if max_tokens is None:
-        kind = torch.device(device).type if device is not None else "cpu"
-        max_tokens = DEFAULT_MAX_TOKENS.get(kind, DEFAULT_MAX_TOKENS["cuda"])
-    return max(1, max_tokens // (len(prompts) * prompts.clean.shape[1]))
+        max_tokens = auto_max_tokens(model, width) if model is not None else DEFAULT_MAX_TOKENS["cpu"]
+    return max(1, max_tokens // (len(prompts) * width))
+
+
+def auto_max_tokens(model: Model, width: int) -> int:
+    """Rows x positions per expanded forward on this model's device.
+
+    CPU: :data:`DEFAULT_MAX_TOKENS` (on one CPU thread batching gains nothing and
+    big batches leave the cache). Remote: the GPU budget. CUDA: half of the free
+    memory over an estimate of one token's live activations in a block (residual
+    copies, MLP hidden, eager attention scores over ``width`` keys); a chunk
+    that still runs out of memory is split in two and retried (:func:`_halving`).
+    """
+    if model.remote:
+        return DEFAULT_MAX_TOKENS["cuda"]
+    device = model.device
+    if device.type != "cuda":
+        return DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cpu"])
+    free, _ = torch.cuda.mem_get_info(device)
+    a = model.adapter
+    size = next(model.hf.parameters()).element_size()
+    per_token = size * (8 * a.d_model + 2 * a.d_mlp + 3 * a.n_heads * width)
+    return max(width, int(0.5 * free / per_token))
+
+
+def _halving(run: Callable[[list[int]], None], chunk: list[int]) -> None:
+    """``run(chunk)``; on an out-of-memory error split the chunk in two and run the halves."""
+    try:
+        run(chunk)
+    except torch.OutOfMemoryError:
+        if len(chunk) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(chunk) // 2
+        _halving(run, chunk[:half])
+        _halving(run, chunk[half:])
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -575,14 +742,15 @@ def run_specs(
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
-    k = _chunk_size(prompts, batch_size, max_tokens, model.device)
+    k = _chunk_size(prompts, batch_size, max_tokens, model)
     order: dict[tuple[int, str], list[int]] = {}
     for i, spec in enumerate(specs):
         order.setdefault((spec.layer, spec.site), []).append(i)
     groups = [chunk for key in sorted(order) for chunk in _chunks(order[key], k)]
     end = prompts.end.to(model.device)
     bar = _progress(len(specs), desc, progress)
-    for chunk in groups:
+
+    def run(chunk: list[int]) -> None:
         chunk_specs = [specs[i] for i in chunk]
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
@@ -592,16 +760,30 @@ def run_specs(
         donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
         edits = {(site, layer): _replace(mask, donor, units, w)}
         tokens = base_tokens.repeat(m, 1)
-        start = base_cache[("resid_pre", layer)].repeat(m, 1, 1)
+        start = _start(base_cache, layer, m)
         attn = None
         if site != "resid_pre" and all((key, layer) in base_cache for key in ("attn_full", "head", "attn_out")):
             attn = tuple(base_cache[(key, layer)].repeat(m, 1, 1) for key in ("attn_full", "head", "attn_out"))
-        logits, _ = forward(model, tokens, end.repeat(m), edits=edits, start=(layer, start), attn_cache=attn)
+        logits, _ = forward(model, tokens, end.repeat(m), edits=edits, start=start, attn_cache=attn)
         for j, i in enumerate(chunk):
             out[i] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
         bar.update(m)
+
+    for chunk in groups:
+        _halving(run, chunk)
     bar.close()
     return out
+
+
+def _out_features(module: nn.Module) -> int:
+    """Output width of a linear layer (``nn.Linear``, or GPT-2's transposed ``Conv1D``)."""
+    return module.out_features if hasattr(module, "out_features") else module.nf
+
+
+def _start(base_cache: dict, layer: int, m: int) -> tuple[int, torch.Tensor] | None:
+    """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached)."""
+    hidden = base_cache.get(("resid_pre", layer))
+    return None if hidden is None else (layer, hidden.repeat(m, 1, 1))
 
 
 def _layers(model: Model, layers) -> list[int]:
@@ -696,8 +878,10 @@ def baseline(
     ``attn_layers``: also read the attention output and the output projection's
     input and output there (for :func:`run_specs` to reuse).
     """
-    reads = set(sites) | {("resid_pre", layer) for layer in range(model.adapter.n_layers)}
-    reads |= {(key, layer) for layer in attn_layers for key in ("attn_full", "head", "attn_out")}
+    reads = set(sites)
+    if not model.remote:  # remote forwards start at layer 0: no cache to send back and forth
+        reads |= {("resid_pre", layer) for layer in range(model.adapter.n_layers)}
+        reads |= {(key, layer) for layer in attn_layers for key in ("attn_full", "head", "attn_out")}
     return forward(model, tokens.to(model.device), prompts.end.to(model.device), reads=reads)
 
 
@@ -877,14 +1061,15 @@ def path_patching(
     end = prompts.end.to(model.device)
     H, dh = a.n_heads, a.d_head
 
-    k = _chunk_size(prompts, batch_size, max_tokens, model.device)
+    k = _chunk_size(prompts, batch_size, max_tokens, model)
     order: dict[int, list[int]] = {}
     for i, group in enumerate(groups):
         order.setdefault(min(layer for layer, _ in group), []).append(i)
     chunks = [c for layer in sorted(order) for c in _chunks(order[layer], k)]
     out = torch.empty(len(groups), n)
     bar = _progress(len(groups), "path patching", progress)
-    for chunk in chunks:
+
+    def run(chunk: list[int]) -> None:
         m = len(chunk)
         start = min(layer for layer, _ in groups[chunk[0]])
         tokens = base_tokens.repeat(m, 1)
@@ -901,27 +1086,27 @@ def path_patching(
                         z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
             frozen = z.reshape(m * n, width, H * dh)
             edits[("head", layer)] = lambda x, frozen=frozen: frozen
-        base_start = base_cache[("resid_pre", start)].repeat(m, 1, 1)
+        base_start = _start(base_cache, start, m)
         if to_logits:
-            logits, _ = forward(model, tokens, ends, edits=edits, start=(start, base_start))
+            logits, _ = forward(model, tokens, ends, edits=edits, start=base_start)
         else:
             reads = [("attn_in", layer) for layer in rsites if layer > start]
             if not reads:  # no receiver after the senders: no path, the base run's metric
                 out[chunk] = base_metric
                 bar.update(m)
-                continue
+                return
             _, seen = forward(
                 model,
                 tokens,
                 ends,
                 edits=edits,
                 reads=reads,
-                start=(start, base_start),
+                start=base_start,
                 stop_after=max(reads),
                 logits=False,
             )
             # 3) receivers' q / k / v from the recorded attention inputs; all else recomputed.
-            module_edits = []
+            projections = []
             first = min(layer for _, layer in reads)
             for _, layer in reads:
                 patched_in = seen[("attn_in", layer)]
@@ -931,23 +1116,24 @@ def path_patching(
                         module, cols = a.qkv_columns(model.hf, kind, layer, unit)
                         by_module.setdefault(module, []).append(cols)
                 for module, cols_list in by_module.items():
-                    proj = module(patched_in)  # [batch, pos, out]: every head's q / k / v from the patched input
-                    colmask = torch.zeros(proj.shape[-1], dtype=torch.bool, device=proj.device)
+                    # every head's q / k / v from the patched input; only the receivers' columns are used
+                    colmask = torch.zeros(_out_features(module), dtype=torch.bool, device=patched_in.device)
                     for cols in cols_list:
                         colmask[cols] = True
-                    module_edits.append(
-                        (module, lambda outp, proj=proj, colmask=colmask: torch.where(colmask, proj, outp))
-                    )
+                    projections.append((module, layer, patched_in, colmask))
             logits, _ = forward(
                 model,
                 tokens,
                 ends,
-                module_edits=module_edits,
-                start=(first, base_cache[("resid_pre", first)].repeat(m, 1, 1)),
+                projections=projections,
+                start=_start(base_cache, first, m),
             )
         for j, gi in enumerate(chunk):
             out[gi] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
         bar.update(m)
+
+    for chunk in chunks:
+        _halving(run, chunk)
     bar.close()
     single = all(len(g) == 1 for g in groups)
     if single:

@@ -17,6 +17,14 @@ modules (the values LAPE measures) at every position:
     with steer(model, deactivate(lape.mask("en")), activate(lape.mask("zh"), stats, "zh")):
         text = generate(model, ["When Mary and John"])
 
+Remote models (``model.remote``: NDIF, or ``"local"`` for nnsight's simulation)
+have no local modules to hook: there :func:`steer` only records the edits, and
+every forward lsa runs inside the block (:func:`forward`, hence
+:func:`language_loss`, :func:`generate`, :func:`steering_run`) is one nnsight
+trace that applies them to the ``mlp_act`` outputs and reduces inside the trace
+(a loss total, the next token), so only small results come back. In a trace of
+your own, apply edits with :func:`edit_plan` and :func:`apply_edits`.
+
 Effects are measured as per-language loss (:func:`language_loss`) and as the
 share of generated tokens in a script (:func:`script_share`, CJK vs Latin on
 decoded text).
@@ -32,7 +40,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from lsa.neurons import NeuronStats, _as_language_dict, _forward, as_neuron_set, token_batches
+from lsa.neurons import NeuronStats, _as_language_dict, _forward, _trace_args, as_neuron_set, token_batches
 
 OPS = ("set", "scale", "add")
 
@@ -94,52 +102,164 @@ def shift(neurons, stats: NeuronStats, source: str, target: str, *, strength: fl
     return NeuronEdit(neurons, "add", _per_layer(neurons, diff, strength))
 
 
-def _apply(x: torch.Tensor, edit: NeuronEdit, layer: int) -> torch.Tensor:
-    idx = edit.neurons[layer].to(x.device)
-    v = edit.layer_values(layer)
+def _apply(x: torch.Tensor, op: str, idx: torch.Tensor, v: float | torch.Tensor) -> torch.Tensor:
+    """``x [..., d_mlp]`` with neurons ``idx`` set to / scaled by / shifted by ``v`` (``op``); torch only."""
+    idx = idx.to(x.device)
     if torch.is_tensor(v):
         v = v.to(x.device, x.dtype)
     picked = x.index_select(-1, idx)
-    if edit.op == "set":
+    if op == "set":
         new = torch.zeros_like(picked) + v
-    elif edit.op == "scale":
+    elif op == "scale":
         new = picked * v
     else:
         new = picked + v
     return x.index_copy(-1, idx, new)
 
 
+def _edited(x: torch.Tensor, steps: list[tuple]) -> torch.Tensor:
+    for op, idx, v in steps:
+        x = _apply(x, op, idx, v)
+    return x
+
+
+def _steps(model, edits) -> dict[int, list[tuple]]:
+    """Per edited layer (ascending), its ``(op, indices, values)`` steps in edit order; checked against the model.
+
+    Plain tensors and numbers, so a trace ships no lsa class to the server.
+    """
+    cfg = model.adapter
+    steps: dict[int, list[tuple]] = {}
+    for edit in edits:
+        if not isinstance(edit, NeuronEdit):
+            raise ValueError(f"steer takes NeuronEdit objects (deactivate/scale/activate/shift), not {type(edit)}")
+        for layer, idx in as_neuron_set(edit.neurons, cfg.n_layers, cfg.d_mlp).items():
+            steps.setdefault(layer, []).append((edit.op, idx, edit.layer_values(layer)))
+    return dict(sorted(steps.items()))
+
+
+# Edits of the steer blocks open on each remote model (id(model) -> edits, outermost block first).
+_ACTIVE: dict[int, list[NeuronEdit]] = {}
+
+
+def active_edits(model) -> list[NeuronEdit]:
+    """The edits of the :func:`steer` blocks open on a remote model, outermost first (empty for local models)."""
+    return list(_ACTIVE.get(id(model), ()))
+
+
 @contextmanager
 def steer(model, *edits: NeuronEdit):
     """Apply neuron edits (in order) to every forward inside the ``with`` block.
 
-    Hooks sit on the adapter's ``mlp_act`` modules and are removed on exit, even on error.
+    Local models: hooks sit on the adapter's ``mlp_act`` modules and are removed on
+    exit, even on error. Remote models: the edits are recorded for the block (and
+    dropped on exit, even on error) and applied inside the traces lsa runs there
+    (:func:`forward`); a trace of your own applies them with :func:`edit_plan` and
+    :func:`apply_edits`.
     """
-    cfg = model.adapter
-    by_layer: dict[int, list[NeuronEdit]] = {}
-    for edit in edits:
-        if not isinstance(edit, NeuronEdit):
-            raise ValueError(f"steer takes NeuronEdit objects (deactivate/scale/activate/shift), not {type(edit)}")
-        checked = as_neuron_set(edit.neurons, cfg.n_layers, cfg.d_mlp)
-        for layer in checked:
-            by_layer.setdefault(layer, []).append(edit)
+    steps = _steps(model, edits)
+    if model.remote:
+        active = _ACTIVE.setdefault(id(model), [])
+        depth = len(active)
+        active.extend(edits)
+        try:
+            yield model
+        finally:
+            del active[depth:]
+            if not active:
+                _ACTIVE.pop(id(model), None)
+        return
 
     def make_hook(layer):
         def hook(module, inputs, output):
-            for edit in by_layer[layer]:
-                output = _apply(output, edit, layer)
-            return output
+            return _edited(output, steps[layer])
 
         return hook
 
     handles = []
     try:
-        for layer in by_layer:
+        for layer in steps:
             handles.append(model.module("mlp_act", layer).register_forward_hook(make_hook(layer)))
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+def edit_plan(model, *edits: NeuronEdit) -> list[tuple]:
+    """The edits of the open :func:`steer` blocks (remote models) then ``edits``, ready for a trace.
+
+    One ``(mlp_act envoy, [(op, indices, values), ...])`` per edited layer, in
+    forward order. Build it before the trace: it checks the edits, and only
+    envoys, tensors and numbers go to the server::
+
+        plan = edit_plan(model, deactivate(mask))
+        with model.trace(ids):
+            apply_edits(plan)
+            logits = model.nn.output.logits.save()
+    """
+    steps = _steps(model, [*active_edits(model), *edits])
+    return [(model.envoy("mlp_act", layer), layer_steps) for layer, layer_steps in steps.items()]
+
+
+def apply_edits(plan: list[tuple]) -> None:
+    """Inside a trace: apply an :func:`edit_plan` to the ``mlp_act`` outputs.
+
+    Call it before reading any module at or after the first edited layer (nnsight
+    reads modules in forward order).
+    """
+    for env, steps in plan:
+        env.output = _edited(env.output, steps)
+
+
+@torch.no_grad()
+def forward(model, ids: torch.Tensor, mask: torch.Tensor | None = None, *, last_only: bool = False, reduce=None):
+    """One forward of ``ids [batch, pos]`` under the edits of the enclosing :func:`steer` blocks.
+
+    Returns the logits (only the last position's with ``last_only``, where the model
+    allows it), or ``reduce(logits, ids, mask)`` when given. Local models: a plain
+    forward (steer's hooks edit it). Remote models: one trace that applies the
+    edits and computes ``reduce`` inside, so only its result comes back (on the CPU);
+    ``reduce`` then runs on the server: it must use only torch and lsa.
+    """
+    mask = torch.ones_like(ids) if mask is None else mask
+    if model.remote:
+        return _traced_forward(model, ids, mask, last_only, reduce)
+    device = model.device
+    ids, mask = ids.to(device), mask.to(device)
+    if last_only:
+        logits = _forward(model, ids, mask).logits
+    else:
+        logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return logits if reduce is None else reduce(logits, ids, mask)
+
+
+def _traced_forward(model, ids, mask, last_only: bool, reduce) -> torch.Tensor:
+    inputs, kwargs = _trace_args(model, ids, mask, last_only=last_only)
+    ids, mask = inputs[0], kwargs["attention_mask"]
+    plan, root = edit_plan(model), model.nn  # the block below names no lsa Model (it would ship its tokenizer)
+    with torch.no_grad(), model.trace(*inputs, **kwargs):
+        apply_edits(plan)
+        logits = root.output.logits
+        out = (logits if reduce is None else reduce(logits, ids, mask)).cpu().save()
+    return out
+
+
+def _loss_totals(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[summed next-token cross-entropy, predicted tokens]`` (float64) over non-padding pairs."""
+    logits = logits.float()
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
+    target = ids[:, 1:]
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+    ).reshape(target.shape)
+    return torch.stack([losses[valid].sum().double(), valid.sum().double()])
+
+
+def _greedy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The most likely next token after the last position: ``[batch, 1]``."""
+    return logits[:, -1].argmax(-1, keepdim=True)
 
 
 # ----------------------------------------------------------------- measurements
@@ -166,15 +286,9 @@ def language_loss(
             for ids, mask, _ in token_batches(
                 model, source, batch_size=batch_size, max_length=max_length, add_special_tokens=add_special_tokens
             ):
-                ids, mask = ids.to(model.device), mask.to(model.device)
-                logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-                target = ids[:, 1:]
-                valid = (mask[:, 1:] * mask[:, :-1]).bool()
-                losses = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-                ).reshape(target.shape)
-                total += float(losses[valid].sum())
-                count += int(valid.sum())
+                batch_total, batch_count = forward(model, ids, mask, reduce=_loss_totals).tolist()
+                total += batch_total
+                count += int(batch_count)
             rows.append({"language": lang, "loss": total / max(count, 1), "n_tokens": count})
     return pd.DataFrame(rows)
 
@@ -213,6 +327,7 @@ def generate_ids(
     """Greedy new token ids per prompt (a loop of full forwards: plain, and steered inside ``edits``).
 
     With ``stop_at_eos`` a prompt's generation ends before the tokenizer's end-of-text token.
+    A remote model runs one trace per new token (only the token id comes back).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     stop = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
@@ -223,8 +338,7 @@ def generate_ids(
             ids = ids.to(model.device)
             new = []
             for _ in range(max_new_tokens):
-                logits = _forward(model, ids, torch.ones_like(ids)).logits[:, -1]
-                nxt = logits.argmax(-1, keepdim=True)
+                nxt = forward(model, ids, last_only=True, reduce=_greedy).to(ids.device)
                 if stop is not None and int(nxt) == stop:
                     break
                 new.append(int(nxt))

@@ -392,6 +392,6 @@ def test_bad_input_gives_clear_errors():
         model.adapter.qkv_columns(model.hf, "x", 0, 0)
     with pytest.raises(IndexError, match="k head 4 out of range"):
         model.adapter.qkv_columns(model.hf, "k", 0, 4)
-    model.remote = True
-    with pytest.raises(ValueError, match="remote"):
+    model.remote = True  # a model built here cannot go to NDIF
+    with pytest.raises(ValueError, match="NDIF cannot run it"):
         activation_patching(model, prompts, "head", progress=False)
