@@ -140,6 +140,10 @@ def test_behaviour_and_ablation_remote_equal_local(zoo_pair, server):
     remote = remote_twin(local)
     a, b = behaviour.score(local, prompts), behaviour.score(remote, prompts)
     assert len(server) >= 1
+    with torch.no_grad():  # independent: a plain Hugging Face forward, read at each prompt's end
+        full = local.hf(prompts.clean).logits[torch.arange(len(prompts)), prompts.end]
+    plain = full.gather(1, prompts.answer[:, None])[:, 0] - full.gather(1, prompts.distractor[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(a["logit_diff"].to_numpy()), plain, atol=1e-4)
     assert (a["logit_diff"] - b["logit_diff"]).abs().max() < 1e-4
     assert (a["top_predictions"] == b["top_predictions"]).all()
     heads = [("head", 2, 2), ("head", 0, 2)]
