@@ -11,6 +11,9 @@ this module writes documents (one to three sentences) about it:
   name that is not repeated" is not enough to answer;
 - ``tense``: a train past-tense template completed in the tense of its adverb
   (past: " walked" / "去了", habitual: " walks" / "去", future: " will walk" / "会去");
+- ``tense_free``: the copy-then-inflect task from many more frames (a habitual
+  sentence, then a time adverb and the name: :data:`TENSE_FIRST`,
+  :data:`TENSE_SECOND`), so it is learned beyond the templates;
 - ``tense_pair``: two sentences with one verb in two different tenses;
 - ``tense_single``: one sentence with a time adverb;
 - ``filler``: ordinary sentences from a small grammar over the same words;
@@ -46,10 +49,11 @@ FUTURE_ADVERBS = {"en": ["Tomorrow", "Next week", "Next year", "Tonight"], "zh":
 
 # The share of each document kind in the corpus.
 MIX = {
-    "ioi": 0.28,
+    "ioi": 0.24,
     "ioi_free": 0.30,
-    "ioi_context": 0.07,
-    "tense": 0.12,
+    "ioi_context": 0.06,
+    "tense": 0.09,
+    "tense_free": 0.06,
     "tense_pair": 0.05,
     "tense_single": 0.03,
     "filler": 0.08,
@@ -120,6 +124,11 @@ OPENINGS = {
         "{A} and {B} were at the {P} all day.",
         "In the morning, {A} and {B} arrived at the {P}.",
         "{A} and {B} found a {O} at the {P}.",
+        "It was late when {A} and {B} left the {P}, so",
+        "It started to rain when {A} and {B} got to the {P}, so",
+        "{A} and {B} were tired after the {P}, so",
+        "The {P} was quiet, so {A} and {B} sat down, and",
+        "After a long day at the {P}, {A} and {B} went home, and",
     ],
     "zh": [
         "当{A}和{B}去{P}时，",
@@ -136,6 +145,27 @@ OPENINGS = {
         "{A}和{B}从{P}回来以后，",
     ],
 }
+# Openings composed from a conjunction and what the two did, so the frames vary word by word.
+_CONJUNCTIONS = ["When", "After", "While", "As", "Before", "As soon as"]
+_DID = {
+    "en": [
+        "went to the {P}",
+        "got to the {P}",
+        "arrived at the {P}",
+        "visited the {P}",
+        "left the {P}",
+        "walked to the {P}",
+        "came back from the {P}",
+        "were at the {P}",
+    ],
+    "zh": ["去{P}", "到了{P}", "离开{P}", "在{P}", "从{P}回来"],
+}
+for _conj in _CONJUNCTIONS:
+    OPENINGS["en"] += [f"{_conj} {{A}} and {{B}} {did}," for did in _DID["en"]]
+for _did in _DID["zh"]:
+    OPENINGS["zh"] += [f"当{{A}}和{{B}}{_did}时，", f"{{A}}和{{B}}{_did}以后，", f"{{A}}和{{B}}{_did}的时候，"]
+OPENINGS = {lang: list(dict.fromkeys(frames)) for lang, frames in OPENINGS.items()}  # each frame once
+
 CONNECTORS = {"en": ["", "Then ", "Later ", "Afterwards ", "There "], "zh": ["", "然后", "后来", "接着"]}
 ACTIONS = {
     "en": [
@@ -197,6 +227,41 @@ ACTIONS = {
         "{S}写信给",
         "{S}笑着对",
     ],
+}
+# Free copy-then-inflect documents (``tense_free``): a sentence with the verb in the
+# present ({H}: a habitual adverb, {h}: the same in lower case, {N}: the name, {V}: the
+# verb phrase), then a second sentence that starts like a prompt ({A} / {a}: a time adverb)
+# and ends in the adverb's tense. Combinations matching a held-out template are dropped.
+TENSE_FIRST = {
+    "en": [
+        "{H}, {N} {V}.",
+        "{N} {V} on most days.",
+        "{N} often {V}.",
+        "{N} usually {V}.",
+        "Everyone knows that {N} {V}.",
+        "People say that {N} {V} {h}.",
+        "It is true that {N} {V}.",
+        "My neighbour {N} {V} {h}.",
+        "{H}, my friend {N} {V}.",
+        "As always, {N} {V}.",
+        "{N} and the {O} are at the {P}. {H}, {N} {V}.",
+    ],
+    "zh": [
+        "{H}，{N}{V}。",
+        "{N}{H}{V}。",
+        "{H}，{N}都{V}。",
+        "大家都知道{N}{H}{V}。",
+        "我觉得{N}{H}{V}。",
+        "我的邻居{N}{H}{V}。",
+        "{N}总是{V}。",
+        "{N}在{P}。{H}，{N}{V}。",
+    ],
+}
+# (No "also" / 也 endings here: the train templates have one each, and more would make
+# "also" a likely next word wherever a prompt ends with the name.)
+TENSE_SECOND = {
+    "en": ["{A}, {N}", "But {a}, {N}", "And {a}, {N}", "{A} {N}"],
+    "zh": ["{A}，{N}", "{N}{A}", "但是{A}，{N}"],
 }
 # A sentence about the third name of an ``ioi_context`` document.
 CONTEXT = {
@@ -407,6 +472,24 @@ class _Writer:
             REST=v.rest,
         )
         return prompt + self.phrase(v, self.tense_of(adverb)) + self.w.stop
+
+    def tense_free(self) -> str:
+        lang, sp = self.w.language, self.w.space
+        habitual, adverb = self.rng.choice(self.w.habitual_adverbs), self.pick_adverb()
+        v, name = self.verb_for([habitual, adverb]), self.names(1)[0]
+        values = dict(
+            H=habitual,
+            h=habitual[0].lower() + habitual[1:],
+            N=name,
+            V=self.phrase(v, "present").lstrip(),
+            A=adverb,
+            a=adverb[0].lower() + adverb[1:],
+            P=self.rng.choice(self.w.places),
+            O=self.rng.choice(self.w.objects),
+        )
+        first = _fill(self.rng.choice(TENSE_FIRST[lang]), **values)
+        second = _fill(self.rng.choice(TENSE_SECOND[lang]), **values)
+        return first + sp + second + self.phrase(v, self.tense_of(adverb)) + self.w.stop
 
     def sentence(self, adverb: str, name: str, v: Verb) -> str:
         phrase = self.phrase(v, self.tense_of(adverb))

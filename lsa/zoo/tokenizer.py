@@ -18,7 +18,7 @@ import re
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lsa.zoo.corpus import ACTIONS, CONNECTORS, CONTEXT, FILLERS, OPENINGS, SLOT, World
+from lsa.zoo.corpus import ACTIONS, CONNECTORS, CONTEXT, FILLERS, OPENINGS, SLOT, TENSE_FIRST, TENSE_SECOND, World
 
 PAD, EOS, UNK = "<|pad|>", "<|endoftext|>", "<|unk|>"
 SPECIALS = (PAD, EOS, UNK)  # ids 0, 1, 2
@@ -54,7 +54,10 @@ def vocabulary(worlds: list[World]) -> list[str]:
         else:
             texts += world.words()
         texts += [_literals(t["text"]) for t in world.ioi_templates + world.tense_templates]
-        texts += [_literals(t) for t in FILLERS[lang] + CONTEXT[lang] + OPENINGS[lang] + ACTIONS[lang]]
+        grammar = (
+            FILLERS[lang] + CONTEXT[lang] + OPENINGS[lang] + ACTIONS[lang] + TENSE_FIRST[lang] + TENSE_SECOND[lang]
+        )
+        texts += [_literals(t) for t in grammar]
         texts += CONNECTORS[lang]
         texts += EXTRA[lang]
         if lang == "en":  # template and grammar words also start a sentence after another one

@@ -55,8 +55,8 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "toy-bilingual": Recipe("toy-bilingual", ("en", "zh"), steps=12_000, docs_per_language=100_000),
-    "toy-en": Recipe("toy-en", ("en",), steps=10_000),
+    "toy-bilingual": Recipe("toy-bilingual", ("en", "zh"), steps=18_000, docs_per_language=100_000),
+    "toy-en": Recipe("toy-en", ("en",), steps=18_000),
     "toy-zh": Recipe("toy-zh", ("zh",)),
 }
 
