@@ -189,11 +189,11 @@ def load_model(
     if str(name_or_path).startswith(("random:", "random-narrow:")):
         from lsa.configs import random_model
 
+        if remote is True:
+            raise ValueError("a random model exists only on this machine; use remote='local' to simulate NDIF")
         kind, spec = str(name_or_path).split(":", 1)
         model = random_model(spec, narrow_heads=kind == "random-narrow", name=str(name_or_path))
         model.hf.to(resolve_device(device))
-        if remote is True:
-            raise ValueError("a random model exists only on this machine; use remote='local' to simulate NDIF")
         model.remote = remote
         return model
     path = resolve_name(name_or_path)
