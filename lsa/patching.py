@@ -226,26 +226,32 @@ def _attn_stub(model: Model, layer: int, attn: torch.Tensor, z: torch.Tensor, o:
 Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
+# Where each site lives, in the order a block runs them: (part, "pre" = input / "out" = output, rank).
+_SITE_POINTS = {
+    "resid_pre": ("block", "pre", 0),
+    "attn_in": ("ln1", "out", 1),
+    "head": ("o_proj", "pre", 2),
+    "attn_out": ("o_proj", "out", 3),
+    "resid_mid": ("o_proj", "out", 3),
+    "attn_full": ("attn", "out", 4),
+    "neuron": ("mlp_out", "pre", 5),
+    "mlp_out": ("mlp_out", "out", 6),
+    "resid_post": ("block", "out", 7),
+}
+
+
+def _site_point(site: str) -> tuple[str, str, int]:
+    """``(part, kind, rank)`` of a site (see :data:`_SITE_POINTS`)."""
+    if site not in _SITE_POINTS:
+        raise ValueError(f"unknown site {site!r}")
+    return _SITE_POINTS[site]
+
+
 def _hook_point(model: Model, site: str, layer: int) -> tuple[nn.Module, str]:
     """The module and hook kind (``"pre"`` = its input, ``"out"`` = its output) holding a site."""
+    part, kind, _ = _site_point(site)
     a, hf = model.adapter, model.hf
-    if site == "resid_pre":
-        return a.block(hf, layer), "pre"
-    if site == "resid_post":
-        return a.block(hf, layer), "out"
-    if site in ("attn_out", "resid_mid"):
-        return a.module(hf, "o_proj", layer), "out"
-    if site == "head":
-        return a.module(hf, "o_proj", layer), "pre"
-    if site == "mlp_out":
-        return a.module(hf, "mlp_out", layer), "out"
-    if site == "neuron":
-        return a.module(hf, "mlp_out", layer), "pre"
-    if site == "attn_in":
-        return a.module(hf, "ln1", layer), "out"
-    if site == "attn_full":
-        return a.module(hf, "attn", layer), "out"
-    raise ValueError(f"unknown site {site!r}")
+    return (a.block(hf, layer) if part == "block" else a.module(hf, part, layer)), kind
 
 
 def forward(
@@ -381,20 +387,6 @@ def forward(
             h.remove()
 
 
-# Where each site lives, in the order a block runs them: (part, "pre" = input / "out" = output, rank).
-_TRACE_POINTS = {
-    "resid_pre": ("block", "pre", 0),
-    "attn_in": ("ln1", "out", 1),
-    "head": ("o_proj", "pre", 2),
-    "attn_out": ("o_proj", "out", 3),
-    "resid_mid": ("o_proj", "out", 3),
-    "attn_full": ("attn", "out", 4),
-    "neuron": ("mlp_out", "pre", 5),
-    "mlp_out": ("mlp_out", "out", 6),
-    "resid_post": ("block", "out", 7),
-}
-
-
 def _trace_plan(model: Model, edits, reads, projections=()) -> list[tuple[str, int, str, list]]:
     """Hook points ``(part, layer, kind, sites)`` in forward order; ``resid_mid`` also reads its block's input.
 
@@ -406,10 +398,8 @@ def _trace_plan(model: Model, edits, reads, projections=()) -> list[tuple[str, i
     for module, layer, given, colmask in projections:
         points[(layer, 1.5, names[id(module)], "proj")] = [given, colmask]
     for site, layer in list(edits) + sorted(set(reads) - set(edits)):
-        if site not in _TRACE_POINTS:
-            raise ValueError(f"unknown site {site!r}")
+        part, kind, rank = _site_point(site)
         model.adapter.check_layer(layer)
-        part, kind, rank = _TRACE_POINTS[site]
         points.setdefault((layer, rank, part, kind), [])
         if site not in points[(layer, rank, part, kind)]:
             points[(layer, rank, part, kind)].append(site)
