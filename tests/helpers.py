@@ -70,3 +70,18 @@ def make_prompts(
         report=DropReport(total=n, kept=n),
         pad_id=pad_id,
     )
+
+
+PARITY_INIT = 0.2  # initializer_range of the parity suite's models (the configs' default is 0.02)
+
+
+def parity_model(family: str = "gpt2", seed: int = 0) -> Model:
+    """A tiny random model of a family with weights large enough that every intervention moves the outputs.
+
+    ``TINY[family]`` with ``initializer_range`` :data:`PARITY_INIT`. At the default 0.02
+    attention is nearly uniform and logits are ~0.1: on BLOOM a query / key path's effect
+    is ~1e-5, too small for the frozen parity suite's 1e-6 comparison to notice a change.
+    At 0.2 logit differences and patching effects are O(1) on every family.
+    """
+    hf = random_hf_model({**TINY[family], "initializer_range": PARITY_INIT}, seed=seed)
+    return wrap(hf, word_tokenizer(TINY[family]["vocab_size"]), name=f"parity-{family}")
