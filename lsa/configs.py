@@ -58,6 +58,24 @@ TINY: dict[str, dict] = {
         max_position_embeddings=64,
         vocab_size=97,
     ),
+    # Gemma 3 (model type gemma3_text): 3 layers, the first two sliding-window (window 4,
+    # shorter than test prompts), 1 key/value head. HF initialises its norm weights to 0
+    # (gain 1 + 0); tests draw them at random (tests/helpers.py) so the gains are exercised.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_size=32,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+        initializer_range=0.1,  # the default 0.02 leaves a 32-wide random Gemma's MLP effects near float noise
+        vocab_size=97,
+    ),
 }
 
 # The paper's real models, by shape only (random weights; the layer, head and
