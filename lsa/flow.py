@@ -195,6 +195,7 @@ def head_source_writes(model: Model, acts: Activations, layer: int) -> torch.Ten
     return torch.einsum("bhke,hed->bhkd", head_values(model, acts, layer), w_o)
 
 
+@torch.no_grad()
 def head_writes(model: Model, acts: Activations, layer: int) -> torch.Tensor:
     """Each head's write at each position: ``(z_h @ W_O[h]) * scale``, ``[batch, pos, n_heads, d_model]``.
 
@@ -209,6 +210,7 @@ def head_writes(model: Model, acts: Activations, layer: int) -> torch.Tensor:
     return out if scale is None else out * scale[:, :, None, :].to(out.dtype)
 
 
+@torch.no_grad()
 def decompose_attention(model: Model, acts: Activations, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention write split into (query, source token, head) parts, and the bias part.
 
