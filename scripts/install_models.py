@@ -5,7 +5,7 @@
     python scripts/install_models.py --force         # convert again even if the cache is valid
 
 Run by ``make models`` (and so by ``make test`` and ``make reproduce``). Idempotent:
-a model whose converted folder is valid is skipped in well under a second. The
+a model whose converted folder is valid is skipped (the whole run then takes a few seconds). The
 folders go to ``$LSA_CACHE/models/<name>`` (default ``~/.cache/lsa/models``).
 """
 

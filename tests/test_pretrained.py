@@ -173,3 +173,25 @@ def test_smollm2_loads_and_its_logits_equal_the_hf_forward():
         want = hf(prompts.clean).logits[rows, prompts.end]
     got, _ = forward(model, prompts.clean, prompts.end)
     assert (got - want).abs().max() <= 1e-5
+
+
+# ----------------------------------------------------------------- random stand-ins
+@pytest.mark.parametrize("name,shape", [(GEMMA, "google/gemma-3-270m"), (SMOL, "HuggingFaceTB/SmolLM2-135M")])
+def test_random_stand_ins_have_the_real_models_layer_head_and_window_layout(name, shape):
+    from transformers import AutoConfig
+
+    from lsa.configs import PAPER_SHAPES, build_config
+
+    real = AutoConfig.from_pretrained(str(pretrained.folder(name)))
+    built = build_config(PAPER_SHAPES[shape])
+    keys = ("model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    keys += ("hidden_size", "intermediate_size", "vocab_size", "tie_word_embeddings", "rope_parameters")
+    keys += ("layer_types", "sliding_window", "query_pre_attn_scalar", "final_logit_softcapping")
+    for key in keys:
+        assert getattr(built, key, None) == getattr(real, key, None), key
+    narrow = lsa.load_model(f"random-narrow:{shape}")
+    assert (narrow.adapter.n_layers, narrow.adapter.n_heads, narrow.adapter.n_kv_heads) == (
+        real.num_hidden_layers,
+        real.num_attention_heads,
+        real.num_key_value_heads,
+    )
