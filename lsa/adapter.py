@@ -12,11 +12,24 @@ relative to the Hugging Face model object:
   (whose *input* is the neuron values ``[batch, pos, d_mlp]``);
 - the head geometry, including grouped-query attention (``n_kv_heads``).
 
-Writes to the residual stream are always the *outputs* of the two output
-projections. BLOOM adds the residual inside its attention and MLP forwards,
-so their module outputs are not writes; the projections' outputs are, in every
-family. GPT-NeoX with ``use_parallel_residual`` reads attention and MLP from the
-same residual, so it has no "mid" residual.
+The *write* of a sublayer is what it adds to the residual stream; the adapter
+names it as the virtual parts ``attn_write`` and ``mlp_write``. In most families
+it is the output of the output projection (``o_proj`` / ``mlp_out``). BLOOM adds
+the residual inside its attention and MLP forwards, so their module outputs are
+not writes; the projections' outputs are. Gemma 3 has *sandwich norms*: an
+RMSNorm on each sublayer's output before it joins the residual
+(``post_attention_layernorm``, ``post_feedforward_layernorm``), so there the
+write is that norm's output, ``o * g / rms(o)``. The norm is linear once its
+per-position scale ``1 / rms(o)`` is fixed; :meth:`Adapter.write_scale` gives
+that factor from a run, so methods that split a write into parts (heads,
+source tokens, neurons) multiply each part by it and the parts still sum to
+the write. GPT-NeoX with ``use_parallel_residual`` reads attention and MLP from
+the same residual, so it has no "mid" residual.
+
+A family's :class:`Layout` lists the config attributes its code does not
+implement, with the only value it accepts (``requires``); a config with any
+other value is refused by name (Gemma 3: logit soft-capping, bidirectional
+attention), so no method silently computes something the model does not.
 """
 
 from __future__ import annotations
@@ -51,6 +64,14 @@ class Layout:
     # "interleaved": one module, output viewed [..., n_heads, 3, d_head] (BLOOM, GPT-NeoX).
     qkv: tuple[str, ...] = ()
     qkv_layout: str = "separate"
+    # Sandwich norms (Gemma 3): the norm each sublayer's output passes through before it
+    # joins the residual. Where set, its output is the sublayer's write (attn_write / mlp_write).
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    # RMSNorm gain = weight + norm_offset (Gemma stores w and scales by 1 + w).
+    norm_offset: float = 0.0
+    # Config attributes this family's code does not implement: (name, the only value accepted).
+    requires: tuple[tuple[str, object], ...] = ()
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -119,7 +140,39 @@ LAYOUTS: dict[str, Layout] = {
         qkv=("attention.query_key_value",),
         qkv_layout="interleaved",
     ),
+    # Gemma 3 text models (Gemma3ForCausalLM): sandwich norms, q/k norms, gated GELU MLP,
+    # scaled embeddings (inside the embedding module), tied unembedding. ln2 is the MLP's
+    # input norm (pre_feedforward_layernorm); post_attention_layernorm is a sandwich norm.
+    "gemma3": Layout(
+        family="gemma3",
+        embed="model.embed_tokens",
+        blocks="model.layers",
+        final_norm="model.norm",
+        unembed="lm_head",
+        attn="self_attn",
+        o_proj="self_attn.o_proj",
+        ln1="input_layernorm",
+        ln2="pre_feedforward_layernorm",
+        mlp="mlp",
+        mlp_act="mlp.act_fn",
+        mlp_out="mlp.down_proj",
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        qkv_layout="separate",
+        attn_post_norm="post_attention_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        norm_offset=1.0,
+        # lsa unembeds with lm_head alone (no tanh cap) and reads causal attention patterns.
+        requires=(
+            ("final_logit_softcapping", None),
+            ("attn_logit_softcapping", None),
+            ("use_bidirectional_attention", False),
+        ),
+    ),
 }
+
+# Virtual parts: the module whose output a sublayer adds to the residual stream
+# (its sandwich norm where the family has one, else its output projection).
+WRITE_PARTS = {"attn_write": ("attn_post_norm", "o_proj"), "mlp_write": ("mlp_post_norm", "mlp_out")}
 
 # Hugging Face ``config.model_type`` -> layout key. CPM-Generate is model_type "gpt2".
 MODEL_TYPES: dict[str, str] = {
@@ -129,6 +182,7 @@ MODEL_TYPES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
     "gpt_neox": "gpt_neox",
+    "gemma3_text": "gemma3",
 }
 
 SUPPORTED = tuple(sorted(MODEL_TYPES))
@@ -145,6 +199,24 @@ def check_supported(model_type: str | None) -> Layout:
             f"no adapter for architecture {model_type!r}; supported model types: {', '.join(SUPPORTED)}"
         )
     return LAYOUTS[MODEL_TYPES[model_type]]
+
+
+def check_config(config) -> Layout:
+    """:func:`check_supported`, then refuse any config attribute the family's code does not implement.
+
+    >>> check_config(AutoConfig.for_model("gemma3_text", final_logit_softcapping=30.0))  # doctest: +SKIP
+    UnsupportedArchitecture: gemma3_text config has final_logit_softcapping=30.0; lsa implements only None ...
+    """
+    model_type = getattr(config, "model_type", None)
+    layout = check_supported(model_type)
+    for name, accepted in layout.requires:
+        value = getattr(config, name, accepted)
+        if value != accepted:
+            raise UnsupportedArchitecture(
+                f"{model_type} config has {name}={value!r}; lsa implements only {name}={accepted!r} for this family "
+                f"(its analyses would not match the model's forward): set it to {accepted!r} or add it to the adapter"
+            )
+    return layout
 
 
 def _get(obj: object, path: str) -> nn.Module:
@@ -186,7 +258,7 @@ class Adapter:
         """Build the adapter of a Hugging Face causal LM (raises for unknown families)."""
         config = model.config
         model_type = getattr(config, "model_type", None)
-        layout = check_supported(model_type)
+        layout = check_config(config)
         n_layers = _cfg(config, "num_hidden_layers", "n_layer")
         n_heads = _cfg(config, "num_attention_heads", "n_head")
         d_model = _cfg(config, "hidden_size", "n_embd")
@@ -220,9 +292,10 @@ class Adapter:
         """A named part: ``"o_proj"``, ``"mlp_out"``, ... of a block, or a model-level part.
 
         Model-level parts: ``embed``, ``final_norm``, ``unembed``. Block parts:
-        ``attn``, ``o_proj``, ``ln1``, ``ln2``, ``mlp``, ``mlp_act``, ``mlp_out``.
+        ``attn``, ``o_proj``, ``ln1``, ``ln2``, ``mlp``, ``mlp_act``, ``mlp_out``, and
+        the writes ``attn_write`` / ``mlp_write`` (see the module docstring).
         """
-        path = getattr(self.layout, part)
+        path = self._part_path(part)
         if part in ("embed", "final_norm", "unembed", "blocks"):
             return _get(model, path)
         if layer is None:
@@ -231,11 +304,62 @@ class Adapter:
 
     def path(self, part: str, layer: int | None = None) -> str:
         """Dotted path of a part from the model root (``transformer.h.3.attn.c_proj``)."""
-        path = getattr(self.layout, part)
+        path = self._part_path(part)
         if layer is None:
             return path
         self.check_layer(layer)
         return f"{self.layout.blocks}.{layer}.{path}"
+
+    def resolve_part(self, part: str) -> str:
+        """A write part's real part (``attn_write`` -> ``attn_post_norm`` or ``o_proj``); others unchanged."""
+        if part in WRITE_PARTS:
+            norm, proj = WRITE_PARTS[part]
+            return norm if getattr(self.layout, norm) else proj
+        return part
+
+    def _part_path(self, part: str) -> str:
+        path = getattr(self.layout, self.resolve_part(part), None)
+        if not isinstance(path, str):
+            raise ValueError(f"the {self.layout.family} adapter has no part {part!r}")
+        return path
+
+    # ----------------------------------------------------------------- writes
+    def post_norm(self, model: nn.Module, sublayer: str, layer: int) -> nn.Module | None:
+        """The sandwich norm on ``sublayer``'s output (``"attn"`` or ``"mlp"``), or ``None`` where the family has none."""
+        if sublayer not in ("attn", "mlp"):
+            raise ValueError(f"sublayer must be 'attn' or 'mlp', got {sublayer!r}")
+        path = self.layout.attn_post_norm if sublayer == "attn" else self.layout.mlp_post_norm
+        return None if path is None else _get(self.block(model, layer), path)
+
+    def norm_gain(self, norm: nn.Module) -> torch.Tensor:
+        """An RMSNorm's or LayerNorm's per-channel gain ``[d]``: ``weight + norm_offset`` (Gemma: ``1 + w``)."""
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            raise ValueError(f"norm {type(norm).__name__} has no weight: lsa cannot read its gain")
+        return weight.detach().float() + self.layout.norm_offset
+
+    def write_gain(self, model: nn.Module, sublayer: str, layer: int) -> torch.Tensor | None:
+        """The position-independent part of :meth:`write_scale`: the sandwich norm's gain ``[d_model]``, or ``None``."""
+        norm = self.post_norm(model, sublayer, layer)
+        return None if norm is None else self.norm_gain(norm)
+
+    def write_scale(self, model: nn.Module, sublayer: str, layer: int, raw: torch.Tensor) -> torch.Tensor | None:
+        """Factor ``[..., d_model]`` (float32) with ``write = raw * factor`` in this run, or ``None`` where ``write = raw``.
+
+        ``raw`` is the sublayer's projection output (``o_proj`` / ``mlp_out``) ``[..., d_model]``
+        from the run itself. With a sandwich RMSNorm the factor is ``gain / rms(raw)``, i.e.
+        ``gain * rsqrt(mean(raw**2) + eps)`` per position: the norm with its scale frozen at
+        this run's value, a linear map under which any split of ``raw`` into parts splits the
+        write into parts ``part * factor`` that sum to it.
+        """
+        norm = self.post_norm(model, sublayer, layer)
+        if norm is None:
+            return None
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        if eps is None or getattr(norm, "bias", None) is not None:
+            raise ValueError(f"sandwich norm {type(norm).__name__} is not an RMSNorm with eps: cannot freeze its scale")
+        x = raw.float()
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * self.norm_gain(norm).to(x.device)
 
     # ----------------------------------------------------------------- weights
     def o_proj_by_head(self, model: nn.Module, layer: int) -> torch.Tensor:
@@ -355,4 +479,5 @@ class Adapter:
             "d_mlp": self.d_mlp,
             "d_vocab": self.d_vocab,
             "parallel_residual": self.parallel_residual,
+            "sandwich_norms": self.layout.attn_post_norm is not None,
         }

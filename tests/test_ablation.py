@@ -48,9 +48,9 @@ def ref_ablate(model, prompts, components, values):
                 return (x, *args[1:])
 
             handles.append(model.module("mlp_out", layer).register_forward_pre_hook(pre))
-        else:
+        else:  # the MLP's write: what joins the residual (a sandwich norm's output in Gemma 3)
             handles.append(
-                model.module("mlp_out", layer).register_forward_hook(
+                model.module("mlp_write", layer).register_forward_hook(
                     lambda m, args, out, value=value: torch.zeros_like(out) + value
                 )
             )
@@ -86,7 +86,7 @@ def _ref_values(model, tokens, per_prompt_index=None):
         elif kind == "neuron":
             x = _acts(model, tokens, model.module("mlp_out", layer), "in")[..., comp[2]]
         else:
-            x = _acts(model, tokens, model.module("mlp_out", layer), "out")
+            x = _acts(model, tokens, model.module("mlp_write", layer), "out")
         values.append(x.mean(0) if per_prompt_index is None else x[per_prompt_index])
     return values
 

@@ -83,7 +83,7 @@ def test_unknown_architecture_error_names_supported_ones():
             attention_types=[[["global"], 2]],
         )
     )
-    with pytest.raises(UnsupportedArchitecture, match="gpt_neo.*supported model types: bloom, gpt2"):
+    with pytest.raises(UnsupportedArchitecture, match="gpt_neo.*supported model types: bloom, gemma3_text, gpt2"):
         wrap(hf)
 
 

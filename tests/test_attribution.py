@@ -12,14 +12,23 @@ from lsa.patching import activation_patching
 TOL = 1e-4
 
 
+def _identity(root, path):
+    *parents, name = path.split(".")
+    for part in parents:
+        root = getattr(root, part)
+    setattr(root, name, nn.Identity())
+
+
 def _without_final_norm(family):
-    """A tiny model whose logits are linear in the last block's writes (final norm -> identity)."""
+    """A tiny model whose logits are linear in the last block's sublayer outputs (final norm -> identity,
+    and the last block's sandwich norms too where the family has them, as Gemma 3 does)."""
     model = tiny_model(family)
-    parent_path, name = model.adapter.layout.final_norm.rsplit(".", 1)
-    parent = model.hf
-    for part in parent_path.split("."):
-        parent = getattr(parent, part)
-    setattr(parent, name, nn.Identity())
+    layout = model.adapter.layout
+    _identity(model.hf, layout.final_norm)
+    last = model.adapter.block(model.hf, model.adapter.n_layers - 1)
+    for path in (layout.attn_post_norm, layout.mlp_post_norm):
+        if path is not None:
+            _identity(last, path)
     return model
 
 

@@ -16,9 +16,10 @@ from lsa.tasks import DropReport, PromptSet
 
 def _hooked(model, tokens):
     """Independent capture with plain hooks: per layer block input, ln2 input, attention pattern,
-    o_proj input/output, FFN write, and the final norm's input."""
+    o_proj input/output, the attention and FFN writes (what joins the residual: o_proj / mlp_out
+    output, or the sandwich norm's after it), and the final norm's input."""
     hf, ad = model.hf, model.adapter
-    got = {k: {} for k in ("pre", "mid", "pattern", "z", "o_out", "mlp")}
+    got = {k: {} for k in ("pre", "mid", "pattern", "z", "o_out", "write", "mlp")}
     handles = []
     for layer, block in enumerate(ad.blocks(hf)):
 
@@ -42,7 +43,12 @@ def _hooked(model, tokens):
 
         handles.append(model.module("o_proj", layer).register_forward_hook(o_proj))
         handles.append(
-            model.module("mlp_out", layer).register_forward_hook(
+            model.module("attn_write", layer).register_forward_hook(
+                lambda m, a, o, layer=layer: got["write"].__setitem__(layer, o)
+            )
+        )
+        handles.append(
+            model.module("mlp_write", layer).register_forward_hook(
                 lambda m, a, o, layer=layer: got["mlp"].__setitem__(layer, o)
             )
         )
@@ -58,7 +64,10 @@ def _hooked(model, tokens):
 
 def _reference_parts(model, got, layer):
     """Per-(head, q, k) parts ``[H, b, q, k, d]`` from hooked activations only: value vectors recovered by
-    solving ``z = A v`` (A is lower-triangular with a positive diagonal), writes through the o_proj module."""
+    solving ``z = A v`` (A is lower-triangular with a positive diagonal), writes through the o_proj module.
+    With a sandwich norm after o_proj, the norm at its run's own scale is the elementwise factor
+    ``write / o_out`` (an RMSNorm scales each channel of o_out by a per-position constant), applied to
+    every part and the bias."""
     ad = model.adapter
     pattern = got["pattern"][layer].double()  # [b, H, q, k]
     b, H, pos, _ = pattern.shape
@@ -74,6 +83,9 @@ def _reference_parts(model, got, layer):
             u = o_proj.double()(zh.reshape(b, pos, -1)) - bias  # [b, k, d]: head h's write per unit attention
         o_proj.float()
         parts[h] = pattern[:, h, :, :, None] * u[:, None, :, :]
+    if model.module("attn_write", layer) is not o_proj:
+        factor = got["write"][layer].double() / got["o_out"][layer].double()  # [b, q, d]
+        return parts * factor[None, :, :, None], bias * factor
     return parts, bias
 
 
@@ -82,7 +94,7 @@ def _prox(y, z):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_attention_parts_plus_bias_sum_to_hooked_o_proj_output_on_every_family(family):
+def test_attention_parts_plus_bias_sum_to_hooked_attention_write_on_every_family(family):
     model = tiny_model(family)
     tokens = random_tokens(2, 6)
     got = _hooked(model, tokens)
@@ -90,7 +102,9 @@ def test_attention_parts_plus_bias_sum_to_hooked_o_proj_output_on_every_family(f
     for layer in range(model.adapter.n_layers):
         parts, bias = flow.decompose_attention(model, acts, layer)
         assert parts.shape == (2, model.adapter.n_heads, 6, 6, model.adapter.d_model)
-        torch.testing.assert_close(parts.sum((1, 3)) + bias, got["o_out"][layer], atol=1e-5, rtol=0)
+        torch.testing.assert_close(parts.sum((1, 3)) + bias, got["write"][layer], atol=1e-5, rtol=0)
+        if not model.adapter.parallel_residual:  # the write is what the residual gains across attention
+            torch.testing.assert_close(got["write"][layer], got["mid"][layer] - got["pre"][layer], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -231,7 +231,7 @@ def _logits_with_plain_hook(model, tokens, layer, fn):
         h.remove()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "bloom", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "qwen2", "gemma3"])
 def test_steering_sets_scales_and_adds_exactly_the_chosen_neurons(family):
     model = tiny_model(family)
     tokens = torch.tensor([[5, 6, 7, 8, 9], [30, 31, 32, 33, 34]])

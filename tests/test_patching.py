@@ -47,12 +47,12 @@ def _point(model, site, layer):
         return model.adapter.block(model.hf, layer), "in"
     if site == "resid_post":
         return model.adapter.block(model.hf, layer), "out"
-    if site == "attn_out":
-        return model.module("o_proj", layer), "out"
+    if site == "attn_out":  # the write: what joins the residual (a sandwich norm's output in Gemma 3)
+        return model.module("attn_write", layer), "out"
     if site == "head":
         return model.module("o_proj", layer), "in"
     if site == "mlp_out":
-        return model.module("mlp_out", layer), "out"
+        return model.module("mlp_write", layer), "out"
     if site == "neuron":
         return model.module("mlp_out", layer), "in"
     if site == "resid_mid":  # the mid residual is what the second norm reads
@@ -108,7 +108,7 @@ def ref_patch_metric(model, prompts, site, layer, unit, pos, direction="noising"
         return mask
 
     if site == "resid_mid":
-        # write the donor mid residual by changing the attention output projection's output
+        # write the donor mid residual by changing the attention write
         store = {}
 
         def keep_pre(x):
@@ -121,7 +121,7 @@ def ref_patch_metric(model, prompts, site, layer, unit, pos, direction="noising"
 
         hooks = [
             (a.block(model.hf, layer), "in", keep_pre),
-            (model.module("o_proj", layer), "out", write),
+            (model.module("attn_write", layer), "out", write),
         ]
     else:
         module, kind = _point(model, site, layer)
