@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import re
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -612,3 +613,81 @@ def test_full_chinese_names_never_reach_a_zoo_tokenizer(model):
     assert p.report.vocabulary["names"] == (len(world), len(world) + len(full))
     assert set(p.meta.io) | set(p.meta.s) | set(p.meta.corrupt_io) <= set(world)
     assert set(p.meta.io_tokens) == set(p.meta.s_tokens) == {1}
+
+
+# ---------------------------------------------------------------------------
+# real tokenizers: Gemma 3 and SmolLM2, from the real-model cache
+# ---------------------------------------------------------------------------
+
+REAL_CACHE = Path.home() / ".cache" / "lsa" / "models"
+
+
+@cache
+def real_tokenizer(name: str):
+    """A real model's tokenizer from lsa's real-model cache (filled by `make test`); skips where it is not filled."""
+    from transformers import AutoTokenizer
+
+    folder = REAL_CACHE / name
+    if not (folder / "tokenizer.json").exists():
+        pytest.skip(f"{name} is not in the real-model cache {REAL_CACHE}: fill it with the README's command")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def check_ioi_spans(tok, p, space):
+    """Every named position is its name's last token; answer / distractor are the names' first tokens after the text."""
+    bos = int(p.report.bos is not None)
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        for k, name, w in (("IO", m.io, m.io_tokens), ("S1", m.s, m.s_tokens), ("S2", m.s, m.s_tokens)):
+            last = int(p.positions[k][i])
+            assert dec(tok, p.clean[i, last - w + 1 : last + 1]).strip() == name
+            assert (
+                enc(tok, m.clean_text)[last - bos - w + 1 : last - bos + 1]
+                == p.clean[i, last - w + 1 : last + 1].tolist()
+            )
+        assert int(p.answer[i]) == continuation(tok, m.clean_text, space + m.io)
+        assert int(p.distractor[i]) == continuation(tok, m.clean_text, space + m.s)
+        assert p.answer[i] != p.distractor[i]
+        assert len(enc(tok, m.clean_text)) == len(enc(tok, m.corrupt_text)) == int(p.lengths[i]) - bos
+
+
+def test_gemma_tokenizer_gets_100_ioi_prompts_per_language_with_its_bos_and_two_token_chinese_names():
+    tok = real_tokenizer("gemma-3-270m")
+    assert tasks.adds_bos(tok) and [dec(tok, [i]) for i in enc(tok, "张伟")] == ["张", "伟"]
+    for language, space in (("en", " "), ("zh", "")):
+        p = tasks.build("ioi", language, tok, n=100, seed=0)
+        assert len(p) == 100 and (p.clean[:, 0] == tok.bos_token_id).all() and p.report.bos == tok.bos_token_id
+        check_ioi_spans(tok, p, space)
+        if language == "zh":
+            assert set(p.meta.io_tokens) >= {2, 3} and len(set(p.meta.io) | set(p.meta.s)) >= 100
+            # the surname, but for the few names that are one word to Gemma (万里, 高峰)
+            first = [dec(tok, [a]) for a in p.answer.tolist()]
+            assert all(io.startswith(f) for f, io in zip(first, p.meta.io))
+            assert sum(f == io[0] for f, io in zip(first, p.meta.io)) >= 90
+
+
+def test_gemma_tokenizer_past_tense_zh_counterfactual_changes_the_verb_at_the_same_place():
+    tok = real_tokenizer("gemma-3-270m")
+    p = tasks.build("past_tense", "zh", tok, n=60, seed=0)
+    assert len(p) == 60 and set(p.meta.counterfactual) == {"verb"}
+    for i in range(len(p)):
+        m = p.meta.iloc[i]
+        at = int(p.positions["verb"][i])
+        assert m.verb.endswith(dec(tok, [p.clean[i, at]])) and m.corrupt_verb.endswith(dec(tok, [p.corrupt[i, at]]))
+        assert dec(tok, p.clean[i, : at + 1]).endswith(m.verb) and dec(tok, p.corrupt[i, : at + 1]).endswith(
+            m.corrupt_verb
+        )
+        assert int(p.answer[i]) == continuation(tok, m.clean_text, m.verb) != int(p.distractor[i])
+        assert int(p.distractor[i]) == continuation(tok, m.clean_text, m.corrupt_verb)
+
+
+def test_smollm2_tokenizer_builds_english_ioi_without_bos_and_refuses_chinese_in_byte_pieces():
+    tok = real_tokenizer("smollm2-135m")
+    assert not tasks.adds_bos(tok)
+    p = tasks.build("ioi", "en", tok, n=100, seed=0)
+    assert len(p) == 100 and p.report.bos is None
+    check_ioi_spans(tok, p, " ")
+    with pytest.raises(
+        ValueError, match=r"ioi/zh: only 1 of \d+ names are usable.*splits a character into byte pieces"
+    ):
+        tasks.build("ioi", "zh", tok, n=100)
