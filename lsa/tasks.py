@@ -149,8 +149,19 @@ class PromptSet:
         )
 
     def by_length(self) -> list[PromptSet]:
-        """Equal-length groups (for layer x position maps), longest group first."""
+        """Equal-length groups, largest group first (named positions may differ within one: see :meth:`aligned`)."""
         groups = [self.subset(self.lengths == n) for n in self.lengths.unique().tolist()]
+        return sorted(groups, key=len, reverse=True)
+
+    def aligned(self) -> list[PromptSet]:
+        """Groups in which the length and every named position coincide (for layer x position maps), largest first.
+
+        With one-token words this is one group per template (and length); on real
+        tokenizers a name or verb of another token length moves the positions after it,
+        so a template splits into several groups.
+        """
+        keys = torch.stack([self.lengths, *self.positions.values()], dim=1)
+        groups = [self.subset((keys == k).all(1)) for k in keys.unique(dim=0)]
         return sorted(groups, key=len, reverse=True)
 
     def to(self, device) -> PromptSet:

@@ -691,3 +691,22 @@ def test_smollm2_tokenizer_builds_english_ioi_without_bos_and_refuses_chinese_in
         ValueError, match=r"ioi/zh: only 1 of \d+ names are usable.*splits a character into byte pieces"
     ):
         tasks.build("ioi", "zh", tok, n=100)
+
+
+def test_aligned_groups_share_length_and_every_named_position():
+    tok = gpt2()
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["names"] = MULTI + ["Mary", "John", "Tom", "Sam", "Anna", "Kate"]
+    p = tasks.build_ioi("en", tok, n=80, data=data, seed=3)
+    groups = p.aligned()
+    assert sum(len(g) for g in groups) == len(p) and len(groups[0]) == max(len(g) for g in groups)
+    seen = set()
+    for g in groups:
+        for k in ("IO", "S1", "S2", "end"):
+            assert len(set(g.positions[k].tolist())) == 1
+        key = (int(g.lengths[0]), *(int(g.positions[k][0]) for k in ("IO", "S1", "S2")))
+        assert key not in seen  # one group per distinct layout
+        seen.add(key)
+        assert set(g.meta.clean_text) <= set(p.meta.clean_text)
+    # equal lengths alone would mix layouts: some length group holds names at different places
+    assert any(len(set(g.positions["IO"].tolist())) > 1 for g in p.by_length())
