@@ -24,11 +24,11 @@ With a word-level tokenizer (the toy zoo) every span is one token. What fails is
 dropped and counted in ``prompts.report`` with its reason, never silently; a set
 that rests on few distinct names or verbs also warns. The tokenizer's BOS is
 prepended when the tokenizer itself adds it (``prepend_bos=None``; Gemma 3 does
-IOI with it and fails without). Building 200 prompts takes well under a second.
+IOI with it and fails without). Building 200 prompts takes 1-2 s on a busy 2-core machine.
 
->>> prompts = build("ioi", "zh", tokenizer, n=200, split="heldout_pairs")   # doctest: +SKIP
->>> print(prompts.report)                                                     # doctest: +SKIP
-kept 200 of 200; names: 120 of 220 usable; 100 dropped: names: unknown to the tokenizer
+>>> prompts = build("ioi", "zh", gemma_tokenizer, n=200, split="heldout_pairs")   # doctest: +SKIP
+>>> print(prompts.report)                                                           # doctest: +SKIP
+kept 200 of 242, BOS 2 first; names: 239 of 239 usable; 39 dropped: clean/counterfactual lengths differ; ...
 >>> describe(prompts, tokenizer)                                              # doctest: +SKIP
 """
 
@@ -923,6 +923,8 @@ def build(
 
 def describe(prompts: PromptSet, tokenizer=None, k: int = 5) -> pd.DataFrame:
     """The first ``k`` prompts as a table: template, texts, answer / distractor, the token at each position.
+
+    A named position is its word's last token (Gemma 3: "旭" for 石旭); the answer is the word's first ("石").
 
     Token strings come from ``tokenizer`` when given (else only the texts in ``prompts.meta``).
     """
