@@ -193,13 +193,21 @@ def _check_choice(kind: str, value, valid) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
 
 
-def load_data(task: str, language: str, data_dir: str | Path | None = None) -> dict:
-    """The task's JSON file for a language, with the language's names under ``"names"``.
+def _read_names(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(n for n in lines if n and not n.startswith("#")))
 
-    Names come from ``names_{language}.txt`` (the toy zoo's world reads that file too)
-    followed by ``names_{language}_full.txt`` where it exists (Chinese full names,
-    surname + given name, which no zoo model has seen: its tokenizer marks them unknown,
-    so they only reach tokenizers that can spell them).
+
+def load_data(task: str, language: str, data_dir: str | Path | None = None) -> dict:
+    """The task's JSON file for a language, with its names under ``"names"`` and ``"full_names"``.
+
+    ``names`` is ``names_{language}.txt``, the toy zoo's world (its corpus and tokenizer
+    read that file too); ``full_names`` is ``names_{language}_full.txt`` where it exists
+    (Chinese full names, surname + given name, which no zoo model has seen: its
+    tokenizer marks them unknown, so they only reach tokenizers that can spell them).
+    The builders draw from both.
 
     >>> load_data("ioi", "en")["templates"][0]["id"]
     'ioi-en-01'
@@ -209,12 +217,14 @@ def load_data(task: str, language: str, data_dir: str | Path | None = None) -> d
     root = Path(data_dir) if data_dir is not None else DATA_DIR
     with open(root / f"{task}_{language}.json", encoding="utf-8") as f:
         data = json.load(f)
-    names = []
-    for path in (root / f"names_{language}.txt", root / f"names_{language}_full.txt"):
-        if path.exists():
-            names += [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    data["names"] = list(dict.fromkeys(n for n in names if n and not n.startswith("#")))
+    data["names"] = _read_names(root / f"names_{language}.txt")
+    data["full_names"] = _read_names(root / f"names_{language}_full.txt")
     return data
+
+
+def all_names(data: dict) -> list[str]:
+    """Every name a builder may draw from ``data``: ``names`` then ``full_names``, without repeats."""
+    return list(dict.fromkeys([*data["names"], *data.get("full_names", [])]))
 
 
 # ---------------------------------------------------------------------------
@@ -601,12 +611,12 @@ def build_ioi(
     templates = _templates(data, split, "ioi")
     for t in templates:
         _check_template(t, "ioi", language)
-    all_names = list(dict.fromkeys(data["names"]))
-    width = _word_widths(all_names, tokens, language, "names", report)
+    names_in_data = all_names(data)
+    width = _word_widths(names_in_data, tokens, language, "names", report)
     names = list(width)
     if len(names) < 5:
         raise ValueError(
-            f"ioi/{language}: only {len(names)} of {len(all_names)} names are usable for this tokenizer (each must "
+            f"ioi/{language}: only {len(names)} of {len(names_in_data)} names are usable for this tokenizer (each must "
             f"be one token or a span of up to {MAX_WORD_TOKENS} known, whole tokens; IOI needs 5: IO, S and three "
             f"counterfactual names); {report}"
         )
@@ -683,7 +693,7 @@ def build_ioi(
 
     rows, dropped = _sample(random.Random(seed), n, report, make)
     used = {r["meta"][k] for r in rows for k in ("io", "s")}
-    _warn_few(report, "ioi", language, "names", used, len(rows), len(all_names))
+    _warn_few(report, "ioi", language, "names", used, len(rows), len(names_in_data))
     return _finish("ioi", language, rows, dropped, report, tokenizer, bos)
 
 
@@ -756,8 +766,8 @@ def build_past_tense(
     templates = _templates(data, split, "past_tense")
     for t in templates:
         _check_template(t, "past_tense", language)
-    all_names = list(dict.fromkeys(data["names"]))
-    names = list(_word_widths(all_names, tokens, language, "names", report))
+    names_in_data = all_names(data)
+    names = list(_word_widths(names_in_data, tokens, language, "names", report))
     verb_forms = ("present", "past") if language == "en" else ("verb",)
     verbs, shape = [], {}  # shape: (tokens of the verb, tokens of verb + complement), for the verb counterfactual
     for v in data["verbs"]:
@@ -883,7 +893,13 @@ def build_past_tense(
     for label, key in (("names", "name"), ("verbs", "verb")):
         used = {r["meta"][key] for r in rows}
         _warn_few(
-            report, "past_tense", language, label, used, len(rows), len(all_names if key == "name" else data["verbs"])
+            report,
+            "past_tense",
+            language,
+            label,
+            used,
+            len(rows),
+            len(names_in_data if key == "name" else data["verbs"]),
         )
     return _finish("past_tense", language, rows, dropped, report, tokenizer, bos)
 

@@ -39,7 +39,7 @@ def chinese_tokenizer(bos: bool = False, missing: tuple[str, ...] = ()):
 
     Words in ``missing`` are still cut as one piece but left out of the vocabulary (they become <unk>).
     """
-    words = set(tasks.load_data("ioi", "zh")["names"])
+    words = set(tasks.all_names(tasks.load_data("ioi", "zh")))
     words |= {v["verb"] for v in tasks.load_data("past_tense", "zh")["verbs"]}
     words = sorted(words, key=len, reverse=True)
     chars = sorted({c for t in tasks.TASKS for c in str(tasks.load_data(t, "zh"))} | set("了长"))
@@ -360,7 +360,7 @@ def test_past_adverb_without_an_equal_length_partner_is_reported():
 
 def test_ioi_zh_names_are_single_tokens_and_positions_decode():
     tok = chinese_tokenizer()
-    names = tasks.load_data("ioi", "zh")["names"]
+    names = tasks.all_names(tasks.load_data("ioi", "zh"))
     p = tasks.build("ioi", "zh", tok, n=40, seed=0)
     assert len(p) == 40 and p.report.vocabulary["names"] == (len(names), len(names))
     for i in range(len(p)):
@@ -514,7 +514,7 @@ def test_words_unknown_to_a_word_level_tokenizer_are_dropped_not_kept_as_unk():
     tok = chinese_tokenizer(missing=("小明", "去"))
     assert enc(tok, "小明") == [tok.unk_token_id]  # one token, but the unknown one
     p = tasks.build("ioi", "zh", tok, n=60)
-    n_names = len(tasks.load_data("ioi", "zh")["names"])
+    n_names = len(tasks.all_names(tasks.load_data("ioi", "zh")))
     assert p.report.vocabulary["names"] == (n_names - 1, n_names)
     assert p.report.examples["names: unknown to the tokenizer"] == ["'小明' -> ['<unk>']"]
     assert p.report.counts["prompt has tokens unknown to the tokenizer"] > 0  # templates with 去 in them
@@ -605,9 +605,10 @@ def test_full_chinese_names_never_reach_a_zoo_tokenizer(model):
     from lsa.model import resolve_name
 
     tok = AutoTokenizer.from_pretrained(resolve_name(model))
-    world = [x.strip() for x in (tasks.DATA_DIR / "names_zh.txt").read_text(encoding="utf-8").splitlines()]
-    full = [x for x in tasks.load_data("ioi", "zh")["names"] if x not in world]
-    assert len(full) >= 100
+    data = tasks.load_data("ioi", "zh")
+    world, full = data["names"], data["full_names"]
+    assert world == [x.strip() for x in (tasks.DATA_DIR / "names_zh.txt").read_text(encoding="utf-8").splitlines()]
+    assert len(full) >= 100 and not set(full) & set(world)
     assert all(tok.unk_token_id in enc(tok, x) for x in full)  # each has a character the zoo never saw
     p = tasks.build("ioi", "zh", tok, n=200, seed=0)
     assert p.report.vocabulary["names"] == (len(world), len(world) + len(full))
