@@ -44,14 +44,38 @@ def answer_prob(logits: torch.Tensor, prompts: PromptSet) -> torch.Tensor:
     return last[torch.arange(last.shape[0], device=last.device), prompts.answer.to(last.device)]
 
 
-def normalized(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+MIN_SPAN = 0.05  # clean - counterfactual must exceed this share of the larger |metric| to normalise by it
+
+
+def normalized(
+    patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor, *, min_span: float = MIN_SPAN
+) -> torch.Tensor:
     """(patched - clean) / (clean - corrupt): 0 = clean behaviour, -1 = counterfactual behaviour.
 
     Works elementwise or on means; pass means for the usual IOI-style summary.
+    Refuses (ValueError) unless the counterfactual clearly lowers the metric:
+    ``clean - corrupt`` must exceed ``min_span * max(|clean|, |corrupt|)``. A gap near
+    zero or of the wrong sign would make every normalised effect noise or flip its
+    meaning (the adverb counterfactual of Chinese past-tense copying: Gemma 3, clean
+    6.02, counterfactual 6.24).
+
     >>> normalized(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(1.0))
     tensor(-1.)
     """
+    clean, corrupt = torch.as_tensor(clean), torch.as_tensor(corrupt)
     denom = clean - corrupt
-    if torch.any(denom == 0):
-        raise ValueError("clean and counterfactual metrics are equal: the normalised metric is undefined")
+    floor = min_span * torch.maximum(clean.abs(), corrupt.abs())
+    bad = ~(denom > floor)  # NaN counts as bad
+    if torch.any(bad):
+        c, k, d, f = (float(x[bad].flatten()[0]) if x.ndim else float(x) for x in (clean, corrupt, denom, floor))
+        which = "of the wrong sign" if d < 0 else "near zero"
+        where = f" ({int(bad.sum())} of {bad.numel()} entries; the first:)" if bad.ndim else ""
+        raise ValueError(
+            f"refusing to normalise{where}: clean metric {c:.4g}, counterfactual {k:.4g}, so clean - counterfactual "
+            f"= {d:.4g} is {which} (it must exceed {min_span:g} x the larger |metric| = {f:.4g}). The "
+            f"counterfactual does not flip the metric, so 0 = clean / -1 = counterfactual would mean nothing. Choose "
+            f"a counterfactual or variant that flips it (past tense in Chinese: counterfactual='verb', the default "
+            f"for copying), check that the model does the task (lsa.behaviour.score), or read the unnormalised "
+            f"effect instead"
+        )
     return (patched - clean) / denom

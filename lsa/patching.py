@@ -44,6 +44,7 @@ do the work; results equal a hook-by-hook reference (see ``tests/test_patching.p
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -551,8 +552,16 @@ class PatchResult:
 
     @property
     def normalized(self) -> torch.Tensor:
-        """``(patched - clean) / (clean - corrupt)`` on means: ``[n_components]``."""
-        return lsa_metrics.normalized(self.patched.mean(1), self.clean.mean(), self.corrupt.mean())
+        """``(patched - clean) / (clean - corrupt)`` on means: ``[n_components]``.
+
+        All NaN, with a warning that says what to do, when :func:`lsa.metrics.normalized` refuses (the
+        counterfactual does not clearly lower the metric); ``effect`` and ``metric`` stay defined.
+        """
+        try:
+            return lsa_metrics.normalized(self.patched.mean(1), self.clean.mean(), self.corrupt.mean())
+        except ValueError as refusal:
+            warnings.warn(f"{self.method} ({self.direction}): {refusal}", stacklevel=2)
+            return torch.full((self.patched.shape[0],), float("nan"))
 
     def to_frame(self, per_prompt: bool = False) -> pd.DataFrame:
         """Tidy table: one row per component (means), or per component x prompt."""

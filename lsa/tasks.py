@@ -7,16 +7,28 @@ positions (IOI: ``IO``, ``S1``, ``S2``, ``end``; tense: ``verb``, ``adverb``, ``
 Metrics read logits at ``end`` (the last real token of each prompt).
 
 :func:`build` makes one from the editable files in ``data/tasks/`` for a given
-tokenizer: every name / verb form / answer is checked to be exactly one token *in
-context* (the tokens of the text before a slot must be a prefix of the tokens with
-the slot, which must be a prefix of the whole prompt's tokens), so it works for
-byte-level BPE with leading spaces and for Chinese without spaces. What fails is
-dropped and counted in ``prompts.report`` with its reason, never silently.
-Building 200 prompts takes well under a second.
+tokenizer. A word (name, verb form) is a *span* of up to :data:`MAX_WORD_TOKENS`
+tokens, checked *in context* (the tokens of the text before a slot must be a
+prefix of the tokens with the slot, which must be a prefix of the whole prompt's
+tokens), so it works for byte-level BPE with leading spaces, for Chinese without
+spaces, and for real tokenizers that cut a Chinese name into surname + given name
+(Gemma 3: 张伟 -> 张 伟):
 
->>> prompts = build("ioi", "zh", tokenizer, n=200, split="heldout_pairs")   # doctest: +SKIP
->>> print(prompts.report)                                                     # doctest: +SKIP
-kept 200 of 200; names: 120 of 120 usable
+- a named position points at its span's **last** token;
+- the answer and distractor are the **first** tokens of the words that continue
+  the prompt, and the builder requires them to differ;
+- the counterfactual puts words of the same token length in the same places, so a
+  clean / counterfactual pair has the same length and the same named positions.
+
+With a word-level tokenizer (the toy zoo) every span is one token. What fails is
+dropped and counted in ``prompts.report`` with its reason, never silently; a set
+that rests on few distinct names or verbs also warns. The tokenizer's BOS is
+prepended when the tokenizer itself adds it (``prepend_bos=None``; Gemma 3 does
+IOI with it and fails without). Building 200 prompts takes 1-2 s on a busy 2-core machine.
+
+>>> prompts = build("ioi", "zh", gemma_tokenizer, n=200, split="heldout_pairs")   # doctest: +SKIP
+>>> print(prompts.report)                                                           # doctest: +SKIP
+kept 200 of 242, BOS 2 first; names: 239 of 239 usable; 39 dropped: clean/counterfactual lengths differ; ...
 >>> describe(prompts, tokenizer)                                              # doctest: +SKIP
 """
 
@@ -25,6 +37,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +53,9 @@ class DropReport:
 
     ``total`` / ``kept`` count candidate prompts; ``requested`` is the ``n`` asked for;
     ``vocabulary[item] = (kept, total)`` says how many names / verbs / adverbs passed the
-    per-item token filter (their drops are in ``counts`` too, with reasons "names: ...").
+    per-item token filter (their drops are in ``counts`` too, with reasons "names: ...");
+    ``warnings`` lists what the kept set is thin on (few distinct names or verbs);
+    ``bos`` is the BOS id put before every prompt (None when none was).
     """
 
     total: int = 0
@@ -49,6 +64,8 @@ class DropReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     vocabulary: dict[str, tuple[int, int]] = field(default_factory=dict)
     requested: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    bos: int | None = None
 
     def drop(self, reason: str, example: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -66,8 +83,11 @@ class DropReport:
         parts = [f"kept {self.kept} of {self.total}"]
         if self.requested is not None and self.kept < self.requested:
             parts[0] += f" ({self.requested} requested)"
+        if self.bos is not None:
+            parts[0] += f", BOS {self.bos} first"
         parts += [f"{item}: {k} of {n} usable" for item, (k, n) in self.vocabulary.items()]
         parts += [f"{n} dropped: {r}" for r, n in self.counts.items()]
+        parts += [f"warning: {w}" for w in self.warnings]
         return "; ".join(parts)
 
 
@@ -129,8 +149,19 @@ class PromptSet:
         )
 
     def by_length(self) -> list[PromptSet]:
-        """Equal-length groups (for layer x position maps), longest group first."""
+        """Equal-length groups, largest group first (named positions may differ within one: see :meth:`aligned`)."""
         groups = [self.subset(self.lengths == n) for n in self.lengths.unique().tolist()]
+        return sorted(groups, key=len, reverse=True)
+
+    def aligned(self) -> list[PromptSet]:
+        """Groups in which the length and every named position coincide (for layer x position maps), largest first.
+
+        With one-token words this is one group per template (and length); on real
+        tokenizers a name or verb of another token length moves the positions after it,
+        so a template splits into several groups.
+        """
+        keys = torch.stack([self.lengths, *self.positions.values()], dim=1)
+        groups = [self.subset((keys == k).all(1)) for k in keys.unique(dim=0)]
         return sorted(groups, key=len, reverse=True)
 
     def to(self, device) -> PromptSet:
@@ -148,6 +179,9 @@ LANGUAGES = ("en", "zh")
 SPLITS = ("all", "train", "heldout_templates", "heldout_pairs")
 VARIANTS = {"ioi": ("abc", "context"), "past_tense": ("copy", "marking")}
 DEFAULT_N = 200
+MAX_WORD_TOKENS = 3  # a name or verb form may be at most this many tokens (Gemma 3: Chinese names are 2)
+FEW = {"names": 10, "verbs": 5}  # a kept set with fewer distinct ones than this (or than its prompts) warns
+COUNTERFACTUALS = ("adverb", "verb")
 
 _SPACE = {"en": " ", "zh": ""}  # what joins a word to the text before it
 _LEFT = {"en": "Then", "zh": "然后"}  # neutral left context for the per-item vocabulary filter
@@ -159,8 +193,21 @@ def _check_choice(kind: str, value, valid) -> None:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
 
 
+def _read_names(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return list(dict.fromkeys(n for n in lines if n and not n.startswith("#")))
+
+
 def load_data(task: str, language: str, data_dir: str | Path | None = None) -> dict:
-    """The task's JSON file for a language, with the language's names under ``"names"``.
+    """The task's JSON file for a language, with its names under ``"names"`` and ``"full_names"``.
+
+    ``names`` is ``names_{language}.txt``, the toy zoo's world (its corpus and tokenizer
+    read that file too); ``full_names`` is ``names_{language}_full.txt`` where it exists
+    (Chinese full names, surname + given name, which no zoo model has seen: its
+    tokenizer marks them unknown, so they only reach tokenizers that can spell them).
+    The builders draw from both.
 
     >>> load_data("ioi", "en")["templates"][0]["id"]
     'ioi-en-01'
@@ -170,9 +217,14 @@ def load_data(task: str, language: str, data_dir: str | Path | None = None) -> d
     root = Path(data_dir) if data_dir is not None else DATA_DIR
     with open(root / f"{task}_{language}.json", encoding="utf-8") as f:
         data = json.load(f)
-    with open(root / f"names_{language}.txt", encoding="utf-8") as f:
-        data["names"] = [line.strip() for line in f if line.strip()]
+    data["names"] = _read_names(root / f"names_{language}.txt")
+    data["full_names"] = _read_names(root / f"names_{language}_full.txt")
     return data
+
+
+def all_names(data: dict) -> list[str]:
+    """Every name a builder may draw from ``data``: ``names`` then ``full_names``, without repeats."""
+    return list(dict.fromkeys([*data["names"], *data.get("full_names", [])]))
 
 
 # ---------------------------------------------------------------------------
@@ -187,12 +239,23 @@ class _Tokens:
         self.tokenizer = tokenizer
         self.unk = getattr(tokenizer, "unk_token_id", None)
         self._cache: dict[str, list[int]] = {}
+        self._pieces: dict[int, str] = {}
 
     def unknown(self, *ids) -> bool:
         """Whether any of ``ids`` (ints or lists of ints) is the tokenizer's unknown token."""
         if self.unk is None:
             return False
         return any(self.unk in i if isinstance(i, list) else i == self.unk for i in ids)
+
+    def decode(self, token: int) -> str:
+        text = self._pieces.get(token)
+        if text is None:
+            text = self._pieces[token] = self.tokenizer.decode([token])
+        return text
+
+    def broken(self, ids: list[int]) -> bool:
+        """Whether a token of ``ids`` alone is part of a character (byte-level pieces of Chinese decode to U+FFFD)."""
+        return any("\ufffd" in self.decode(i) for i in ids)
 
     def __call__(self, text: str) -> list[int]:
         ids = self._cache.get(text)
@@ -213,20 +276,12 @@ class _Tokens:
             return None
         return len(pre), len(upto)
 
-    def next_token(self, text: str, word: str) -> tuple[int | None, int]:
-        """The one token that ``word`` adds after ``text`` and how many it adds (None unless exactly one, cleanly)."""
-        ids, full = self(text), self(text + word)
-        n = len(full) - len(ids)
-        if full[: len(ids)] != ids or n != 1:
-            return None, n
-        return full[-1], 1
-
-    def first_token(self, text: str, word: str) -> int | None:
-        """The first token ``word`` adds after ``text`` (None when the cut is not clean)."""
+    def after(self, text: str, word: str) -> list[int] | None:
+        """The tokens ``word`` adds after ``text`` (None when it merges with ``text``'s last token or adds none)."""
         ids, full = self(text), self(text + word)
         if full[: len(ids)] != ids or len(full) == len(ids):
             return None
-        return full[len(ids)]
+        return full[len(ids) :]
 
 
 def _fill(template: str, values: dict[str, str | list[str]], space: str) -> tuple[str, list[tuple[str, int, int]]]:
@@ -261,20 +316,72 @@ def _lower_first(s: str) -> str:
     return s[:1].lower() + s[1:]
 
 
-def _single_tokens(items: list[str], tokens: _Tokens, language: str, label: str, report: DropReport) -> list[str]:
-    """Items that are one token after a neutral left context; the others dropped and counted in ``report``."""
-    render = lambda x: _SPACE[language] + x
-    kept = []
-    for item in items:
-        tok, n = tokens.next_token(_LEFT[language], render(item))
-        if tok is None:
-            report.drop(f"{label}: not one token", f"{render(item)!r} is {n} tokens")
-        elif tokens.unknown(tok):
-            report.drop(f"{label}: unknown to the tokenizer", repr(render(item)))
+def _word_problem(tokens: _Tokens, ids: list[int] | None, max_tokens: int | None = MAX_WORD_TOKENS) -> str | None:
+    """Why a word's tokens ``ids`` cannot be a span (None when they can; ``max_tokens=None``: any length)."""
+    if ids is None:
+        return "merges with the text before it"
+    if tokens.unknown(ids):
+        return "unknown to the tokenizer"
+    if tokens.broken(ids):
+        return "splits a character into byte pieces"
+    if max_tokens is not None and len(ids) > max_tokens:
+        return f"more than {max_tokens} tokens"
+    return None
+
+
+def _word_widths(words: list[str], tokens: _Tokens, language: str, label: str, report: DropReport) -> dict[str, int]:
+    """``{word: its number of tokens}`` after a neutral left context, for the words that can be spans.
+
+    A word is dropped (and counted in ``report`` as "{label}: <reason>") when it merges
+    with the text before it, has a token unknown to the tokenizer, is cut into byte
+    pieces of a character, or is longer than :data:`MAX_WORD_TOKENS` tokens.
+    """
+    kept = {}
+    for word in words:
+        text = _SPACE[language] + word
+        ids = tokens.after(_LEFT[language], text)
+        problem = _word_problem(tokens, ids)
+        if problem is None:
+            kept[word] = len(ids)
         else:
-            kept.append(item)
-    report.vocabulary[label] = (len(kept), len(items))
+            pieces = [tokens.decode(i) for i in ids or []]
+            report.drop(f"{label}: {problem}", f"{text!r} -> {pieces}")
+    report.vocabulary[label] = (len(kept), len(words))
     return kept
+
+
+def _continuations(tokens: _Tokens, prompt: str, answer: str, distractor: str) -> tuple[int, int]:
+    """First tokens of ``answer`` and of ``distractor`` after ``prompt`` (the metric's ids); raises _Drop.
+
+    Each word must continue the prompt cleanly with known, whole tokens, and the two first tokens must differ.
+    """
+    first = []
+    for role, word in (("answer", answer), ("distractor", distractor)):
+        ids = tokens.after(prompt, word)
+        problem = _word_problem(tokens, ids, max_tokens=None)  # only its first token is read
+        if problem is not None:
+            raise _Drop(f"{role} after the prompt: {problem}", f"{word!r} after {prompt!r}")
+        first.append(ids[0])
+    if first[0] == first[1]:
+        raise _Drop(
+            "answer and distractor share their first token",
+            f"{answer!r} / {distractor!r} both start with {tokens.decode(first[0])!r}",
+        )
+    return first[0], first[1]
+
+
+def _warn_few(report: DropReport, task: str, language: str, label: str, used: set, n_prompts: int, n_data: int):
+    """Warn (and note in the report) when the kept prompts use fewer distinct ``label`` than :data:`FEW` asks."""
+    want = min(FEW[label], n_prompts)
+    if len(used) < want:
+        shown = ", ".join(sorted(map(str, used))[:5])
+        msg = (
+            f"{task}/{language}: {n_prompts} prompts rest on {len(used)} distinct {label} ({shown}); the data has "
+            f"{n_data} (the report says why others were not used). Effects may be about these {label}, not the "
+            f"task: add {label} this tokenizer can spell, or use another tokenizer"
+        )
+        report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=4)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -321,13 +428,28 @@ def _templates(data: dict, split: str, task: str) -> list[dict]:
     return chosen
 
 
-def _bos(tokenizer, prepend_bos: bool) -> int | None:
-    """The BOS id to put before every prompt (None unless asked for)."""
+def adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` itself puts its BOS first (``add_special_tokens=True``): Gemma's does, GPT-2's not.
+
+    >>> adds_bos(gpt2_tokenizer)   # doctest: +SKIP
+    False
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = list(tokenizer.encode("a", add_special_tokens=True))
+    return bool(ids) and ids[0] == bos
+
+
+def _bos(tokenizer, prepend_bos: bool | None) -> int | None:
+    """The BOS id to put before every prompt: None unless asked for, or (``None``) unless the tokenizer adds one."""
+    if prepend_bos is None:
+        prepend_bos = adds_bos(tokenizer)
     if not prepend_bos:
         return None
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        raise ValueError("prepend_bos=True but the tokenizer has no bos_token_id")
+        raise ValueError("prepend_bos=True but the tokenizer has no bos_token_id; pass prepend_bos=False")
     return int(bos)
 
 
@@ -381,7 +503,7 @@ def _finish(task, language, rows, dropped: dict[str, int], report: DropReport, t
         )
     shift = 0
     if bos is not None:
-        shift = 1
+        shift, report.bos = 1, bos
         for r in rows:
             r["clean"], r["corrupt"] = [bos] + r["clean"], [bos] + r["corrupt"]
     pad_id = _pad_id(tokenizer)
@@ -431,6 +553,26 @@ def _sample(rng: random.Random, n: int, report: DropReport, make) -> tuple[list[
 # ---------------------------------------------------------------------------
 
 
+def _draw(rng: random.Random, names: list[str], width: dict[str, int], widths: list[int], exclude) -> list[str]:
+    """Distinct names, none in ``exclude``, the k-th of ``widths[k]`` tokens; raises _Drop when none is left.
+
+    When every width is the same (always so for a word-level tokenizer) this is one
+    ``rng.sample`` of the names of that width.
+    """
+    if len(set(widths)) == 1:
+        pool = [x for x in names if x not in exclude and width[x] == widths[0]]
+        if len(pool) < len(widths):
+            raise _Drop("too few counterfactual names of the same token length", f"{len(pool)} of {widths[0]} tokens")
+        return rng.sample(pool, len(widths))
+    out: list[str] = []
+    for w in widths:
+        pool = [x for x in names if x not in exclude and x not in out and width[x] == w]
+        if not pool:
+            raise _Drop("too few counterfactual names of the same token length", f"none of {w} tokens left")
+        out.append(rng.choice(pool))
+    return out
+
+
 def build_ioi(
     language: str,
     tokenizer,
@@ -440,19 +582,22 @@ def build_ioi(
     split: str = "all",
     variant: str | None = None,
     data: dict | None = None,
-    prepend_bos: bool = False,
+    prepend_bos: bool | None = None,
 ) -> PromptSet:
     """Indirect-object identification prompts with ABC counterfactuals.
 
-    Clean: a template filled with IO, S (twice), a place and an object; answer = IO's
-    token after the prompt, distractor = S's. Corrupt: IO, S1, S2 replaced by three
-    distinct other names. Positions ``IO``, ``S1``, ``S2``, ``end``. Names must be one
-    token in context; failures are dropped and counted in ``prompts.report``.
+    Clean: a template filled with IO, S (twice), a place and an object; answer = the
+    first token of IO after the prompt, distractor = the first token of S (they must
+    differ). Corrupt: IO, S1, S2 replaced by three distinct other names of the same
+    token lengths. Positions ``IO``, ``S1``, ``S2`` (each name's last token), ``end``.
+    A name may be up to :data:`MAX_WORD_TOKENS` tokens; failures are dropped and
+    counted in ``prompts.report``.
     ``variant="context"`` puts a sentence about a third name C first (the data's
     ``contexts``: "Anna stayed at home. When Mary and John ..."), so "the name that
     is not repeated" no longer picks IO; its counterfactual replaces all four names
     and it adds the position ``C``.
     ``data`` overrides the loaded data dict (keys as in ``load_data``).
+    ``prepend_bos``: None = when the tokenizer adds its BOS itself.
 
     >>> p = build_ioi("en", gpt2_tokenizer, n=8)   # doctest: +SKIP
     >>> p.clean.shape, p.positions["IO"]            # doctest: +SKIP
@@ -466,11 +611,14 @@ def build_ioi(
     templates = _templates(data, split, "ioi")
     for t in templates:
         _check_template(t, "ioi", language)
-    names = _single_tokens(list(dict.fromkeys(data["names"])), tokens, language, "names", report)
+    names_in_data = all_names(data)
+    width = _word_widths(names_in_data, tokens, language, "names", report)
+    names = list(width)
     if len(names) < 5:
         raise ValueError(
-            f"ioi/{language}: only {len(names)} of {len(data['names'])} names are one token for this tokenizer "
-            f"(IOI needs 5: IO, S and three counterfactual names); {report}"
+            f"ioi/{language}: only {len(names)} of {len(names_in_data)} names are usable for this tokenizer (each must "
+            f"be one token or a span of up to {MAX_WORD_TOKENS} known, whole tokens; IOI needs 5: IO, S and three "
+            f"counterfactual names); {report}"
         )
     pairs = [(a, b) for a in names for b in names if a != b and _pair_allowed(split, is_heldout(a, b))]
     if not pairs:
@@ -480,7 +628,7 @@ def build_ioi(
     if context and not data.get("contexts"):
         raise ValueError(f"ioi/{language}: variant 'context' needs a 'contexts' list in the data")
     if len(names) < 5 + 2 * context:
-        raise ValueError(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} single-token names")
+        raise ValueError(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} usable names")
     slots = ("IO", "S", "C")
 
     def make(rng: random.Random) -> dict:
@@ -488,7 +636,9 @@ def build_ioi(
         text = t["text"]
         io, s = rng.choice(pairs)
         place, obj = rng.choice(places), rng.choice(objects)
-        others = rng.sample([x for x in names if x not in (io, s)], 5 if context else 3)
+        # a for IO, b and c for S1 and S2, then (context) the clean and counterfactual C, both as long as IO
+        widths = [width[io], width[s], width[s]] + [width[io]] * (2 * context)
+        others = _draw(rng, names, width, widths, (io, s))
         a, b, c = others[:3]
         fixed = {"PLACE": place, "OBJECT": obj}
         clean_names, corrupt_names = {"IO": io, "S": [s, s]}, {"IO": a, "S": [b, c]}
@@ -506,22 +656,10 @@ def build_ioi(
             raise _Drop("clean/counterfactual lengths differ", f"{len(ids)} vs {len(cids)}: {corrupt!r}")
         pos = _locate(tokens, clean, ids, clean_spans, "clean", slots)
         cpos = _locate(tokens, corrupt, cids, corrupt_spans, "counterfactual", slots)
-        for key, (lo, hi) in pos.items():
-            if hi - lo != 1:
-                raise _Drop("name not one token in context", f"{key}: {clean!r}")
         if pos != cpos:
-            raise _Drop("clean/counterfactual slot positions differ", corrupt)
-        answer, k = tokens.next_token(clean, space + io)
-        if answer is None:
-            raise _Drop("answer (IO) not one token after the prompt", f"{space + io!r} is {k} tokens after {clean!r}")
-        distractor, k = tokens.next_token(clean, space + s)
-        if distractor is None:
-            raise _Drop("distractor (S) not one token after the prompt", f"{space + s!r} is {k} tokens")
-        if tokens.unknown(answer, distractor):
-            raise _Drop("answer or distractor unknown to the tokenizer", f"{clean!r}")
-        if answer == distractor:
-            raise _Drop("answer and distractor are the same token", f"{io!r} / {s!r}")
-        positions = {"IO": pos["IO#1"][0], "S1": pos["S#1"][0], "S2": pos["S#2"][0], "end": len(ids) - 1}
+            raise _Drop("clean/counterfactual name spans differ", f"{clean!r} / {corrupt!r}")
+        answer, distractor = _continuations(tokens, clean, space + io, space + s)
+        positions = {"IO": pos["IO#1"][1] - 1, "S1": pos["S#1"][1] - 1, "S2": pos["S#2"][1] - 1, "end": len(ids) - 1}
         meta = {
             "template": t["id"],
             "split": t.get("split", "train"),
@@ -538,9 +676,11 @@ def build_ioi(
             "corrupt_text": corrupt,
             "answer_text": space + io,
             "distractor_text": space + s,
+            "io_tokens": pos["IO#1"][1] - pos["IO#1"][0],
+            "s_tokens": pos["S#1"][1] - pos["S#1"][0],
         }
         if context:
-            positions["C"] = pos["C#1"][0]
+            positions["C"] = pos["C#1"][1] - 1
             meta.update(c=others[3], corrupt_c=others[4])
         return {
             "clean": ids,
@@ -552,6 +692,8 @@ def build_ioi(
         }
 
     rows, dropped = _sample(random.Random(seed), n, report, make)
+    used = {r["meta"][k] for r in rows for k in ("io", "s")}
+    _warn_few(report, "ioi", language, "names", used, len(rows), len(names_in_data))
     return _finish("ioi", language, rows, dropped, report, tokenizer, bos)
 
 
@@ -564,6 +706,19 @@ def _verb_key(language: str, verb: dict) -> str:
     return verb["present"] if language == "en" else verb["verb"]
 
 
+def _counterfactual(language: str, variant: str, counterfactual: str | None) -> str:
+    """The counterfactual a past-tense set uses: "verb" for Chinese copy by default, else "adverb"."""
+    _check_choice("counterfactual", counterfactual, (None, *COUNTERFACTUALS))
+    default = "verb" if (language, variant) == ("zh", "copy") else "adverb"
+    if counterfactual not in (None, "adverb", default):
+        raise ValueError(
+            f"past_tense/{language} variant {variant!r} has no counterfactual {counterfactual!r}: another verb in "
+            f"the context sentence changes which verb is copied, which only the Chinese copy metric (verb vs other "
+            f"verb) reads; use counterfactual='adverb' (or None)"
+        )
+    return counterfactual or default
+
+
 def build_past_tense(
     language: str,
     tokenizer,
@@ -572,8 +727,9 @@ def build_past_tense(
     seed: int = 0,
     split: str = "all",
     variant: str | None = None,
+    counterfactual: str | None = None,
     data: dict | None = None,
-    prepend_bos: bool = False,
+    prepend_bos: bool | None = None,
 ) -> PromptSet:
     """Past-tense prompts: a habitual context sentence, then a past adverb and the name again.
 
@@ -582,37 +738,59 @@ def build_past_tense(
     verb). ``variant="marking"``: Chinese prompts end with the verb, answer "了", distractor
     the first token of the verb's complement ("公园"); in English copying and marking are
     the same token, so it gives the same prompts and answers as "copy".
-    The counterfactual replaces the past adverb by a habitual adverb of equal token length.
-    Positions ``verb`` (the verb in the context sentence), ``adverb`` (the adverb's last
-    token), ``name2`` (the repeated name), ``end``.
+    Answer and distractor are the first tokens of those words (they must differ).
+
+    ``counterfactual`` (what the counterfactual prompt changes, so that its right answer
+    is the distractor and the metric flips):
+
+    - ``"adverb"`` (English, and Chinese marking): the past adverb replaced by a habitual
+      adverb of equal token length ("Usually, Tom" -> " walks"; "每天，小明去" -> "公园").
+    - ``"verb"`` (Chinese copy, the default there): the context sentence's verb and its
+      complement replaced by the distractor verb's, of equal token lengths
+      ("每天，小明吃午饭。昨天，小明" -> "吃"). An adverb swap does not flip the copy
+      metric (the verb is copied after a habitual adverb too: Gemma 3, clean 6.02,
+      counterfactual 6.24); ``counterfactual="adverb"`` still builds it, and
+      normalising its effects is refused (:func:`lsa.metrics.normalized`).
+
+    Positions ``verb`` (the verb in the context sentence, its last token), ``adverb``
+    (the adverb's last token), ``name2`` (the repeated name's last token), ``end``.
     """
     _check_choice("language", language, LANGUAGES)
     _check_choice("split", split, SPLITS)
     _check_choice("variant", variant, (None, *VARIANTS["past_tense"]))
     variant = variant or "copy"
+    cf = _counterfactual(language, variant, counterfactual)
     n, bos = _count(n), _bos(tokenizer, prepend_bos)
     data = load_data("past_tense", language) if data is None else data
     space, tokens, report = _SPACE[language], _Tokens(tokenizer), DropReport(requested=n)
     templates = _templates(data, split, "past_tense")
     for t in templates:
         _check_template(t, "past_tense", language)
-    names = _single_tokens(list(dict.fromkeys(data["names"])), tokens, language, "names", report)
+    names_in_data = all_names(data)
+    names = list(_word_widths(names_in_data, tokens, language, "names", report))
     verb_forms = ("present", "past") if language == "en" else ("verb",)
-    verbs = []
+    verbs, shape = [], {}  # shape: (tokens of the verb, tokens of verb + complement), for the verb counterfactual
     for v in data["verbs"]:
-        found = [(f, *tokens.next_token(_LEFT[language], space + v[f])) for f in verb_forms]
-        bad = [(f, k) for f, tok, k in found if tok is None]
-        if bad:
-            report.drop("verbs: a form is not one token", ", ".join(f"{space + v[f]!r} is {k} tokens" for f, k in bad))
-        elif tokens.unknown(*[tok for _, tok, _ in found]):
-            report.drop("verbs: unknown to the tokenizer", ", ".join(repr(space + v[f]) for f in verb_forms))
-        else:
-            verbs.append(v)
+        found = [(f, tokens.after(_LEFT[language], space + v[f])) for f in verb_forms]
+        bad = [(f, ids, problem) for f, ids in found if (problem := _word_problem(tokens, ids))]
+        if bad:  # one drop per verb, under its first form's problem
+            shown = ", ".join(f"{space + v[f]!r} -> {[tokens.decode(i) for i in ids or []]}" for f, ids, _ in bad)
+            report.drop(f"verbs: {bad[0][2]}", shown)
+            continue
+        verbs.append(v)
+        whole = tokens.after(_LEFT[language], space + v[verb_forms[0]] + space + v["rest"])
+        shape[_verb_key(language, v)] = (len(found[0][1]), None if whole is None else len(whole))
     report.vocabulary["verbs"] = (len(verbs), len(data["verbs"]))
     if not names:
-        raise ValueError(f"past_tense/{language}: no name is one token for this tokenizer; {report}")
+        raise ValueError(
+            f"past_tense/{language}: no name is usable for this tokenizer (each must be one token or a span of up "
+            f"to {MAX_WORD_TOKENS} known, whole tokens); {report}"
+        )
     if not verbs or (language == "zh" and variant == "copy" and len(verbs) < 2):
-        raise ValueError(f"past_tense/{language}: too few verbs are one token for this tokenizer; {report}")
+        raise ValueError(
+            f"past_tense/{language}: too few verbs are usable for this tokenizer (each form must be one token or a "
+            f"span of up to {MAX_WORD_TOKENS} known, whole tokens); {report}"
+        )
 
     # adverb pairs: a past adverb and the habitual adverbs of equal token length after a sentence end
     stop = ". " if language == "en" else "。"
@@ -636,13 +814,25 @@ def build_past_tense(
         habitual = rng.choice(partners[adverb])
         context = rng.choice(habituals)
         name = rng.choice(names)
+        other = None  # Chinese copy: the distractor verb (and, counterfactual "verb", the counterfactual's verb)
+        if language == "zh" and variant == "copy":
+            pool = [v for v in verbs if v["verb"] != verb["verb"]]
+            if cf == "verb":
+                pool = [v for v in pool if shape[v["verb"]] == shape[verb["verb"]] and shape[v["verb"]][1] is not None]
+                if not pool:
+                    raise _Drop("no other verb of the same token lengths", f"{verb['verb'] + verb['rest']!r}")
+            other = rng.choice(pool)
         values = {"NAME": name, "REST": verb["rest"], "HABITUAL": context, "habitual": _lower_first(context)}
         if language == "en":
             values.update(PRESENT=verb["present"], PAST=verb["past"])
         else:
             values.update(VERB=verb["verb"])
+        corrupt_adverb = habitual if cf == "adverb" else adverb
+        corrupt_values = {**values, "VERB": other["verb"], "REST": other["rest"]} if cf == "verb" else values
         clean, spans = _fill(t["text"], {**values, "ADVERB": adverb, "adverb": _lower_first(adverb)}, space)
-        corrupt, cspans = _fill(t["text"], {**values, "ADVERB": habitual, "adverb": _lower_first(habitual)}, space)
+        corrupt, cspans = _fill(
+            t["text"], {**corrupt_values, "ADVERB": corrupt_adverb, "adverb": _lower_first(corrupt_adverb)}, space
+        )
         vform = verb["present"] if language == "en" else verb["verb"]
         if variant == "marking" and language == "zh":
             clean, corrupt = clean + vform, corrupt + vform
@@ -650,60 +840,38 @@ def build_past_tense(
         if tokens.unknown(ids, cids):
             raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
         if len(ids) != len(cids):
-            raise _Drop("clean/counterfactual lengths differ", f"{adverb!r} vs {habitual!r}: {len(ids)} vs {len(cids)}")
+            raise _Drop("clean/counterfactual lengths differ", f"{clean!r} vs {corrupt!r}: {len(ids)} vs {len(cids)}")
         slots = ("NAME", "PRESENT", "VERB", "ADVERB", "adverb")
         pos = _locate(tokens, clean, ids, spans, "clean", slots)
         cpos = _locate(tokens, corrupt, cids, cspans, "counterfactual", slots)
-        if {k: v for k, v in pos.items() if not k.lower().startswith("adverb")} != {
-            k: v for k, v in cpos.items() if not k.lower().startswith("adverb")
-        }:
-            raise _Drop("clean/counterfactual slot positions differ", corrupt)
+        if pos != cpos:
+            raise _Drop("clean/counterfactual spans differ", f"{clean!r} / {corrupt!r}")
         verb_slot = "PRESENT#1" if language == "en" else "VERB#1"
         name2 = max((k for k in pos if k.startswith("NAME#")), key=lambda k: int(k.split("#")[1]))
         adverb_slot = next(k for k in pos if k.lower().startswith("adverb#"))
-        for key in (verb_slot, name2):
-            if pos[key][1] - pos[key][0] != 1:
-                raise _Drop(f"{key.split('#')[0].lower()} not one token in context", clean)
         if variant == "marking" and language == "zh":
-            answer, k = tokens.next_token(clean, "了")
-            if answer is None:
-                raise _Drop("'了' not one token after the verb", f"{k} tokens after {clean!r}")
-            distractor = tokens.first_token(clean, verb["rest"])
             answer_text, distractor_text = "了", verb["rest"]
-            if distractor is None:
-                raise _Drop("complement merges with the verb", clean + verb["rest"])
         elif language == "en":
             answer_text, distractor_text = space + verb["past"], space + verb["present"]
-            answer, _ = tokens.next_token(clean, answer_text)
-            distractor, _ = tokens.next_token(clean, distractor_text)
-            if answer is None or distractor is None:
-                raise _Drop("verb form not one token after the prompt", f"{answer_text!r}/{distractor_text!r}")
         else:
-            other = rng.choice([v for v in verbs if v["verb"] != verb["verb"]])
             answer_text, distractor_text = verb["verb"], other["verb"]
-            answer, _ = tokens.next_token(clean, answer_text)
-            distractor, _ = tokens.next_token(clean, distractor_text)
-            if answer is None or distractor is None:
-                raise _Drop("verb not one token after the prompt", f"{answer_text!r}/{distractor_text!r}")
-        if tokens.unknown(answer, distractor):
-            raise _Drop("answer or distractor unknown to the tokenizer", f"{clean!r}")
-        if answer == distractor:
-            raise _Drop("answer and distractor are the same token", f"{answer_text!r} / {distractor_text!r}")
+        answer, distractor = _continuations(tokens, clean, answer_text, distractor_text)
         return {
             "clean": ids,
             "corrupt": cids,
             "answer": answer,
             "distractor": distractor,
             "positions": {
-                "verb": pos[verb_slot][0],
+                "verb": pos[verb_slot][1] - 1,
                 "adverb": pos[adverb_slot][1] - 1,
-                "name2": pos[name2][0],
+                "name2": pos[name2][1] - 1,
                 "end": len(ids) - 1,
             },
             "meta": {
                 "template": t["id"],
                 "split": t.get("split", "train"),
                 "variant": variant,
+                "counterfactual": cf,
                 "name": name,
                 "verb": _verb_key(language, verb),
                 "past": verb.get("past", verb.get("verb")),
@@ -711,6 +879,8 @@ def build_past_tense(
                 "adverb": adverb,
                 "habitual": habitual,
                 "context_adverb": context,
+                "corrupt_adverb": corrupt_adverb,
+                "corrupt_verb": other["verb"] if cf == "verb" else _verb_key(language, verb),
                 "combo_heldout": is_heldout(adverb, _verb_key(language, verb)),
                 "clean_text": clean,
                 "corrupt_text": corrupt,
@@ -720,6 +890,17 @@ def build_past_tense(
         }
 
     rows, dropped = _sample(random.Random(seed), n, report, make)
+    for label, key in (("names", "name"), ("verbs", "verb")):
+        used = {r["meta"][key] for r in rows}
+        _warn_few(
+            report,
+            "past_tense",
+            language,
+            label,
+            used,
+            len(rows),
+            len(names_in_data if key == "name" else data["verbs"]),
+        )
     return _finish("past_tense", language, rows, dropped, report, tokenizer, bos)
 
 
@@ -758,6 +939,8 @@ def build(
 
 def describe(prompts: PromptSet, tokenizer=None, k: int = 5) -> pd.DataFrame:
     """The first ``k`` prompts as a table: template, texts, answer / distractor, the token at each position.
+
+    A named position is its word's last token (Gemma 3: "旭" for 石旭); the answer is the word's first ("石").
 
     Token strings come from ``tokenizer`` when given (else only the texts in ``prompts.meta``).
     """
