@@ -103,3 +103,19 @@ def parity_model(family: str = "gpt2", seed: int = 0) -> Model:
     """
     hf = random_hf_model({**TINY[family], "initializer_range": PARITY_INIT}, seed=seed)
     return wrap(hf, word_tokenizer(TINY[family]["vocab_size"]), name=f"parity-{family}")
+
+
+def oriented(model: Model, prompts):
+    """``prompts`` with answer and distractor swapped where the counterfactual does not lower the mean metric.
+
+    Random models give random signs; normalising (``lsa.metrics.normalized``) refuses a
+    counterfactual that does not lower logit(answer) - logit(distractor).
+    """
+    from lsa.metrics import logit_diff
+
+    with torch.no_grad():
+        clean = logit_diff(model.hf(prompts.clean).logits, prompts).mean()
+        corrupt = logit_diff(model.hf(prompts.corrupt).logits, prompts).mean()
+    if clean < corrupt:
+        prompts.answer, prompts.distractor = prompts.distractor, prompts.answer
+    return prompts

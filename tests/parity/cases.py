@@ -35,7 +35,7 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from helpers import FAMILIES, make_prompts, parity_model  # noqa: E402
+from helpers import FAMILIES, make_prompts, oriented, parity_model  # noqa: E402
 
 from lsa import ablation, attribution, behaviour, circuits, flow, lens, metrics, patching  # noqa: E402
 from lsa import neurons as N  # noqa: E402
@@ -97,18 +97,18 @@ class Context:
 
     @cached_property
     def prompts(self):
-        """3 right-padded prompt pairs of lengths 6, 4, 5 (named positions ``first``, ``mid``)."""
-        return make_prompts(n=3, pos=6, lengths=[6, 4, 5], seed=0)
+        """3 right-padded prompt pairs of lengths 6, 4, 5 (named positions ``first``, ``mid``), oriented (see helpers.oriented)."""
+        return oriented(self.model, make_prompts(n=3, pos=6, lengths=[6, 4, 5], seed=0))
 
     @cached_property
     def even(self):
         """3 prompt pairs of one length (5), for ``positions="each"``."""
-        return make_prompts(n=3, pos=5, seed=1)
+        return oriented(self.model, make_prompts(n=3, pos=5, seed=1))
 
     @cached_property
     def other(self):
         """4 more prompt pairs (a reference set, a second 'language')."""
-        return make_prompts(n=4, pos=6, lengths=[6, 6, 3, 5], seed=2)
+        return oriented(self.model, make_prompts(n=4, pos=6, lengths=[6, 6, 3, 5], seed=2))
 
     @cached_property
     def texts(self) -> dict[str, list[str]]:
