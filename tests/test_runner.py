@@ -94,6 +94,16 @@ def test_a_cell_past_the_cell_timeout_fails_naming_the_timeout_and_its_neighbour
     assert "without encryption" not in captured.out + captured.err  # no ipykernel 7 warning noise
 
 
+def test_a_cell_whose_kernel_dies_fails_saying_so_and_its_neighbour_succeeds(tmp_path):
+    out = tmp_path / "grid"
+    assert cli.main(["run", SLEEPER, "-p", "die=true", "-p", "die=false", "-o", str(out)]) == 1
+    dead = json.loads((out / "sleeper/toy-bilingual/en/die=True/provenance.json").read_text())
+    alive = json.loads((out / "sleeper/toy-bilingual/en/die=False/provenance.json").read_text())
+    assert dead["status"] == "failed" and dead["error"].startswith("DeadKernelError: the kernel died")
+    assert f"cell timeout ({runner.DEFAULT_CELL_TIMEOUT} s)" in dead["error"]
+    assert alive["status"] == "ok" and (out / "sleeper/toy-bilingual/en/die=False/done.json").exists()
+
+
 def test_overwrite_removes_a_cells_old_outputs_and_summary_keeps_the_cells_not_rerun(tmp_path):
     out = tmp_path / "grid"
     assert cli.main(["run", SLEEPER, "-m", "a", "b", "-o", str(out)]) == 0
