@@ -21,12 +21,12 @@ export OMP_NUM_THREADS
 install: $(STAMP)
 
 # torch is installed first and alone, pinned to the CPU wheel: an unpinned torch
-# pulled in by another package resolves to a multi-GB CUDA build.
-$(STAMP): requirements.txt pyproject.toml
+# pulled in by another package resolves to a multi-GB CUDA build. Then the package with
+# its extras (notebooks, test, dev), every version pinned by constraints.txt.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # A CJK font for figures (best effort), and Debian's Chromium for the real-browser

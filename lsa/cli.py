@@ -1,8 +1,8 @@
 """The ``lsa`` command: run notebooks over a grid, build the toy zoo, reproduce the paper's analyses.
 
-lsa run NOTEBOOK... --model M... --language L... [-p key=value ...] [--output DIR]
+lsa run NOTEBOOK... --model M... --language L... [-p key=value ...] [--output DIR] [--cell-timeout S]
 lsa zoo build [--only NAME ...] [--minutes M]
-lsa reproduce [--output DIR]
+lsa reproduce [--output DIR] [--cell-timeout S]
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{len(cells)} run(s)")
         return 0
     try:
-        result = runner.run_grid(cells, overwrite=args.overwrite, skip_existing=args.skip_existing, kernel=args.kernel)
+        result = runner.run_grid(
+            cells,
+            overwrite=args.overwrite,
+            skip_existing=args.skip_existing,
+            kernel=args.kernel,
+            cell_timeout=args.cell_timeout,
+        )
     except runner.GridError as exc:
         print(f"lsa run: {exc}", file=sys.stderr)
         return 2
@@ -57,9 +63,25 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from lsa import reproduce
+    from lsa import reproduce, runner
 
-    return reproduce.main(output=args.output, quick=args.quick)
+    try:
+        return reproduce.main(output=args.output, quick=args.quick, cell_timeout=args.cell_timeout)
+    except runner.GridError as exc:
+        print(f"lsa reproduce: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_cell_timeout(parser: argparse.ArgumentParser) -> None:
+    from lsa.runner import DEFAULT_CELL_TIMEOUT
+
+    parser.add_argument(
+        "--cell-timeout",
+        type=int,
+        default=DEFAULT_CELL_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a notebook cell running longer fails its grid cell; the others still run (default {DEFAULT_CELL_TIMEOUT}, 0: no limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     run.add_argument("--skip-existing", action="store_true", help="keep results already there, run the rest")
     run.add_argument("--kernel", help="Jupyter kernel name (default: the notebook's kernelspec)")
+    _add_cell_timeout(run)
     run.add_argument("--dry-run", action="store_true", help="list the grid and stop")
     run.set_defaults(func=_run)
 
@@ -97,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="run every analysis on the toy zoo and write a report")
     rep.add_argument("--output", "-o", help="output folder (default runs/reproduce-<timestamp>)")
     rep.add_argument("--quick", action="store_true", help="small prompt sets (for tests)")
+    _add_cell_timeout(rep)
     rep.set_defaults(func=_reproduce)
     return parser
 

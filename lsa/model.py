@@ -45,9 +45,32 @@ def pretrained_names() -> tuple[str, ...]:
     return tuple(NAMES)
 
 
+def known_names() -> list[str]:
+    """The short names :func:`load_model` accepts besides Hugging Face ids and paths (zoo and real models)."""
+    return [*ZOO, *pretrained_names()]
+
+
+_ACCEPTED = (
+    "a model is a zoo or real-model name ({names}), random:<family> or random-narrow:<id> (random weights), "
+    "a local model folder, or a Hugging Face id (downloaded when online; from the local cache when offline)"
+)
+
+
 def resolve_name(name_or_path: str | os.PathLike) -> str:
-    """Zoo short names -> their folder under ``data/models``; anything else unchanged."""
+    """Zoo short names -> their folder under ``data/models``; random specs, folders and Hugging Face ids unchanged.
+
+    Nothing is loaded. A name that cannot be a model raises ``ValueError`` in one line:
+    what is accepted and why this name was not found (no such folder; not in the
+    Hugging Face cache while offline; close matches). Online, a Hugging Face id is
+    passed on unchecked (only the hub can tell whether it exists).
+
+    >>> resolve_name("toy-bilingual").endswith("data/models/toy-bilingual")   # doctest: +SKIP
+    True
+    """
+    import difflib
+
     name = str(name_or_path)
+    accepted = _ACCEPTED.format(names=", ".join(known_names()))
     if name in pretrained_names():
         from lsa import pretrained
 
@@ -57,7 +80,49 @@ def resolve_name(name_or_path: str | os.PathLike) -> str:
         if not path.exists():
             raise FileNotFoundError(f"zoo model {name!r} is not built at {path}; run `lsa zoo build` (or `make zoo`)")
         return str(path)
-    return name
+    if name.startswith(("random:", "random-narrow:")):
+        from lsa.configs import PAPER_SHAPES, TINY
+
+        kind, spec = name.split(":", 1)
+        if spec in TINY or spec in PAPER_SHAPES or Path(spec).is_file():
+            return name
+        close = difflib.get_close_matches(spec, [*TINY, *PAPER_SHAPES], n=3)
+        hint = f"; did you mean {', '.join(f'{kind}:{c}' for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown random model {name!r}: {kind}:<spec> takes a family ({', '.join(TINY)}), "
+            f"a paper model id ({', '.join(PAPER_SHAPES)}) or a config JSON file{hint}"
+        )
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"unknown model {name!r}: the folder {path.resolve()} has no config.json; {accepted}")
+        return str(path)
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    close = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    try:
+        validate_repo_id(name)
+        is_repo_id = not name.startswith((".", "~", os.sep))
+    except HFValidationError:
+        is_repo_id = False
+    if path.exists():
+        why = f"{path.resolve()} is a file, not a model folder"
+    elif not is_repo_id:
+        why = f"no such folder {path.resolve()}"
+    elif constants.HF_HUB_OFFLINE:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return name
+        why = (
+            f"no folder {path.resolve()}, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            "while HF_HUB_OFFLINE=1"
+        )
+    elif close and "/" not in name:
+        why = "not a zoo name"
+    else:
+        return name
+    raise ValueError(f"unknown model {name!r}: {why}{hint}; {accepted}")
 
 
 @dataclass

@@ -107,12 +107,16 @@ def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
     return path
 
 
-def main(output: str | Path | None = None, quick: bool = False) -> int:
-    """Run the zoo grid, write the report, print where it is. Non-zero exit if any run failed."""
+def main(
+    output: str | Path | None = None, quick: bool = False, cell_timeout: int | None = runner.DEFAULT_CELL_TIMEOUT
+) -> int:
+    """Run the zoo grid, write the report, print where it is. Non-zero exit if any run failed.
+
+    ``cell_timeout``: seconds one notebook cell may run before its grid cell fails (0 or ``None``: no limit)."""
     output = Path(output or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     cells = runner.plan_preset("zoo", output, params=QUICK if quick else None)
-    result = runner.run_grid(cells)
+    result = runner.run_grid(cells, cell_timeout=cell_timeout)
     report = write_report(output, collect(output), time.perf_counter() - start)
     print(result.table()[["notebook", "model", "language", "status", "wall_s"]].to_string(index=False))
     for cell in result.failed:

@@ -8,9 +8,17 @@ grid runs in its own folder::
         provenance.json    model, languages, parameters, seed, versions, git revision, wall time, status
         ...                whatever the notebook writes to ``output_dir`` (figures, result tables)
 
-A failing cell of the grid is reported and the others still run. An existing
-cell folder is never overwritten silently: the run stops before executing
-anything unless ``overwrite`` or ``skip_existing`` is given.
+What can be checked without a kernel is checked before the first one starts:
+parameter names and the types of their values (against the notebook's declared
+defaults, or an annotation such as ``remote: bool | str = False``), languages
+(against ``metadata.lsa.languages`` of the notebook, else :data:`lsa.tasks.LANGUAGES`)
+and model names (:func:`lsa.model.resolve_name`). A failing cell of the grid,
+including one whose notebook cell outlives ``cell_timeout`` or whose kernel dies,
+is reported and the others still run. An existing cell folder is never
+overwritten silently: the run stops before executing anything unless
+``overwrite`` (the cell's old outputs are removed before its rerun) or
+``skip_existing`` is given. ``summary.csv`` keeps the rows of every cell folder
+of the output that this run did not touch.
 
 Notebook convention: a cell tagged ``parameters`` defining ``model``,
 ``language`` or ``languages``, ``n_prompts``, ``seed``, ``device``,
@@ -19,10 +27,13 @@ Notebook convention: a cell tagged ``parameters`` defining ``model``,
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import itertools
 import json
 import platform
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -33,7 +44,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
-VERSIONED = ("lsa", "torch", "transformers", "nnsight", "tokenizers", "papermill", "pandas", "numpy")
+VERSIONED = ("lsa", "torch", "transformers", "nnsight", "tokenizers", "papermill", "ipykernel", "pandas", "numpy")
+# Seconds one notebook cell may run before its grid cell fails (generous: the paper's
+# models on a CPU take minutes per cell, not half an hour).
+DEFAULT_CELL_TIMEOUT = 1800
 
 
 # Named grids: (notebook, models, languages, parameters). The zoo mirrors the paper's
@@ -116,11 +130,17 @@ class Cell:
 
 
 def parse_value(text: str):
-    """``-p`` values: JSON where it parses (numbers, booleans, lists, null), else the plain string."""
+    """``-p`` values: JSON where it parses (numbers, booleans, lists, null), then Python literals
+    (``True``, ``None``, ``['en']``), else the plain string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
+    return list(value) if isinstance(value, tuple) else value
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, list]:
@@ -150,14 +170,116 @@ def resolve_notebook(name: str | Path) -> Path:
     return matches[0]
 
 
-def declared_parameters(notebook: Path) -> dict:
-    """The names (and defaults, as text) in a notebook's ``parameters`` cell."""
-    from papermill import inspect_notebook
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
 
-    declared = inspect_notebook(str(notebook))
-    if not declared:
-        raise GridError(f"{notebook.name} has no cell tagged 'parameters'")
+
+@dataclass(frozen=True)
+class Parameter:
+    """One assignment of a notebook's ``parameters`` cell: name, default and annotation as written."""
+
+    name: str
+    default: str
+    annotation: str = ""
+
+    def types(self) -> tuple[type, ...] | None:
+        """The types a value may take (from the annotation, else the default's type); ``None``: any."""
+        if self.annotation:
+            names = [n.strip() for n in re.sub(r"\[.*\]", "", self.annotation).split("|")]
+            found = tuple(_TYPES.get(n) for n in names)
+            return None if None in found else found
+        default = self.value()
+        if default is None or default is _UNPARSED:
+            return None
+        return (type(default),)
+
+    def value(self):
+        """The default as a Python value (``_UNPARSED`` when it is an expression, not a literal)."""
+        try:
+            return ast.literal_eval(self.default)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return _UNPARSED
+
+    def element_type(self) -> type | None:
+        """For a list default whose items share one type: that type."""
+        default = self.value()
+        if isinstance(default, list) and default and len({type(v) for v in default}) == 1:
+            return type(default[0])
+        return None
+
+
+_UNPARSED = object()
+
+
+def _fits(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_value(notebook: Path, param: Parameter, value) -> None:
+    """Refuse a value whose type is not the one the notebook declares; the error names parameter, value and type."""
+    types = param.types()
+    if types is None:
+        return
+    expected = " or ".join(t.__name__ for t in types)
+    where = f"{notebook.stem}: parameter {param.name}={_show(value)}"
+    declared = (
+        f"the notebook declares {param.name}{': ' + param.annotation if param.annotation else ''} = {param.default}"
+    )
+    if not _fits(value, types):
+        hint = f"; write it as JSON, e.g. -p '{param.name}={param.default}'" if list in types else ""
+        raise GridError(f"{where} is {type(value).__name__}, expected {expected} ({declared}){hint}")
+    element = param.element_type() if isinstance(value, list) else None
+    if element is not None and (bad := [v for v in value if not _fits(v, (element,))]):
+        raise GridError(
+            f"{where}: item {_show(bad[0])} is {type(bad[0]).__name__}, expected {element.__name__} ({declared})"
+        )
+
+
+def _read_notebook(notebook: Path) -> dict:
+    """The notebook's JSON (read directly: no kernel, no nbformat validation, milliseconds)."""
+    try:
+        return json.loads(Path(notebook).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GridError(f"cannot read notebook {notebook}: {exc}") from exc
+
+
+def declared_parameters(notebook: Path) -> dict[str, Parameter]:
+    """The assignments of a notebook's cell tagged ``parameters``: ``name -> Parameter`` (read, never run)."""
+    for cell in _read_notebook(notebook).get("cells", []):
+        if cell.get("cell_type") == "code" and "parameters" in cell.get("metadata", {}).get("tags", []):
+            source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            break
+    else:
+        raise GridError(f"{Path(notebook).name} has no cell tagged 'parameters'")
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise GridError(f"{Path(notebook).name}: its parameters cell is not valid Python ({exc})") from exc
+    declared = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, annotation = node.targets[0].id, ""
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, annotation = node.target.id, ast.get_source_segment(source, node.annotation) or ""
+        else:
+            continue
+        declared[name] = Parameter(name, ast.get_source_segment(source, node.value) or "", annotation)
     return declared
+
+
+def accepted_languages(notebook: Path) -> tuple[str, ...]:
+    """The languages a notebook takes: its ``metadata.lsa.languages``, else those lsa has task data for."""
+    from lsa.tasks import LANGUAGES
+
+    declared = _read_notebook(notebook).get("metadata", {}).get("lsa", {}).get("languages")
+    return tuple(declared) if declared else LANGUAGES
 
 
 def slug(text: str) -> str:
@@ -176,6 +298,31 @@ def language_params(declared: dict, language: str) -> dict:
     return {}
 
 
+def cell_parameters(cell: Cell, declared: dict[str, Parameter]) -> dict:
+    """What papermill injects into the cell's notebook (only names it declares)."""
+    parameters = {"model": cell.model, **language_params(declared, cell.language), **cell.params}
+    if "output_dir" in declared:
+        parameters["output_dir"] = str(cell.folder.resolve())
+    return {k: v for k, v in parameters.items() if k in declared}
+
+
+def check_cell(cell: Cell, declared: dict[str, Parameter]) -> None:
+    """Types and languages of one cell's parameters, before any kernel (:class:`GridError` naming what is wrong)."""
+    try:
+        parameters = cell_parameters(cell, declared)
+    except GridError as exc:
+        raise GridError(f"{cell.notebook.stem}: {exc}") from None
+    for name, value in parameters.items():
+        check_value(cell.notebook, declared[name], value)
+    langs = parameters.get("languages", [parameters["language"]] if "language" in parameters else [])
+    accepted = accepted_languages(cell.notebook)
+    if unknown := [lang for lang in langs if lang not in accepted]:
+        raise GridError(
+            f"{cell.notebook.stem} does not take language {', '.join(map(repr, unknown))}; "
+            f"it takes {', '.join(accepted)}"
+        )
+
+
 def plan(
     notebooks: list[str | Path],
     models: list[str],
@@ -183,7 +330,8 @@ def plan(
     params: dict[str, list] | None = None,
     output: str | Path = "runs",
 ) -> list[Cell]:
-    """The grid as a list of :class:`Cell` (nothing runs). Unknown parameters are errors here."""
+    """The grid as a list of :class:`Cell` (nothing runs). Unknown parameters, values of the wrong type and
+    languages a notebook does not take are errors here."""
     params = params or {}
     output = Path(output)
     if not notebooks or not models or not languages:
@@ -203,7 +351,9 @@ def plan(
             folder = output / notebook.stem / slug(model) / slug(language)
             if len(combos) > 1:
                 folder = folder / slug(",".join(f"{k}={v}" for k, v in sorted(combo.items())))
-            cells.append(Cell(notebook, model, language, dict(combo), folder, output))
+            cell = Cell(notebook, model, language, dict(combo), folder, output)
+            check_cell(cell, declared)
+            cells.append(cell)
     return cells
 
 
@@ -243,6 +393,37 @@ def _circuit_refs(value, output: Path, name_of):
     return value
 
 
+def check_models(cells: list[Cell]) -> None:
+    """Every model name the grid would load must resolve (:func:`lsa.model.resolve_name`); nothing is loaded.
+
+    A label with ``+`` (``"toy-en+toy-zh"``) names a pair whose models come from the
+    cell's ``models`` or ``circuits`` parameter; the names in ``models`` are checked.
+    """
+    from lsa.model import resolve_name
+
+    seen: set[str] = set()
+    for cell in cells:
+        declared = declared_parameters(cell.notebook)
+        parameters = cell_parameters(cell, declared)
+        names = list(parameters.get("models") or [])
+        model = parameters.get("model", "")
+        if "+" in model and not (names or parameters.get("circuits")):
+            raise GridError(
+                f"{cell.notebook.stem}: model {model!r} is a pair label; give the pair's models with "
+                "-p 'models=[\"a\", \"b\"]' (or their circuits with -p 'circuits=[...]')"
+            )
+        if model and "+" not in model:
+            names.append(model)
+        for name in names:
+            if name in seen:
+                continue
+            seen.add(name)
+            try:
+                resolve_name(name)
+            except (ValueError, OSError) as exc:
+                raise GridError(str(exc)) from None
+
+
 def git_revision() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -262,16 +443,15 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_cell(cell: Cell, *, kernel: str | None = None, log_output: bool = False) -> Cell:
-    """Execute one cell of the grid; failures are recorded in the cell, never raised."""
+def run_cell(
+    cell: Cell, *, kernel: str | None = None, log_output: bool = False, cell_timeout: int | None = DEFAULT_CELL_TIMEOUT
+) -> Cell:
+    """Execute one cell of the grid; failures (an error, a notebook cell past ``cell_timeout`` seconds, a dead
+    kernel) are recorded in the cell, never raised."""
     import papermill
 
     cell.folder.mkdir(parents=True, exist_ok=True)
-    declared = declared_parameters(cell.notebook)
-    parameters = {"model": cell.model, **language_params(declared, cell.language), **cell.params}
-    if "output_dir" in declared:
-        parameters["output_dir"] = str(cell.folder.resolve())
-    parameters = {k: v for k, v in parameters.items() if k in declared}
+    parameters = cell_parameters(cell, declared_parameters(cell.notebook))
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -282,11 +462,12 @@ def run_cell(cell: Cell, *, kernel: str | None = None, log_output: bool = False)
             progress_bar=False,
             log_output=log_output,
             cwd=str(cell.folder),
+            execution_timeout=cell_timeout or None,
         )
         cell.status = "ok"
     except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the grid
         cell.status = "failed"
-        cell.error = _short_error(exc)
+        cell.error = _short_error(exc, cell_timeout)
     cell.wall_s = time.perf_counter() - start
     provenance = {
         "notebook": cell.notebook.name,
@@ -297,6 +478,7 @@ def run_cell(cell: Cell, *, kernel: str | None = None, log_output: bool = False)
         "status": cell.status,
         "error": cell.error,
         "wall_time_s": round(cell.wall_s, 2),
+        "cell_timeout_s": cell_timeout or None,
         "versions": versions(),
         "git_revision": git_revision(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -305,10 +487,36 @@ def run_cell(cell: Cell, *, kernel: str | None = None, log_output: bool = False)
     return cell
 
 
-def _short_error(exc: Exception) -> str:
+def _short_error(exc: Exception, cell_timeout: int | None = None) -> str:
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+    if isinstance(exc, CellTimeoutError):
+        preview = str(exc).split("-------------------")  # nbclient's message quotes the cell between these
+        source = " | ".join(line.strip() for line in (preview + [""])[1].splitlines() if line.strip())
+        return (
+            f"CellTimeoutError: a notebook cell ran longer than the cell timeout ({cell_timeout} s) and was stopped; "
+            f"pass a larger --cell-timeout if it needs longer. The cell: {source[:200]}"
+        )
+    if isinstance(exc, DeadKernelError):
+        return (
+            f"DeadKernelError: the kernel died while running a cell (crashed, killed, or out of memory), "
+            f"before the cell timeout ({cell_timeout} s); see the last cell with output in notebook.ipynb"
+        )
     name = getattr(exc, "ename", type(exc).__name__)
     value = getattr(exc, "evalue", str(exc))
     return f"{name}: {value}".strip()[:2000]
+
+
+def clear_folder(folder: Path) -> None:
+    """Remove a grid cell's earlier outputs; sub-folders that are other cells (they hold a provenance.json) stay."""
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            if not any(entry.rglob("provenance.json")):
+                shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 @dataclass
@@ -320,6 +528,7 @@ class GridResult:
         return [c for c in self.cells if c.status == "failed"]
 
     def table(self) -> pd.DataFrame:
+        """One row per cell; ``folder`` is relative to the cell's output folder."""
         return pd.DataFrame(
             [
                 {
@@ -329,12 +538,30 @@ class GridResult:
                     "params": json.dumps(c.params, sort_keys=True),
                     "status": c.status,
                     "wall_s": round(c.wall_s, 1),
-                    "folder": str(c.folder),
+                    "folder": c.folder.relative_to(c.root).as_posix(),
                     "error": c.error,
                 }
                 for c in self.cells
-            ]
+            ],
+            columns=["notebook", "model", "language", "params", "status", "wall_s", "folder", "error"],
         )
+
+
+def write_summary(root: Path, result: GridResult) -> Path:
+    """``<root>/summary.csv``: this run's rows replace those of the same cell folders; every other row stays.
+
+    A skipped cell keeps its earlier row (it holds the real status); it is listed as
+    ``skipped`` only when there is none.
+    """
+    path = root / "summary.csv"
+    ran = GridResult([c for c in result.cells if c.root == root and c.status != "skipped"]).table()
+    skipped = GridResult([c for c in result.cells if c.root == root and c.status == "skipped"]).table()
+    old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.exists() else ran.iloc[:0].astype(str)
+    kept = old[~old["folder"].isin(ran["folder"])]
+    merged = pd.concat([kept, ran.astype(str), skipped[~skipped["folder"].isin(kept["folder"])].astype(str)])
+    root.mkdir(parents=True, exist_ok=True)
+    merged.to_csv(path, index=False)
+    return path
 
 
 def run_grid(
@@ -344,10 +571,20 @@ def run_grid(
     skip_existing: bool = False,
     kernel: str | None = None,
     progress: bool = True,
+    cell_timeout: int | None = DEFAULT_CELL_TIMEOUT,
 ) -> GridResult:
-    """Run every cell, one after the other, with a progress bar; write ``summary.csv`` beside them."""
+    """Run every cell, one after the other, with a progress bar; write ``summary.csv`` beside them.
+
+    Before the first kernel starts: model names are checked (:func:`check_models`) and
+    existing results refused unless ``overwrite`` (then a cell's old outputs are removed
+    right before it reruns) or ``skip_existing``. ``cell_timeout``: seconds one notebook
+    cell may run (``None`` or 0: no limit).
+    """
     from tqdm.auto import tqdm
 
+    if importlib.util.find_spec("papermill") is None:
+        raise GridError("running notebooks needs papermill and a Jupyter kernel: pip install 'lsa[notebooks]'")
+    check_models(cells)
     existing = [c for c in cells if (c.folder / "notebook.ipynb").exists()]
     if existing and not (overwrite or skip_existing):
         listed = "\n  ".join(str(c.folder) for c in existing[:10])
@@ -361,9 +598,10 @@ def run_grid(
         if skip_existing and cell in existing:
             cell.status = "skipped"
         else:
-            run_cell(cell, kernel=kernel)
+            if overwrite:
+                clear_folder(cell.folder)
+            run_cell(cell, kernel=kernel, cell_timeout=cell_timeout)
         result.cells.append(cell)
     for root in {c.root for c in cells}:
-        root.mkdir(parents=True, exist_ok=True)
-        result.table().to_csv(root / "summary.csv", index=False)
+        write_summary(root, result)
     return result

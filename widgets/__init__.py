@@ -6,6 +6,7 @@ data it currently shows in ``.current`` and its figure in ``.figure``.
 
 from widgets.circuits import CircuitViewer
 from widgets.heads import HeadExplorer
+from widgets.neurons import NeuronExplorer
 from widgets.patching import PatchingMap
 
-__all__ = ["CircuitViewer", "HeadExplorer", "PatchingMap"]
+__all__ = ["CircuitViewer", "HeadExplorer", "NeuronExplorer", "PatchingMap"]

@@ -1,0 +1,98 @@
+"""The notebooks as a user opens them: every notebook in notebooks/, as it stands, with its default
+parameters, run top to bottom under nbval (``--nbval-lax``: every cell must run without an error;
+outputs are not compared, they hold timings and figures).
+
+The notebooks are copied into a temporary folder first, so what they write (their default
+``output_dir`` is ``../runs/interactive/<notebook>``) lands there and never in the repository.
+Cost: one kernel per notebook on the toy zoo, about 2-4 minutes in all on one thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import ipywidgets
+
+import widgets
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _code_cells(path: Path) -> int:
+    return sum(c["cell_type"] == "code" for c in json.loads(path.read_text())["cells"])
+
+
+def _interactive_outputs() -> set[Path]:
+    return set((ROOT / "runs" / "interactive").rglob("*"))
+
+
+def test_every_notebook_runs_with_its_defaults_under_nbval_and_writes_only_its_own_output_folder(tmp_path):
+    assert NOTEBOOKS, "no notebooks found"
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks")
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")  # keep the repository's pytest settings out
+    repo_before = _interactive_outputs()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    junit = tmp_path / "junit.xml"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            "pytest.ini",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--nbval-lax",
+            "--nbval-current-env",
+            f"--junitxml={junit}",
+            "notebooks",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,  # a guard against a hung kernel, far above the few minutes this takes
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+
+    # every code cell of every notebook ran and passed
+    cases = ET.parse(junit).getroot().iter("testcase")
+    passed: dict[str, int] = {}
+    for case in cases:
+        assert not list(case), f"{case.get('classname')} {case.get('name')}: not passed"
+        stem = (
+            case.get("classname").removeprefix("notebooks.").removesuffix(".ipynb")
+        )  # "notebooks.00_quickstart.ipynb"
+        passed[stem] = passed.get(stem, 0) + 1
+    assert passed == {p.stem: _code_cells(p) for p in NOTEBOOKS}
+
+    # each notebook wrote into its own folder under runs/interactive/, with its own findings
+    for path in NOTEBOOKS:
+        folder = tmp_path / "runs" / "interactive" / path.stem
+        findings = json.loads((folder / "findings.json").read_text())
+        assert findings, f"{path.stem} stated no findings"
+    assert sorted(p.name for p in (tmp_path / "notebooks").iterdir()) == sorted(p.name for p in NOTEBOOKS)
+    assert _interactive_outputs() == repo_before  # nothing landed in the repository's runs/
+
+
+def test_every_widget_class_imports_from_the_widgets_package():
+    defined = {
+        name
+        for module in Path(widgets.__file__).parent.glob("*.py")
+        if module.stem != "__init__"
+        for name, obj in inspect.getmembers(__import__(f"widgets.{module.stem}", fromlist=["_"]), inspect.isclass)
+        if issubclass(obj, ipywidgets.DOMWidget) and obj.__module__ == f"widgets.{module.stem}"
+    }
+    assert "NeuronExplorer" in defined
+    assert defined <= set(widgets.__all__)
+    assert all(getattr(widgets, name).__name__ == name for name in defined)
