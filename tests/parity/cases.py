@@ -704,6 +704,7 @@ add(
 add("lens/head_projection", lambda c, m: lens.head_projection(m, c.prompts.clean, 1, 2, k=5), steered="local")
 add(
     "circuits/discover",
-    lambda c, m: circuits.discover(m, c.prompts, roles=False, **DISCOVER),
+    # oriented under the steering (discovery refuses a counterfactual that raises the metric); a copy
+    lambda c, m: circuits.discover(m, oriented(m, c.prompts.subset(slice(None))), roles=False, **DISCOVER),
     steered="bug",
 )
