@@ -451,7 +451,10 @@ def run_cell(
     import papermill
 
     cell.folder.mkdir(parents=True, exist_ok=True)
-    parameters = cell_parameters(cell, declared_parameters(cell.notebook))
+    declared = declared_parameters(cell.notebook)
+    parameters = cell_parameters(cell, declared)
+    # the seed the notebook ran with: the injected one, else its declared default
+    seed = parameters["seed"] if "seed" in parameters else declared["seed"].value() if "seed" in declared else None
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -474,7 +477,7 @@ def run_cell(
         "model": cell.model,
         "language": cell.language,
         "parameters": parameters,
-        "seed": parameters.get("seed"),
+        "seed": None if seed is _UNPARSED else seed,
         "status": cell.status,
         "error": cell.error,
         "wall_time_s": round(cell.wall_s, 2),

@@ -29,6 +29,7 @@ def test_two_models_by_two_languages_make_four_run_folders_with_notebook_and_pro
         result = json.loads((folder / "result.json").read_text())
         assert (folder / "notebook.ipynb").exists()
         assert prov["status"] == "ok" and prov["parameters"]["n_prompts"] == 3
+        assert prov["seed"] == 0  # not injected: the notebook's declared default, which it ran with
         assert {"torch", "transformers", "nnsight", "lsa"} <= set(prov["versions"])
         # the notebook really ran with the cell's own parameters
         assert result["model"] == prov["model"] and result["language"] == prov["language"]
