@@ -27,11 +27,15 @@ def _plain(value):
 
 
 class Findings:
-    """A dict of ``key -> {"value", "statement"}`` mirrored to ``<output_dir>/findings.json`` on every add."""
+    """A dict of ``key -> {"value", "statement"}`` mirrored to ``<output_dir>/findings.json`` on every add.
+
+    A new ``Findings`` starts empty and replaces the file at its first ``add``: a rerun
+    never keeps a key that the run itself did not state.
+    """
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / "findings.json"
-        self.items: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.items: dict[str, dict] = {}
 
     def add(self, key: str, value, statement: str = "") -> None:
         self.items[key] = {"value": _plain(value), "statement": statement}
