@@ -402,7 +402,7 @@ def path_step(
     noising, the usual normalised effect, negative = the head carries the behaviour;
     denoising, positive = it does), ``z``, ``selected``.
     """
-    from lsa import metrics, patching
+    from lsa import patching
 
     to_logits = isinstance(receivers, str)
     kind = LOGITS if to_logits else receiver_input
@@ -425,7 +425,9 @@ def path_step(
         progress=progress,
     )
     frame = res.frame
-    span = float(metrics.counterfactual_gap(res.clean.mean(), res.corrupt.mean()))
+    span = float(res.clean.mean() - res.corrupt.mean())
+    if span == 0:
+        raise ValueError("clean and counterfactual metrics are equal: normalised effects are undefined")
     # change from the patched run's own baseline, in units of (clean - corrupt): noising = res.normalized
     sel = select(frame["effect"].to_numpy() / span, k=k, floor=floor)
     out = pd.DataFrame(

@@ -62,12 +62,6 @@ def normalized(
     >>> normalized(torch.tensor(1.0), torch.tensor(3.0), torch.tensor(1.0))
     tensor(-1.)
     """
-    return (patched - clean) / counterfactual_gap(clean, corrupt, min_span=min_span)
-
-
-def counterfactual_gap(clean: torch.Tensor, corrupt: torch.Tensor, *, min_span: float = MIN_SPAN) -> torch.Tensor:
-    """``clean - corrupt``, the unit of every normalised effect; ValueError unless the counterfactual clearly
-    lowers the metric (see :func:`normalized`)."""
     clean, corrupt = torch.as_tensor(clean), torch.as_tensor(corrupt)
     denom = clean - corrupt
     floor = min_span * torch.maximum(clean.abs(), corrupt.abs())
@@ -84,4 +78,4 @@ def counterfactual_gap(clean: torch.Tensor, corrupt: torch.Tensor, *, min_span: 
             f"for copying), check that the model does the task (lsa.behaviour.score), or read the unnormalised "
             f"effect instead"
         )
-    return denom
+    return (patched - clean) / denom

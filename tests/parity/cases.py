@@ -704,7 +704,6 @@ add(
 add("lens/head_projection", lambda c, m: lens.head_projection(m, c.prompts.clean, 1, 2, k=5), steered="local")
 add(
     "circuits/discover",
-    # oriented under the steering (discovery refuses a counterfactual that raises the metric); a copy
-    lambda c, m: circuits.discover(m, oriented(m, c.prompts.subset(slice(None))), roles=False, **DISCOVER),
+    lambda c, m: circuits.discover(m, c.prompts, roles=False, **DISCOVER),
     steered="bug",
 )
