@@ -308,7 +308,7 @@ def install(name: str | None = None, *, force: bool = False, packages: bool = Tr
     names = [name] if name is not None else sorted(NAMES)
     out = []
     for n in names:
-        if packages and not (is_installed(n) and not force):
+        if packages:  # a valid cache does not make a fresh environment's pins unnecessary
             install_packages(n)
         out.append(convert(n, force=force))
     return out
