@@ -1,8 +1,8 @@
 """The ``lsa`` command: run notebooks over a grid, build the toy zoo, reproduce the paper's analyses.
 
-lsa run NOTEBOOK... --model M... --language L... [-p key=value ...] [--output DIR] [--cell-timeout S]
+lsa run NOTEBOOK... --model M... --language L... [-p key=value ...] [--output DIR] [--cell-timeout S] [--jobs N]
 lsa zoo build [--only NAME ...] [--minutes M]
-lsa reproduce [--output DIR] [--cell-timeout S]
+lsa reproduce [--output DIR] [--cell-timeout S] [--jobs N] [--no-real]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing,
             kernel=args.kernel,
             cell_timeout=args.cell_timeout,
+            jobs=args.jobs,
         )
     except runner.GridError as exc:
         print(f"lsa run: {exc}", file=sys.stderr)
@@ -66,7 +67,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     from lsa import reproduce, runner
 
     try:
-        return reproduce.main(output=args.output, quick=args.quick, cell_timeout=args.cell_timeout)
+        return reproduce.main(
+            output=args.output, quick=args.quick, cell_timeout=args.cell_timeout, jobs=args.jobs, real=args.real
+        )
     except runner.GridError as exc:
         print(f"lsa reproduce: {exc}", file=sys.stderr)
         return 2
@@ -81,6 +84,18 @@ def _add_cell_timeout(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CELL_TIMEOUT,
         metavar="SECONDS",
         help=f"a notebook cell running longer fails its grid cell; the others still run (default {DEFAULT_CELL_TIMEOUT}, 0: no limit)",
+    )
+
+
+def _add_jobs(parser: argparse.ArgumentParser, default: int) -> None:
+    parser.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=default,
+        metavar="N",
+        help=f"notebooks run at once, each in its own kernel (default {default}); a cell that reads another's "
+        "results waits for it",
     )
 
 
@@ -106,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-existing", action="store_true", help="keep results already there, run the rest")
     run.add_argument("--kernel", help="Jupyter kernel name (default: the notebook's kernelspec)")
     _add_cell_timeout(run)
+    _add_jobs(run, 1)
     run.add_argument("--dry-run", action="store_true", help="list the grid and stop")
     run.set_defaults(func=_run)
 
@@ -117,10 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--minutes", type=float, help="training budget per model")
     build.set_defaults(func=_zoo)
 
-    rep = sub.add_parser("reproduce", help="run every analysis on the toy zoo and write a report")
+    rep = sub.add_parser(
+        "reproduce", help="run every analysis on the toy zoo and the real pretrained models, and write a report"
+    )
     rep.add_argument("--output", "-o", help="output folder (default runs/reproduce-<timestamp>)")
     rep.add_argument("--quick", action="store_true", help="small prompt sets (for tests)")
+    rep.add_argument(
+        "--no-real",
+        dest="real",
+        action="store_false",
+        help="the toy zoo only, without the real pretrained models' section",
+    )
     _add_cell_timeout(rep)
+    _add_jobs(rep, min(2, os.cpu_count() or 1))
     rep.set_defaults(func=_reproduce)
     return parser
 

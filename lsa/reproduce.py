@@ -1,4 +1,9 @@
-"""``lsa reproduce``: every analysis on the toy zoo, then one report of the findings.
+"""``lsa reproduce``: every analysis on the toy zoo and on the real pretrained models, then one report.
+
+The real models' part is the ``real`` preset (Gemma 3 270M in English and Chinese,
+SmolLM2 135M in English); where they are not installed the report says so and
+covers the zoo. Its section states, from the saved numbers, what the real models
+show against the paper's findings.
 
 Each notebook writes ``findings.json`` into its run folder: named numbers with a
 one-line statement each. The report (Markdown and HTML, figures embedded by
@@ -18,6 +23,9 @@ from lsa import runner
 
 QUICK = {"n_prompts": [16], "n_texts": [200]}
 
+# The real pretrained models of the "real" preset (lsa.pretrained): the multilingual one first.
+REAL_MODELS = ("gemma-3-270m", "smollm2-135m")
+
 # The findings the report leads with: (notebook, model, key pattern).
 HEADLINES: list[tuple[str, str, str]] = [
     ("00_quickstart", "toy-bilingual", r"(ioi|past_tense)_(en|zh)_accuracy"),
@@ -32,6 +40,27 @@ HEADLINES: list[tuple[str, str, str]] = [
         r"(lape|plnd)_neurons_.*|(lape|plnd)_off_(en_loss_en|en_loss_zh)|.*_steer_.*",
     ),
 ]
+
+
+REAL_HEADLINES: list[tuple[str, str, str]] = [
+    ("00_quickstart", REAL_MODELS[0], r"(ioi|past_tense)_(en|zh)_(accuracy|top1)"),
+    ("00_quickstart", REAL_MODELS[1], r"ioi_en_(accuracy|top1)"),
+    ("01_ioi_circuit", REAL_MODELS[0], r"ioi_circuit_(en|zh)_(size|heads|faithfulness)"),
+    ("01_ioi_circuit", REAL_MODELS[1], r"ioi_circuit_en_(size|heads|faithfulness)"),
+    ("03_compare_circuits", REAL_MODELS[0], r"ioi_circuit_(jaccard|weighted_overlap|role_agreement|shared)_.*"),
+    ("03_compare_circuits", REAL_MODELS[0], r"ioi_faithfulness_.*"),
+    ("03_compare_circuits", f"{REAL_MODELS[1]}+{REAL_MODELS[0]}", r"ioi_circuit_(role_agreement|shared)_.*"),
+    (
+        "02_past_tense",
+        REAL_MODELS[0],
+        r"past_tense_.*_accuracy|frequency_correlation|english_specific_heads|ablation_.*",
+    ),
+    ("04_language_neurons", REAL_MODELS[0], r"lape_neurons_.*|lape_off_.*|lape_steer_.*"),
+]
+
+
+def _is_real(run: dict) -> bool:
+    return any(name in run["provenance"]["model"] for name in REAL_MODELS)
 
 
 def collect(output: Path) -> list[dict]:
@@ -59,11 +88,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
-    """``report.md`` and ``report.html`` in ``output``; returns the HTML path."""
-    lines = ["# lsa: findings on the toy zoo", "", f"Run folder: `{output}`; wall time {wall_s:.0f} s.", ""]
-    lines += ["## Headline findings", ""]
-    for notebook, model, pattern in HEADLINES:
+def _headlines(runs: list[dict], headlines: list[tuple[str, str, str]]) -> list[str]:
+    lines = []
+    for notebook, model, pattern in headlines:
         for run in runs:
             prov = run["provenance"]
             if prov["notebook"].removesuffix(".ipynb") != notebook or prov["model"] != model:
@@ -71,7 +98,141 @@ def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
             for key, item in run["findings"].items():
                 if re.fullmatch(pattern, key):
                     lines.append(f"- {model}, {notebook}: {item.get('statement', key)} = **{_fmt(item.get('value'))}**")
-    lines.append("")
+    return lines
+
+
+def _finding(runs: list[dict], notebook: str, model: str, key: str):
+    """One finding's value (``None`` where that run or key is missing)."""
+    for run in runs:
+        prov = run["provenance"]
+        if prov["notebook"].removesuffix(".ipynb") == notebook and prov["model"] == model:
+            item = run["findings"].get(key)
+            if item is not None:
+                return item.get("value") if isinstance(item, dict) else item
+    return None
+
+
+def _num(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and value == value else None
+
+
+def _grade(value: float | None, strong: float, weak: float, words=("agrees", "agrees in part", "disagrees")) -> str:
+    if value is None:
+        return "cannot be judged (missing)"
+    return words[0] if value >= strong else words[1] if value >= weak else words[2]
+
+
+def compare_with_paper(runs: list[dict]) -> list[str]:
+    """Plain-words statements of what the real models show against the paper's findings, from the saved numbers."""
+    g, s = REAL_MODELS
+    out = []
+    find = lambda nb, model, key: _finding(runs, nb, model, key)  # noqa: E731
+    # 1. same process, same circuit (the paper: BLOOM-560M's EN and ZH IOI circuits share most functional heads)
+    j = _num(find("03_compare_circuits", g, "ioi_circuit_jaccard_en_vs_zh"))
+    shared = find("03_compare_circuits", g, "ioi_circuit_shared_en_vs_zh") or []
+    sizes = [find("01_ioi_circuit", g, f"ioi_circuit_{lang}_size") for lang in ("en", "zh")]
+    cross = [
+        _num(find("03_compare_circuits", g, f"ioi_faithfulness_{a}_on_{b}")) for a, b in (("en", "zh"), ("zh", "en"))
+    ]
+    if j is not None:
+        verdict = _grade(j, 0.5, 0.2)
+        out.append(
+            f"- **Same process, same circuit?** The paper found that BLOOM-560M's English and Chinese IOI circuits "
+            f"share most of their functional heads. Gemma 3 270M {verdict}: its English circuit has {sizes[0]} heads, "
+            f"its Chinese one {sizes[1]}, and they share {len(shared)} ({', '.join(map(str, shared)) or 'none'}; "
+            f"Jaccard {j:.2f}). The English circuit keeps {_fmt(cross[0])} of the model's Chinese behaviour and the "
+            f"Chinese circuit {_fmt(cross[1])} of its English behaviour (normalised faithfulness, 1 = all of it)."
+        )
+    # 2. two independently trained models, one task (the paper: GPT-2 vs CPM, largely the same algorithm)
+    pair = f"{s}_en_vs_{g}_en"
+    roles = _num(find("03_compare_circuits", f"{s}+{g}", f"ioi_circuit_role_agreement_{pair}"))
+    shared_roles = find("03_compare_circuits", f"{s}+{g}", f"ioi_circuit_shared_{pair}")
+    smol_size = find("01_ioi_circuit", s, "ioi_circuit_en_size")
+    if smol_size is not None:
+        out.append(
+            f"- **Independently trained models, one process?** The paper found GPT-2 and CPM largely using the same "
+            f"IOI algorithm. SmolLM2 135M's English circuit has {smol_size} heads against Gemma 3's {sizes[0]}; "
+            f"the roles both circuits hold: {', '.join(map(str, shared_roles or [])) or 'none'}"
+            + (f" (role agreement {roles:.2f})." if roles is not None else ".")
+        )
+    # 3. different process, different components (the paper: Qwen2's past-tense head and late FFNs only in English)
+    r = _num(find("02_past_tense", g, "frequency_correlation"))
+    heads = find("02_past_tense", g, "english_specific_heads") or []
+    ab = {
+        (lang, part): _num(find("02_past_tense", g, f"ablation_{lang}_{part}"))
+        for lang in ("en", "zh")
+        for part in ("English-specific_heads", "late_FFNs")
+    }
+    if r is not None:
+        words = []
+        for part, name in (("English-specific_heads", "the English-specific heads"), ("late_FFNs", "the late FFNs")):
+            en, zh = ab["en", part], ab["zh", part]
+            if en is None or zh is None:
+                continue
+            gap = zh - en
+            verdict = _grade(gap, 0.2, 0.05, ("as in the paper", "a little, as in the paper", "unlike the paper"))
+            words.append(
+                f"ablating {name} leaves English at {en:.2f} and Chinese at {zh:.2f} of the full model's metric, "
+                f"so it hurts English more than Chinese by {gap:.2f} ({verdict})"
+            )
+        out.append(
+            f"- **Different process, different components?** The paper found Qwen2-0.5B using a copy head in both "
+            f"languages and a past-tense head and late FFNs only in English. On Gemma 3, head activation frequency "
+            f"in English and Chinese routes correlates at {r:.2f}; the heads used more in English: "
+            f"{', '.join(map(str, heads)) or 'none'}; " + "; ".join(words) + "."
+        )
+    # 4. language-specific neurons (LAPE) and steering
+    counts = {lang: find("04_language_neurons", g, f"lape_neurons_{lang}") for lang in ("en", "zh")}
+    off = {
+        (a, b): _num(find("04_language_neurons", g, f"lape_off_{a}_loss_{b}"))
+        for a in ("en", "zh")
+        for b in ("en", "zh")
+    }
+    if counts["en"] is not None:
+        own = all(
+            off[a, a] is not None and off[a, b] is not None and off[a, a] > off[a, b]
+            for a, b in (("en", "zh"), ("zh", "en"))
+        )
+        out.append(
+            f"- **Language-specific neurons.** LAPE finds {counts['en']} English and {counts['zh']} Chinese neurons in "
+            f"Gemma 3. Switching the English ones off changes the English loss by {_fmt(off['en', 'en'])} and the "
+            f"Chinese loss by {_fmt(off['en', 'zh'])}; the Chinese ones: Chinese {_fmt(off['zh', 'zh'])}, English "
+            f"{_fmt(off['zh', 'en'])}. "
+            + (
+                "Each set matters more to its own language, as LAPE's authors report."
+                if own
+                else "Not every set matters more to its own language: this differs from what LAPE's authors report."
+            )
+        )
+    return out
+
+
+def write_report(output: Path, runs: list[dict], wall_s: float, note: str = "") -> Path:
+    """``report.md`` and ``report.html`` in ``output``; returns the HTML path. ``note``: a line for the
+    real models' section (why it is missing)."""
+    zoo = [r for r in runs if not _is_real(r)]
+    real = [r for r in runs if _is_real(r)]
+    lines = ["# lsa: findings on the toy zoo and real pretrained models", ""]
+    lines += [f"Run folder: `{output}`; wall time {wall_s:.0f} s.", ""]
+    lines += ["## Headline findings: the toy zoo", "", *_headlines(zoo, HEADLINES), ""]
+    lines += ["## Real pretrained models: Gemma 3 270M and SmolLM2 135M", ""]
+    if note:
+        lines += [note, ""]
+    if real:
+        lines += [
+            "Both are dequantised 4-bit copies of the released weights (close to them, not equal; see their cards "
+            "in `data/models/`).",
+            "",
+            "### Against the paper",
+            "",
+            *compare_with_paper(real),
+            "",
+            "### Headline numbers",
+            "",
+            *_headlines(real, REAL_HEADLINES),
+            "",
+        ]
+    runs = zoo + real
     for run in runs:
         prov = run["provenance"]
         rel = run["folder"].relative_to(output)
@@ -90,7 +251,9 @@ def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
     (output / "report.md").write_text(md)
     body = []
     for line in lines:
-        if line.startswith("# "):
+        if line.startswith("### "):
+            body.append(f"<h3>{html.escape(line[4:])}</h3>")
+        elif line.startswith("# "):
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("## "):
             body.append(f"<h2>{html.escape(line[3:])}</h2>")
@@ -107,17 +270,42 @@ def write_report(output: Path, runs: list[dict], wall_s: float) -> Path:
     return path
 
 
-def main(
-    output: str | Path | None = None, quick: bool = False, cell_timeout: int | None = runner.DEFAULT_CELL_TIMEOUT
-) -> int:
-    """Run the zoo grid, write the report, print where it is. Non-zero exit if any run failed.
+def real_cells(output: Path, quick: bool) -> tuple[list[runner.Cell], str]:
+    """The ``real`` preset's cells, or none and a line saying why (models not installed)."""
+    from lsa import pretrained
 
-    ``cell_timeout``: seconds one notebook cell may run before its grid cell fails (0 or ``None``: no limit)."""
+    missing = [n for n in sorted(pretrained.NAMES) if not pretrained.is_installed(n)]
+    if missing:
+        return [], (
+            f"real pretrained models not installed ({', '.join(missing)}): run `{pretrained.INSTALL_COMMAND}`; "
+            "this report covers the toy zoo only"
+        )
+    return runner.plan_preset("real", output, params=QUICK if quick else None), ""
+
+
+def main(
+    output: str | Path | None = None,
+    quick: bool = False,
+    cell_timeout: int | None = runner.DEFAULT_CELL_TIMEOUT,
+    jobs: int = 1,
+    real: bool = True,
+) -> int:
+    """Run the zoo grid and the real models' grid (``real``), write the report, print where it is.
+    Non-zero exit if any run failed.
+
+    ``cell_timeout``: seconds one notebook cell may run before its grid cell fails (0 or ``None``: no limit);
+    ``jobs``: notebooks run at once."""
     output = Path(output or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     cells = runner.plan_preset("zoo", output, params=QUICK if quick else None)
-    result = runner.run_grid(cells, cell_timeout=cell_timeout)
-    report = write_report(output, collect(output), time.perf_counter() - start)
+    note = ""
+    if real:
+        extra, note = real_cells(output, quick)
+        cells += extra
+        if note:
+            print(f"lsa reproduce: {note}")
+    result = runner.run_grid(cells, cell_timeout=cell_timeout, jobs=jobs)
+    report = write_report(output, collect(output), time.perf_counter() - start, note=note)
     print(result.table()[["notebook", "model", "language", "status", "wall_s"]].to_string(index=False))
     for cell in result.failed:
         print(f"FAILED {cell.label}: {cell.error}")

@@ -567,6 +567,33 @@ def write_summary(root: Path, result: GridResult) -> Path:
     return path
 
 
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return []
+
+
+def dependencies(cells: list[Cell]) -> dict[int, list[int]]:
+    """For each cell's index, the indices of the other cells whose folder one of its parameters points into
+    (``circuits`` of 03_compare_circuits name the ``circuit.json`` of 01_ioi_circuit cells)."""
+    folders = [c.folder.resolve() for c in cells]
+    found = {}
+    for i, cell in enumerate(cells):
+        paths = [Path(s).resolve() for s in _strings(cell.params) if "/" in s]
+        found[i] = [j for j in range(len(cells)) if j != i and any(p.is_relative_to(folders[j]) for p in paths)]
+    return found
+
+
+def _start(cell: Cell, *, overwrite: bool, kernel: str | None, cell_timeout: int | None) -> Cell:
+    if overwrite:
+        clear_folder(cell.folder)
+    return run_cell(cell, kernel=kernel, cell_timeout=cell_timeout)
+
+
 def run_grid(
     cells: list[Cell],
     *,
@@ -575,18 +602,27 @@ def run_grid(
     kernel: str | None = None,
     progress: bool = True,
     cell_timeout: int | None = DEFAULT_CELL_TIMEOUT,
+    jobs: int = 1,
 ) -> GridResult:
-    """Run every cell, one after the other, with a progress bar; write ``summary.csv`` beside them.
+    """Run every cell, ``jobs`` kernels at a time, with a progress bar; write ``summary.csv`` beside them.
 
     Before the first kernel starts: model names are checked (:func:`check_models`) and
     existing results refused unless ``overwrite`` (then a cell's old outputs are removed
     right before it reruns) or ``skip_existing``. ``cell_timeout``: seconds one notebook
-    cell may run (``None`` or 0: no limit).
+    cell may run (``None`` or 0: no limit). With ``jobs`` > 1 a cell starts only after the
+    cells it reads from (:func:`dependencies`) have finished; each kernel keeps the
+    environment's ``OMP_NUM_THREADS``, so ``jobs`` x that should not exceed the cores.
+    ``jobs=1`` runs the cells in their order.
     """
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+
     from tqdm.auto import tqdm
 
     if importlib.util.find_spec("papermill") is None:
         raise GridError("running notebooks needs papermill and a Jupyter kernel: pip install 'lsa[notebooks]'")
+    if jobs < 1:
+        raise GridError(f"jobs must be at least 1, got {jobs}")
     check_models(cells)
     existing = [c for c in cells if (c.folder / "notebook.ipynb").exists()]
     if existing and not (overwrite or skip_existing):
@@ -594,17 +630,48 @@ def run_grid(
         raise GridError(
             f"{len(existing)} run folder(s) already hold results (pass --overwrite or --skip-existing):\n  {listed}"
         )
-    result = GridResult()
-    bar = tqdm(cells, desc="grid", unit="run", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(cell.label[:60])
+    needs = dependencies(cells)
+    bar = tqdm(total=len(cells), desc="grid", unit="run", disable=not progress)
+
+    waiting = []
+    for i, cell in enumerate(cells):
         if skip_existing and cell in existing:
             cell.status = "skipped"
+            bar.update()
         else:
-            if overwrite:
-                clear_folder(cell.folder)
-            run_cell(cell, kernel=kernel, cell_timeout=cell_timeout)
-        result.cells.append(cell)
+            waiting.append(i)
+    finished = {i for i, c in enumerate(cells) if c.status == "skipped"}
+    running: dict = {}
+    # papermill changes the process's working directory while a notebook runs, so parallel
+    # cells run in processes of their own; one job runs in a thread of this process
+    if jobs == 1:
+        pool = ThreadPoolExecutor(max_workers=1)
+    else:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+    options = {"overwrite": overwrite, "kernel": kernel, "cell_timeout": cell_timeout}
+    with pool:
+        while waiting or running:
+            for i in list(waiting):
+                if len(running) >= jobs:
+                    break
+                if all(j in finished for j in needs[i]):
+                    waiting.remove(i)
+                    running[pool.submit(_start, cells[i], **options)] = i
+                    bar.set_postfix_str(cells[i].label[:60])
+                elif jobs == 1:
+                    break  # keep the order: this cell waits for one that comes later
+            if not running:  # a cycle, or a dependency listed after its reader with jobs=1
+                i = waiting.pop(0)
+                running[pool.submit(_start, cells[i], **options)] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
+                ran = future.result()  # a copy when it ran in another process
+                cells[i].status, cells[i].error, cells[i].wall_s = ran.status, ran.error, ran.wall_s
+                finished.add(i)
+                bar.update()
+    bar.close()
+    result = GridResult(list(cells))
     for root in {c.root for c in cells}:
         write_summary(root, result)
     return result

@@ -32,7 +32,7 @@ def _same(text: str, value) -> bool:
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    code = reproduce.main(output=out, quick=True)
+    code = reproduce.main(output=out, quick=True, real=False, jobs=2)  # 03 waits for the 01 runs it reads
     return code, out
 
 
@@ -63,6 +63,60 @@ def test_report_numbers_are_the_notebooks_saved_findings(reproduced):
     html = (out / "report.html").read_text()
     for png in out.rglob("*.png"):
         assert str(png.relative_to(out)) in html
+
+
+def _run(notebook: str, model: str, findings: dict) -> dict:
+    prov = {"notebook": f"{notebook}.ipynb", "model": model, "language": "en+zh", "status": "ok"}
+    return {"provenance": prov, "findings": {k: {"value": v, "statement": k} for k, v in findings.items()}}
+
+
+def test_the_real_models_section_states_agreement_with_the_paper_from_the_numbers():
+    g, s = reproduce.REAL_MODELS
+    circuits = {"ioi_circuit_en_size": 6, "ioi_circuit_zh_size": 4}
+    runs = [
+        _run("01_ioi_circuit", g, circuits),
+        _run("01_ioi_circuit", s, {"ioi_circuit_en_size": 9}),
+        _run(
+            "03_compare_circuits",
+            g,
+            {
+                "ioi_circuit_jaccard_en_vs_zh": 0.25,
+                "ioi_circuit_shared_en_vs_zh": ["9.3", "10.1"],
+                "ioi_faithfulness_en_on_zh": 0.61,
+                "ioi_faithfulness_zh_on_en": 0.83,
+            },
+        ),
+        _run(
+            "02_past_tense",
+            g,
+            {
+                "frequency_correlation": 0.8,
+                "english_specific_heads": ["7.1"],
+                "ablation_en_English-specific_heads": 0.4,  # English loses more: as in the paper
+                "ablation_zh_English-specific_heads": 0.95,
+                "ablation_en_late_FFNs": 0.9,  # Chinese loses more: unlike the paper
+                "ablation_zh_late_FFNs": 0.5,
+            },
+        ),
+        _run(
+            "04_language_neurons",
+            g,
+            {"lape_neurons_en": 30, "lape_neurons_zh": 40, "lape_off_en_loss_en": 0.5, "lape_off_en_loss_zh": 0.01}
+            | {"lape_off_zh_loss_zh": 0.02, "lape_off_zh_loss_en": 0.3},
+        ),
+    ]
+    text = "\n".join(reproduce.compare_with_paper(runs))
+    assert "Gemma 3 270M agrees in part" in text and "share 2 (9.3, 10.1; Jaccard 0.25)" in text
+    assert "keeps 0.61 of the model's Chinese behaviour" in text and "Chinese circuit 0.83" in text
+    assert "SmolLM2 135M's English circuit has 9 heads against Gemma 3's 6" in text
+    assert "correlates at 0.80" in text and "7.1" in text
+    assert "English at 0.40 and Chinese at 0.95" in text and "by 0.55 (as in the paper)" in text
+    assert "English at 0.90 and Chinese at 0.50" in text and "by -0.40 (unlike the paper)" in text
+    # the Chinese neurons matter more to English here: the section says it differs
+    assert "Not every set matters more to its own language" in text
+    runs[-1]["findings"]["lape_off_zh_loss_zh"]["value"] = 0.9
+    assert "Each set matters more to its own language" in "\n".join(reproduce.compare_with_paper(runs))
+    assert reproduce.compare_with_paper([]) == []
 
 
 def test_paper_preset_dry_run_lists_the_papers_models(capsys):

@@ -89,10 +89,34 @@ def test_a_cell_past_the_cell_timeout_fails_naming_the_timeout_and_its_neighbour
     assert slow["wall_time_s"] < 50  # stopped, not slept out
     assert not (out / "sleeper/toy-bilingual/en/seconds=60/done.json").exists()
     assert fast["status"] == "ok"
-    assert json.loads((out / "sleeper/toy-bilingual/en/seconds=0/done.json").read_text()) == {"slept": 0}
+    assert json.loads((out / "sleeper/toy-bilingual/en/seconds=0/done.json").read_text())["slept"] == 0
     captured = capfd.readouterr()  # file-descriptor level: the kernels' own stderr is in here too
     assert "cell timeout (3 s)" in captured.err
     assert "without encryption" not in captured.out + captured.err  # no ipykernel 7 warning noise
+
+
+def test_jobs_run_independent_cells_at_once_and_a_reader_after_the_cell_it_reads(tmp_path):
+    out = tmp_path / "grid"
+    first = out / "sleeper/writer/en"
+    cells = runner.plan([SLEEPER], ["writer"], ["en"], {"seconds": [4]}, out)
+    cells += runner.plan([SLEEPER], ["other"], ["en"], {"seconds": [4]}, out)
+    # listed first, it reads what the writer writes: it must wait although a kernel is free
+    reader = runner.plan([SLEEPER], ["reader"], ["en"], {"after": [str(first / "done.json")]}, out)
+    assert runner.dependencies(reader + cells) == {0: [1], 1: [], 2: []}
+    result = runner.run_grid(reader + cells, jobs=2, progress=False)
+    assert [c.status for c in result.cells] == ["ok", "ok", "ok"]
+    times = {c.model: json.loads((c.folder / "done.json").read_text()) for c in result.cells}
+    assert times["writer"]["start"] < times["other"]["end"] and times["other"]["start"] < times["writer"]["end"]
+    assert times["reader"]["start"] >= times["writer"]["end"]
+    # one job: one after the other, in the order given (the reader first, so it fails)
+    serial = runner.plan([SLEEPER], ["reader"], ["en"], {"after": [str(tmp_path / "none.json")]}, tmp_path / "s")
+    serial += runner.plan([SLEEPER], ["a", "b"], ["en"], {"seconds": [1]}, tmp_path / "s")
+    result = runner.run_grid(serial, jobs=1, progress=False)
+    assert [c.status for c in result.cells] == ["failed", "ok", "ok"]
+    a, b = (json.loads((c.folder / "done.json").read_text()) for c in result.cells[1:])
+    assert a["end"] <= b["start"]
+    with pytest.raises(runner.GridError, match="jobs must be at least 1"):
+        runner.run_grid(serial, jobs=0, overwrite=True)
 
 
 def test_a_cell_whose_kernel_dies_fails_saying_so_and_its_neighbour_succeeds(tmp_path):
@@ -216,6 +240,6 @@ def test_reproduce_passes_its_cell_timeout_to_the_grid(tmp_path, monkeypatch):
         return runner.GridResult()
 
     monkeypatch.setattr(runner, "run_grid", fake_run_grid)
-    assert cli.main(["reproduce", "--cell-timeout", "7", "-o", str(tmp_path)]) == 0
-    assert seen["cell_timeout"] == 7 and seen["n"] == len(runner.plan_preset("zoo", tmp_path))
+    assert cli.main(["reproduce", "--cell-timeout", "7", "-j", "3", "--no-real", "-o", str(tmp_path)]) == 0
+    assert seen["cell_timeout"] == 7 and seen["jobs"] == 3 and seen["n"] == len(runner.plan_preset("zoo", tmp_path))
     assert cli.build_parser().parse_args(["run", "x"]).cell_timeout == runner.DEFAULT_CELL_TIMEOUT
