@@ -303,10 +303,35 @@ def test_roles_from_hand_built_attention_pattern():
     assert C.suggest_role(row(3), -0.1, "k") == "previous token"
     assert C.suggest_role(row(3), -0.1, "q", step=2) == "S-inhibition"
     assert C.suggest_role(row(3), -0.1, "q", step=3) == "previous token"  # a query of a deeper head: by pattern
-    assert C.suggest_role({**row(3), "copy_score": -2.0}, -0.1, "logits") == "copy suppression"
+    assert C.suggest_role({**row(3), "copy_score": -2.0}, +0.1, "logits") == "copy suppression"
     assert C.suggest_role({**row(3), "copy_score": 0.0}, -0.1, "logits") == "direct"
     s_head = {**row(0), "end_IO": 0.1, "end_S2": 0.7, "copy_score": 0.0}
     assert C.suggest_role(s_head, -0.3, "logits") == "direct (attends S)"
+
+
+def test_roles_are_sign_aware_a_head_that_supports_the_answer_is_never_negative_or_copy_suppression():
+    # A constructed case like SmolLM2's head 23.3: found through the logits, negative copy score, but patching
+    # it moves the metric towards the counterfactual (noising effect < 0): it supports the answer.
+    suppressor = {"end_IO": 0.05, "end_S1": 0.1, "end_S2": 0.6, "copy_score": -3.0}
+    io_mover = {"end_IO": 0.8, "end_S1": 0.05, "end_S2": 0.05, "copy_score": -3.0}
+    negative = ("negative name mover", "copy suppression")
+    for direction, supports, opposes in (("noising", -0.3, +0.3), ("denoising", +0.3, -0.3)):
+        assert C.effect_sign(supports, direction) == 1 and C.effect_sign(opposes, direction) == -1
+        assert C.suggest_role(suppressor, supports, "logits", direction=direction) == "direct (attends S)"
+        assert C.suggest_role(suppressor, opposes, "logits", direction=direction) == "copy suppression"
+        assert C.suggest_role(io_mover, supports, "logits", direction=direction) == "name mover"
+        assert C.suggest_role(io_mover, opposes, "logits", direction=direction) == "negative name mover"
+    for unknown in (None, float("nan"), 0.0):  # no sign, no negative role
+        assert C.effect_sign(unknown) == 0
+        assert C.suggest_role(suppressor, unknown, "logits") not in negative
+        assert C.suggest_role(io_mover, unknown, "logits") not in negative
+    # and through suggest_roles, which reads the direction from the circuit's evidence
+    circuit = C.Circuit(
+        "m", 30, 9, "ioi", "en", [C.Component("head", 23, 3, effect=+0.2, evidence={"receiver_input": "logits"})]
+    )
+    circuit.evidence = {"parameters": {"direction": "denoising"}}
+    scores = pd.DataFrame([{"layer": 23, "head": 3, **suppressor}])
+    assert C.suggest_roles(circuit, scores).get((23, 3)).role == "direct (attends S)"
 
 
 def test_head_scores_attention_matches_patterns_from_plain_hooks():
