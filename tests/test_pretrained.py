@@ -203,6 +203,24 @@ def test_smollm2_steering_counts_the_chinese_characters_its_tokenizer_splits_int
     assert summary["n_before"] + summary["excluded_before"] == summary["n_prompts"] == 2
 
 
+def test_smollm2_position_map_keeps_one_layout_of_a_length_group_that_mixes_them():
+    from transformers import AutoTokenizer
+
+    from lsa.patching import position_labels, position_map_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(pretrained.folder(SMOL)))
+    p = tasks.build("ioi", "en", tok, n=24, seed=0)
+    mixed = p.by_length()[0]
+    assert len(set(mixed.positions["IO"].tolist())) > 1  # a length group mixes templates (IO at 1, 3, 7 here)
+    with pytest.warns(UserWarning, match="patching the largest"):
+        group = position_map_prompts(mixed)
+    for name in ("IO", "S1", "S2", "end"):
+        assert len(set(group.positions[name].tolist())) == 1
+    labels = position_labels(group, tok, list(range(group.clean.shape[1])))
+    io = int(group.positions["IO"][0])
+    assert labels[io].endswith("(IO)") and group.meta["io"].iloc[0].endswith(labels[io].split(":")[1].split(" ")[0])
+
+
 # ----------------------------------------------------------------- random stand-ins
 @pytest.mark.parametrize("name,shape", [(GEMMA, "google/gemma-3-270m"), (SMOL, "HuggingFaceTB/SmolLM2-135M")])
 def test_random_stand_ins_have_the_real_models_layer_head_and_window_layout(name, shape):
