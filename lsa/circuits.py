@@ -551,6 +551,24 @@ def head_scores(
     return frame
 
 
+def effect_sign(effect: float | None, direction: str = "noising") -> int:
+    """Whether a head's patching effect supports the answer: ``+1`` supports, ``-1`` opposes, ``0`` unknown.
+
+    The effect is normalised patching (:func:`lsa.patching.path_patching` into the
+    logits, or a later step): noising moves the metric towards the counterfactual
+    (negative) when it patches a head that carries the behaviour, so there ``effect
+    < 0`` supports the answer and ``> 0`` opposes it; denoising is the reverse.
+    None, NaN and 0 are unknown.
+
+    >>> effect_sign(-0.4), effect_sign(-0.4, "denoising"), effect_sign(None)
+    (1, -1, 0)
+    """
+    if effect is None or not math.isfinite(float(effect)) or float(effect) == 0.0:
+        return 0
+    supports = float(effect) < 0 if direction == "noising" else float(effect) > 0
+    return 1 if supports else -1
+
+
 def suggest_role(
     scores: Mapping,
     effect: float | None,
@@ -561,22 +579,36 @@ def suggest_role(
     direction: str = "noising",
     step: int | None = None,
 ) -> str:
-    """A role from how a head was found and its scores (a row of :func:`head_scores`).
+    """A role from how a head was found, the sign of its effect and its scores (a row of :func:`head_scores`).
+
+    Sign first: :func:`effect_sign` says whether the head's patching ``effect``
+    *supports* the answer (noising: effect < 0; denoising: > 0), *opposes* it, or is
+    unknown (None, NaN, 0). A **negative** role ("negative name mover", "copy
+    suppression": heads that push against the answer) needs an effect that opposes
+    it; a head that supports the answer, or whose sign is unknown, never gets one,
+    whatever its copy score (a supporting head with a negative copy score suppresses
+    what it attends to, e.g. S, which helps the answer: it is "direct").
 
     Rule (``attention``: the least attention share that counts as "attends";
     ``copy``: the least |copy_score|), first match wins:
 
     1) found through the **logits**: attends most to IO (``end_IO`` the largest of
-       end -> IO / S1 / S2 and >= ``attention``): "name mover" if it supports the
-       behaviour (effect < 0 when noising, > 0 when denoising), else "negative name mover"; otherwise
-       ``copy_score <= -copy``: "copy suppression"; ``copy_score >= copy``: "copy";
-       attends most to S1 or S2 (>= ``attention``): "direct (attends S)"; else "direct";
+       end -> IO / S1 / S2 and >= ``attention``): "name mover" if its effect supports
+       the answer, "negative name mover" if it opposes it; otherwise
+       ``copy_score <= -copy`` and the effect opposes the answer: "copy suppression";
+       ``copy_score >= copy``: "copy"; attends most to S1 or S2 (>= ``attention``):
+       "direct (attends S)"; else "direct";
     2) found at step 2 (``step`` None: any step) through the **query** of a head that
        writes to the logits: "S-inhibition";
     3) by attention at S2 and elsewhere: ``S2_S1+1`` >= ``attention`` and larger than
        ``S2_S1``: "induction"; ``S2_S1`` >= ``attention``: "duplicate token";
        ``prev_token`` >= ``attention``: "previous token";
     4) else "unclassified".
+
+    >>> suggest_role({"end_IO": 0.1, "copy_score": -2.0}, -0.3, "logits")   # supports: not copy suppression
+    'direct'
+    >>> suggest_role({"end_IO": 0.1, "copy_score": -2.0}, +0.3, "logits")
+    'copy suppression'
     """
 
     def get(name):
@@ -584,17 +616,18 @@ def suggest_role(
         return float("nan") if v is None else float(v)
 
     if found_via == LOGITS:
+        sign = effect_sign(effect, direction)
         end = {name: get(f"end_{name}") for name in ("IO", "S1", "S2")}
-        if not math.isnan(end["IO"]) and end["IO"] >= attention and end["IO"] >= max(end["S1"], end["S2"]):
-            supports = (effect or 0.0) < 0 if direction == "noising" else (effect or 0.0) > 0
-            return "name mover" if supports else "negative name mover"
+        attends_io = not math.isnan(end["IO"]) and end["IO"] >= attention
+        if attends_io and all(math.isnan(v) or end["IO"] >= v for v in (end["S1"], end["S2"])) and sign:
+            return "name mover" if sign > 0 else "negative name mover"
         c = get("copy_score")
-        if not math.isnan(c) and c <= -copy:
+        if not math.isnan(c) and c <= -copy and sign < 0:
             return "copy suppression"
         if not math.isnan(c) and c >= copy:
             return "copy"
-        s_max = max(end["S1"], end["S2"])
-        if not math.isnan(s_max) and s_max >= attention and s_max >= end["IO"]:
+        s_max = max((v for v in (end["S1"], end["S2"]) if not math.isnan(v)), default=float("nan"))
+        if not math.isnan(s_max) and s_max >= attention and (math.isnan(end["IO"]) or s_max >= end["IO"]):
             return "direct (attends S)"
         return "direct"
     if found_via == "q" and step in (None, 2):

@@ -1177,7 +1177,9 @@ class LanguageReport:
             ``n_neurons``, ``loss``, ``delta`` (minus the unchanged loss), ``random_delta``
             (the same count per layer of random neurons outside every set, mean over seeds).
         steering: one row per (method, strength, prompt): ``baseline``, ``steered``,
-            ``share_before``, ``share_after`` (see :func:`lsa.steering.steering_run`).
+            ``share_before``, ``share_after``, ``chars_before``, ``chars_after`` (see
+            :func:`lsa.steering.steering_run`; :func:`lsa.steering.steering_summary` gives
+            the means with the number of prompts each rests on).
     """
 
     stats: NeuronStats
@@ -1202,12 +1204,16 @@ class LanguageReport:
             lines.append(
                 f"\nsteering {p['steer_from']} -> {p['steer_to']} ({p['steer_from']} neurons set to 0, "
                 f"{p['steer_to']} neurons set to strength x their {p['steer_to']} mean): "
-                f"share of {p['target_script']} tokens in greedy continuations"
+                f"share of {p['target_script']} characters in greedy continuations"
             )
-            for (method, st), run in self.steering.groupby(["method", "strength"], sort=False):
+            from lsa.steering import steering_summary
+
+            for row in steering_summary(self.steering, by=["method", "strength"]).itertuples():
                 lines.append(
-                    f"  [{method}] strength {st:g}: {run['share_before'].mean():.2f} -> "
-                    f"{run['share_after'].mean():.2f} ({len(run)} prompts)"
+                    f"  [{row.method}] strength {row.strength:g}: {row.share_before:.2f} "
+                    f"({row.n_before} of {row.n_prompts} prompts) -> {row.share_after:.2f} "
+                    f"({row.n_after} of {row.n_prompts}; a prompt whose continuation has no CJK or Latin "
+                    "character is excluded)"
                 )
         return "\n".join(lines)
 
@@ -1305,7 +1311,17 @@ def language_report(
                         "random_delta": float(rand[evaluated] - base[evaluated]),
                     }
                 )
-    columns = ["method", "strength", "prompt", "baseline", "steered", "share_before", "share_after"]
+    columns = [
+        "method",
+        "strength",
+        "prompt",
+        "baseline",
+        "steered",
+        "share_before",
+        "share_after",
+        "chars_before",
+        "chars_after",
+    ]
     runs = []
     if steer_from in stats.languages and steer_to in stats.languages and steer_from in held:
         tok = model.tokenizer

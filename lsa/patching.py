@@ -67,6 +67,8 @@ __all__ = [
     "forward",
     "run_metric",
     "check_prompts",
+    "position_map_prompts",
+    "position_labels",
 ]
 
 SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head", "neuron")
@@ -814,6 +816,67 @@ def _heads(model: Model, heads, layer: int | None = None) -> list[int]:
     return heads
 
 
+def position_map_prompts(prompts: PromptSet) -> PromptSet:
+    """The prompts a position-by-position sweep (``positions="each"``) patches.
+
+    Patching absolute positions one at a time compares prompts position by
+    position, so every prompt needs the same length *and* the same named positions
+    (IO, S1, S2, verb, ...): one group of :meth:`lsa.tasks.PromptSet.aligned`. On
+    real tokenizers a length group mixes templates whose names sit at different
+    positions, and a name or verb of another token length moves the positions after
+    it. All the prompts when they form one group; else the largest group, with a
+    warning that says how many prompts it keeps (map each group with
+    ``for group in prompts.aligned(): ...``).
+    """
+    groups = prompts.aligned()
+    if len(groups) <= 1:
+        return prompts
+    kept = groups[0]
+    templates = sorted(set(kept.meta["template"])) if "template" in kept.meta else []
+    which = (
+        f" (template {', '.join(map(str, templates[:3]))}{', ...' if len(templates) > 3 else ''})" if templates else ""
+    )
+    warnings.warn(
+        f"positions='each' patches absolute positions, which mean the same thing only where the prompts' lengths "
+        f"and named positions coincide; these {len(prompts)} prompts form {len(groups)} such groups "
+        f"(sizes {[len(g) for g in groups]}): patching the largest, {len(kept)} prompts{which}. "
+        "To map every group: [activation_patching(model, g, site, positions='each') for g in prompts.aligned()]",
+        stacklevel=3,
+    )
+    return kept
+
+
+def _token_label(tokenizer, token: int) -> str:
+    """A short display form of one token: its text, or its vocabulary entry when it is a byte piece."""
+    text = tokenizer.decode([token])
+    if "\ufffd" in text and hasattr(tokenizer, "convert_ids_to_tokens"):
+        text = str(tokenizer.convert_ids_to_tokens(token))
+    text = text.strip().replace("\n", "\\n") or repr(text)
+    return text if len(text) <= 12 else text[:11] + "…"
+
+
+def position_labels(prompts: PromptSet, tokenizer, positions: Sequence) -> list[str]:
+    """Display labels of a sweep's positions: ``"3:Mary (IO)"``.
+
+    An absolute position gets its index, the first prompt's token there and the
+    named positions that every prompt has there (``IO``, ``S1``, ``S2``, ``end``);
+    a name stays its name; ``None`` (all positions) is ``"all"``. Without a
+    tokenizer, the index and names alone.
+    """
+    named = {**prompts.positions, "end": prompts.end}
+    labels = []
+    for pos in positions:
+        if pos is None or isinstance(pos, str):
+            labels.append("all" if pos is None else pos)
+            continue
+        names = [name for name, at in named.items() if len(at) and bool((at == pos).all())]
+        label = str(pos)
+        if tokenizer is not None and len(prompts) and pos < int(prompts.lengths[0]):
+            label += f":{_token_label(tokenizer, int(prompts.clean[0, pos]))}"
+        labels.append(label + (f" ({'/'.join(names)})" if names else ""))
+    return labels
+
+
 def _positions(prompts: PromptSet, positions) -> list:
     """``None`` -> [None] (all at once); ``"each"`` -> every position; a list of ints / names."""
     if positions is None or positions == "all":
@@ -822,7 +885,8 @@ def _positions(prompts: PromptSet, positions) -> list:
         if not prompts.same_length:
             raise ValueError(
                 "positions='each' patches absolute positions, which differ between prompts of different "
-                "lengths; split the set with prompts.by_length() or pass named positions (e.g. ['S2', 'end'])"
+                "lengths; split the set with prompts.aligned() (groups whose length and named positions coincide) "
+                "or pass named positions (e.g. ['S2', 'end'])"
             )
         return list(range(prompts.clean.shape[1]))
     positions = [positions] if isinstance(positions, (int, str)) else list(positions)
@@ -917,7 +981,9 @@ def activation_patching(
         layers, heads, neurons: which components (default: every layer, every head /
             neuron); ``neurons`` only with ``site="neuron"``.
         positions: ``None`` (all positions at once), ``"each"`` (every position
-            separately; needs equal-length prompts), or a list of absolute
+            separately, for a layer x position map: on the prompts whose length and
+            named positions coincide, :func:`position_map_prompts`, which warns when
+            it keeps only the largest such group), or a list of absolute
             positions and/or names in ``prompts.positions`` (``"S2"``, ``"end"``),
             each patched on its own (``None`` in the list = all positions).
         direction: ``"noising"`` (clean run, counterfactual activations) or ``"denoising"``.
@@ -927,7 +993,9 @@ def activation_patching(
 
     Returns a :class:`PatchResult` whose ``array`` is ``[layer, head]`` for heads,
     ``[layer, neuron]`` for neurons, ``[layer]`` otherwise, with a trailing
-    ``pos`` axis when positions are patched one at a time.
+    ``pos`` axis when positions are patched one at a time; then ``meta["pos_labels"]``
+    labels that axis with tokens (:func:`position_labels`, e.g. ``"3:Mary (IO)"``)
+    and ``meta["n_prompts"]`` / ``meta["n_given"]`` say how many prompts it rests on.
 
     >>> res = activation_patching(model, prompts, "resid_pre", positions="each")  # doctest: +SKIP
     >>> res.array.shape   # [layer, pos]                                           # doctest: +SKIP
@@ -935,6 +1003,9 @@ def activation_patching(
     check_prompts(prompts)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
+    n_given = len(prompts)
+    if positions == "each":
+        prompts = position_map_prompts(prompts)
     specs, dims, axes = sweep_specs(
         model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
     )
@@ -967,8 +1038,18 @@ def activation_patching(
         dims=dims,
         axes=axes,
         direction=direction,
-        meta={"site": site},
+        meta=_sweep_meta(model, prompts, site, axes, n_given),
     )
+
+
+def _sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given: int) -> dict:
+    """A sweep's ``meta``: its site, and with a position axis the token labels and the prompts it rests on."""
+    meta = {"site": site}
+    if "pos" in axes:
+        tokenizer = getattr(model, "tokenizer", None)
+        meta["pos_labels"] = position_labels(prompts, tokenizer, axes["pos"])
+        meta["n_prompts"], meta["n_given"] = len(prompts), n_given
+    return meta
 
 
 # ============================================================== path patching

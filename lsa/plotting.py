@@ -87,6 +87,22 @@ def map_grid(result, value: str = "normalized", extra=None) -> tuple[torch.Tenso
     return grid, list(result.axes[row]), list(result.axes[col])
 
 
+def axis_labels(result, dim: str, labels: list) -> list[str]:
+    """Display labels of ``labels`` on a result's axis ``dim``.
+
+    Positions of a :func:`lsa.patching.activation_patching` sweep show their tokens
+    and named positions (``result.meta["pos_labels"]``, e.g. ``"3:Mary (IO)"``);
+    anything else its label as text.
+    """
+    meta = getattr(result, "meta", None) or {}
+    shown = meta.get(f"{dim}_labels")
+    axis = list(getattr(result, "axes", {}).get(dim, []))
+    if shown and len(shown) == len(axis):
+        lookup = dict(zip(axis, shown))
+        return [str(lookup.get(x, x)) for x in labels]
+    return [str(x) for x in labels]
+
+
 def map_figure(grids: dict, row_dim: str, col_dim: str, value: str, cell: tuple[int, int] | None = None, title=""):
     """Heatmaps (one per language) of ``{language: (grid [rows, cols], row labels, column labels)}``.
 
@@ -122,10 +138,20 @@ def map_figure(grids: dict, row_dim: str, col_dim: str, value: str, cell: tuple[
 
 
 def patching_map(results, value: str = "normalized", extra=None, title: str = ""):
-    """Heatmaps of a :class:`lsa.patching.PatchResult` or ``{language: PatchResult}`` (one panel per language)."""
+    """Heatmaps of a :class:`lsa.patching.PatchResult` or ``{language: PatchResult}`` (one panel per language).
+
+    A layer x position map labels its positions with tokens (:func:`axis_labels`) and
+    titles each panel with the number of prompts it rests on when that is fewer than given.
+    """
     results = results if isinstance(results, dict) else {"": results}
-    grids = {lang: map_grid(res, value, extra) for lang, res in results.items()}
     row_dim, col_dim, _ = map_dims(next(iter(results.values())))
+    grids = {}
+    for lang, res in results.items():
+        grid, rows, cols = map_grid(res, value, extra)
+        meta = getattr(res, "meta", None) or {}
+        n, given = meta.get("n_prompts"), meta.get("n_given")
+        name = f"{lang} ({n} of {given} prompts)".strip() if n is not None and given and n < given else lang
+        grids[name] = (grid, axis_labels(res, row_dim, rows), axis_labels(res, col_dim, cols))
     return map_figure(grids, row_dim, col_dim, value, title=title)
 
 

@@ -11,6 +11,8 @@ shared components ringed in both.
 
 from __future__ import annotations
 
+import math
+import textwrap
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -48,13 +50,42 @@ def role_colour(role: str) -> str:
     return palette[sum(map(ord, role or "?")) % len(palette)]
 
 
-def _position(key: tuple, n_heads: int, n_layers: int) -> tuple[float, float]:
+MAX_SIZE = (12.0, 9.0)  # inches: a circuit diagram is never larger (30-layer models included)
+GAP = 0.45  # height of a run of layers without a component, in layer rows
+
+
+def layer_rows(used: set[int], n_layers: int, compress: bool = True) -> tuple[dict[int, float], list]:
+    """Vertical place of each layer and the y ticks ``[(y, label)]`` of a circuit diagram.
+
+    Without ``compress`` layer ``l`` sits at ``y = l``. With it, layers holding a
+    component are one row apart and each run of layers without one shares a single
+    band of height :data:`GAP` (its layers at the band's middle), ticked ``"L3-9"``;
+    so a 30-layer model with components in 5 layers is 5 rows and a few bands tall.
+    """
+    if not compress or not used:
+        return {la: float(la) for la in range(n_layers)}, [(float(la), f"L{la}") for la in range(n_layers)]
+    rows, ticks, bottom, la = {}, [], 0.0, 0  # bottom: where the next row or band starts
+    while la < n_layers:
+        end = la
+        if la not in used:
+            while end + 1 < n_layers and end + 1 not in used:
+                end += 1
+        height = 1.0 if la in used else GAP
+        centre = bottom + height / 2
+        rows.update({skipped: centre for skipped in range(la, end + 1)})
+        ticks.append((centre, f"L{la}" if end == la else f"L{la}-{end}"))
+        bottom, la = bottom + height, end + 1
+    return rows, ticks
+
+
+def _position(key: tuple, n_heads: int, rows: dict[int, float]) -> tuple[float, float]:
+    """``(x, y)`` of a component: heads at ``(head, row of its layer)``, MLPs and neurons right of the heads."""
     if key == (LOGITS,):
-        return (n_heads - 1) / 2, n_layers
+        return (n_heads - 1) / 2, max(rows.values(), default=-1.0) + 1.0
     if key[0] == "head":
-        return float(key[2]), float(key[1])
+        return float(key[2]), rows[key[1]]
     x = n_heads + 0.3 if key[0] == "mlp" else n_heads + 0.3 + 0.15 * (key[2] % 5)
-    return x, key[1] + 0.3
+    return x, rows[key[1]] + 0.3
 
 
 def draw(
@@ -66,6 +97,7 @@ def draw(
     overlay: bool | None = None,
     min_width: float = 0.5,
     max_width: float = 5.0,
+    compress: bool = True,
 ):
     """The circuit diagram of one circuit, or of several of one shape overlaid (shared components ringed).
 
@@ -78,6 +110,11 @@ def draw(
     colour by circuit. ``overlay`` (default: when all circuits come from one model)
     puts them on one diagram; otherwise each gets its own panel, side by side
     (head indices of different models do not correspond).
+
+    ``compress`` (default): only layers that hold a component get a row; each run of
+    layers without one is a thin band ticked ``"L3-9"`` (:func:`layer_rows`), so deep
+    models (SmolLM2: 30 layers) stay readable. The figure is at most
+    :data:`MAX_SIZE` inches.
     """
     circuits = [circuits] if isinstance(circuits, Circuit) else list(circuits)
     if not circuits:
@@ -93,21 +130,27 @@ def draw(
     if not overlay and len(circuits) > 1:
         if ax is not None:
             raise ValueError("circuits drawn side by side make their own axes; do not pass ax")
-        fig, axes = plt.subplots(1, len(circuits), figsize=(5.5 * len(circuits), 5.5))
+        fig, axes = plt.subplots(1, len(circuits), figsize=(min(5.5 * len(circuits), 2 * MAX_SIZE[0]), 5.5))
         for i, (c, lab) in enumerate(zip(circuits, labels)):
-            draw(c, [lab], ax=axes[i], title=f"{lab}: {c.model}")
+            draw(c, [lab], ax=axes[i], title=f"{lab}: {c.model}", compress=compress)
         if title:
             fig.suptitle(title)
         fig.tight_layout()
         return fig
     n_layers, n_heads = circuits[0].n_layers, circuits[0].n_heads
+    used = {comp.layer for c in circuits for comp in c.components}
+    used |= {k[1] for c in circuits for e in c.edges for k in (e.sender, e.receiver) if k != (LOGITS,)}
+    rows, ticks = layer_rows(used, n_layers, compress)
+    span = max(rows.values(), default=0.0) - min(rows.values(), default=0.0) + 1.0
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * n_heads + 2.5), max(4.0, 1.1 * n_layers + 1.5)))
+        width = min(MAX_SIZE[0], max(5.0, 1.0 * n_heads + 3.5))
+        fig, ax = plt.subplots(figsize=(width, min(MAX_SIZE[1], max(4.0, 0.9 * span + 2.0))))
     else:
         fig = ax.figure
-    grid = np.array([(h, la) for la in range(n_layers) for h in range(n_heads)])
+    shown = sorted(used) if compress and used else range(n_layers)
+    grid = np.array([(h, rows[la]) for la in shown for h in range(n_heads)])
     ax.scatter(grid[:, 0], grid[:, 1], s=60, c="#dddddd", zorder=1)
-    lx, ly = _position((LOGITS,), n_heads, n_layers)
+    lx, ly = _position((LOGITS,), n_heads, rows)
     ax.scatter([lx], [ly], marker="s", s=400, c="#444444", zorder=3)
     ax.annotate("logits", (lx, ly), ha="center", va="center", color="white", fontsize=8, zorder=4)
 
@@ -118,8 +161,8 @@ def draw(
     offsets = np.linspace(-0.08, 0.08, len(circuits)) if several else [0.0]
     for i, c in enumerate(circuits):
         for e in c.edges:
-            x0, y0 = _position(e.sender, n_heads, n_layers)
-            x1, y1 = _position(e.receiver, n_heads, n_layers)
+            x0, y0 = _position(e.sender, n_heads, rows)
+            x1, y1 = _position(e.receiver, n_heads, rows)
             width = min_width + (max_width - min_width) * (abs(e.effect) / top if e.effect is not None else 0.2)
             colour = CIRCUIT_COLOURS[i % 4] if several else ("#1f4e9c" if (e.effect or 0) <= 0 else "#c0392b")
             ax.add_patch(
@@ -144,7 +187,7 @@ def draw(
             members.setdefault(comp.key, []).append(i)
     roles_seen = []
     for key, which in members.items():
-        x, y = _position(key, n_heads, n_layers)
+        x, y = _position(key, n_heads, rows)
         marker = "o" if key[0] == "head" else "s"
         for ring, i in enumerate(which):  # one disc per circuit holding it, outermost first, filled by its role
             role = circuits[i].get(key).role
@@ -161,12 +204,15 @@ def draw(
                 zorder=5 + ring,
             )
         ax.annotate(circuits[which[0]].get(key).name, (x, y), ha="center", va="center", fontsize=7, zorder=10)
-    ax.set_yticks(range(n_layers))
-    ax.set_yticklabels([f"L{la}" for la in range(n_layers)])
+    ax.set_yticks([y for y, _ in ticks], [label for _, label in ticks])
+    for tick, (_, label) in zip(ax.get_yticklabels(), ticks):
+        if "-" in label or (compress and used and int(label[1:]) not in used):
+            tick.set_color("grey")
+            tick.set_fontsize(7)
     ax.set_xticks(range(n_heads))
     ax.set_xticklabels([f"H{h}" for h in range(n_heads)])
     ax.set_xlim(-0.8, n_heads + (1.2 if any(k[0] != "head" for k in members) else -0.2))
-    ax.set_ylim(-0.7, n_layers + 0.6)
+    ax.set_ylim(min(rows.values(), default=0.0) - 0.7, ly + 0.6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=role_colour(r), label=r or "no role") for r in roles_seen]
@@ -180,16 +226,27 @@ def draw(
     handles += [Line2D([], [], color="grey", ls=EDGE_STYLES[k], label=f"via {k}") for k in ("q", "k", "v")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     if not members:
-        ax.text((n_heads - 1) / 2, (n_layers - 1) / 2, "empty circuit", ha="center", color="grey")
+        ax.text((n_heads - 1) / 2, ly / 2, "empty circuit", ha="center", color="grey")
     ax.set_title(title or " vs ".join(f"{lab}" for lab in labels) + f" ({circuits[0].task or 'circuit'})")
     fig.tight_layout()
     return fig
 
 
-def step_effects(steps: pd.DataFrame, value: str = "effect"):
+def _receivers_title(step, kind: str, receivers: str, width: int = 30, most: int = 4) -> str:
+    """``"step 2 (q): -> 9.1, 9.6, 10.0, 10.7 +3 more"``, wrapped to ``width`` characters a line."""
+    names = [r.strip() for r in str(receivers).split(",") if r.strip()]
+    shown = ", ".join(names[:most]) + (f" +{len(names) - most} more" if len(names) > most else "")
+    head = f"step {step}" + ("" if kind == LOGITS else f" ({kind})")
+    return textwrap.fill(f"{head}: -> {shown}", width)
+
+
+def step_effects(steps: pd.DataFrame, value: str = "effect", *, columns: int = 4):
     """Heatmaps ``[layer, head]`` of each discovery step's normalised effects (one panel per step and input).
 
     ``steps``: :attr:`lsa.circuits.Discovery.steps`. Selected heads are boxed.
+    Panels fill rows of at most ``columns``; each title names at most four receivers
+    (``+k more``) on wrapped lines, so titles never run into each other; the figure
+    is at most 16 x 12 inches (deep models get fewer layer ticks).
     """
     if steps is None or not len(steps):
         fig, ax = plt.subplots(figsize=(4, 2))
@@ -199,23 +256,35 @@ def step_effects(steps: pd.DataFrame, value: str = "effect"):
     order = {kind: i for i, kind in enumerate((LOGITS, "q", "k", "v"))}
     panels = sorted(steps.groupby(["step", "receiver_input"]), key=lambda p: (p[0][0], order.get(p[0][1], 9)))
     n_layers, n_heads = int(steps["layer"].max()) + 1, int(steps["head"].max()) + 1
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 0.45 * n_layers + 2.2), squeeze=False)
+    ncols = max(1, min(columns, len(panels)))
+    nrows = math.ceil(len(panels) / ncols)
+    panel_height = min(6.0, 0.22 * n_layers + 1.6)
+    size = (min(16.0, (0.25 * n_heads + 2.2) * ncols + 1.5), min(12.0, panel_height * nrows + 0.6))
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False, layout="constrained")
     lim = float(np.nanmax(np.abs(steps[value].to_numpy()))) or 1.0
-    for ax, ((step, kind), frame) in zip(axes[0], panels):
+    every = max(1, math.ceil(n_layers / 16))
+    im = None
+    for ax, ((step, kind), frame) in zip(axes.flat, panels):
         grid = np.full((n_layers, n_heads), np.nan)
         for r in frame.itertuples():
             grid[int(r.layer), int(r.head)] = getattr(r, value)
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, origin="lower", aspect="auto")
         for r in frame[frame["selected"]].itertuples():
             ax.add_patch(plt.Rectangle((r.head - 0.5, r.layer - 0.5), 1, 1, fill=False, ec="black", lw=2))
-        receivers = frame["receivers"].iloc[0]
-        ax.set_title(f"step {step}: -> {receivers}" + ("" if kind == LOGITS else f" ({kind})"), fontsize=8)
-        ax.set_xlabel("head")
+        ax.set_title(_receivers_title(step, kind, frame["receivers"].iloc[0]), fontsize=8)
+        ax.set_xlabel("head", fontsize=8)
         ax.set_xticks(range(n_heads))
-        ax.set_yticks(range(n_layers))
-    axes[0][0].set_ylabel("layer")
+        ax.set_yticks(range(0, n_layers, every))
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for row in axes:
+        row[0].set_ylabel("layer")
     fig.colorbar(
-        im, ax=list(axes[0]), shrink=0.8, label=f"normalised {value} (blue: carries the behaviour; boxed: selected)"
+        im,
+        ax=list(axes.flat),
+        shrink=0.8,
+        label=textwrap.fill(f"normalised {value} (blue: carries the behaviour; boxed: selected)", 40),
     )
     return fig
 

@@ -17,53 +17,91 @@ import lsa.plotting  # noqa: F401  (CJK font fallback for Chinese token labels)
 KIND_COLOURS = {"attn": "tab:blue", "attn+residual": "tab:blue", "residual": "0.6", "ffn": "tab:orange"}
 
 
-def _xy(node, parallel: bool) -> tuple[float, float]:
+MAX_ROUTE_SIZE = (16.0, 12.0)  # inches: a route figure is never larger (30-layer models included)
+QUIET = 0.3  # height of a layer the route only passes through on the residual (a working layer: 2)
+
+
+def _working_layers(graph: nx.DiGraph) -> set[int]:
+    """Layers where the route does more than pass the residual on: an attention head or the FFN on one of its edges."""
+    return {v[0] for _, v, data in graph.edges(data=True) if data["kind"] != "residual" and v[2] != "embed"}
+
+
+def layer_bands(graph: nx.DiGraph, n_layers: int, compress: bool = True) -> tuple[list[float], list[float]]:
+    """``(bottom, height)`` of each layer's band in a route figure (the embedding row sits at 0).
+
+    A layer's band is 2 high; with ``compress`` a layer the route crosses only on the
+    residual stream (no head and no FFN above tau) is :data:`QUIET` high, so deep
+    models keep their working layers readable.
+    """
+    working = _working_layers(graph)
+    heights = [2.0 if not compress or layer in working else QUIET for layer in range(n_layers)]
+    bottoms, y = [], 0.0
+    for h in heights:
+        bottoms.append(y)
+        y += h
+    return bottoms, heights
+
+
+def _xy(node, parallel: bool, bands) -> tuple[float, float]:
     layer, position, kind = node
     if kind == "embed":
         return float(position), 0.0
-    offset = {"mid": 1.0, "ffn": 1.5, "post": 2.0}[kind] if not parallel else {"ffn": 1.0, "post": 2.0}[kind]
+    share = {"mid": 0.5, "ffn": 0.75, "post": 1.0}[kind] if not parallel else {"ffn": 0.5, "post": 1.0}[kind]
     x = position + (0.25 if kind == "ffn" else 0.0)
-    return x, 2.0 * layer + offset
+    bottoms, heights = bands
+    return x, bottoms[layer] + share * heights[layer]
 
 
-def plot_route(graph: nx.DiGraph, *, ax=None, max_width: float = 6.0, title: str | None = None):
+def plot_route(graph: nx.DiGraph, *, ax=None, max_width: float = 6.0, title: str | None = None, compress: bool = True):
     """Draw a route: tokens on x, layers on y (embedding at the bottom), edge width = importance.
 
     Attention edges are blue (labelled with their heads where one head dominates),
-    residual edges grey, FFN edges orange; the output node is marked in red.
+    residual edges grey, FFN edges orange; the output node is marked in red. With
+    ``compress`` (default) layers the route crosses only on the residual stream are
+    thin bands (:func:`layer_bands`) ticked in grey, and the figure is at most
+    :data:`MAX_ROUTE_SIZE` inches.
     """
     tokens = graph.graph.get("tokens", [])
     parallel = graph.graph.get("parallel", False)
     n_layers = graph.graph.get("n_layers", 1 + max((n[0] for n in graph.nodes), default=0))
+    bands = layer_bands(graph, n_layers, compress)
+    top = bands[0][-1] + bands[1][-1]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tokens) + 1.5), 1.0 + 1.1 * n_layers))
+        width = min(MAX_ROUTE_SIZE[0], max(4.0, 0.9 * len(tokens) + 1.5))
+        fig, ax = plt.subplots(figsize=(width, min(MAX_ROUTE_SIZE[1], 1.0 + 0.55 * top)))
     else:
         fig = ax.figure
     for u, v, data in graph.edges(data=True):
-        (x0, y0), (x1, y1) = _xy(u, parallel), _xy(v, parallel)
+        (x0, y0), (x1, y1) = _xy(u, parallel, bands), _xy(v, parallel, bands)
         ax.plot([x0, x1], [y0, y1], color=KIND_COLOURS[data["kind"]], lw=0.5 + max_width * data["weight"], alpha=0.75)
         heads = data.get("heads", {})
         if heads and u[1] != v[1]:
             best = max(heads, key=heads.get)
             ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"{v[0]}.{best}", fontsize=7, color="tab:blue", ha="center")
     for node in graph.nodes:
-        x, y = _xy(node, parallel)
+        x, y = _xy(node, parallel, bands)
         ax.scatter(
             [x], [y], s=14 if node[2] != "ffn" else 22, color="black" if node[2] != "ffn" else "tab:orange", zorder=3
         )
     end = graph.graph.get("position")
     if end is not None:
-        ax.scatter(*_xy((n_layers - 1, end, "post"), parallel), s=60, color="tab:red", zorder=4)
+        ax.scatter(*_xy((n_layers - 1, end, "post"), parallel, bands), s=60, color="tab:red", zorder=4)
     ax.set_xticks(range(len(tokens)))
     ax.set_xticklabels(tokens, rotation=45, ha="right")
-    ax.set_yticks([0.0] + [2.0 * layer + 2.0 for layer in range(n_layers)])
-    ax.set_yticklabels(["embed"] + [f"L{layer}" for layer in range(n_layers)])
-    ax.hlines([2.0 * layer + 2.0 for layer in range(n_layers)], -0.5, len(tokens) - 0.5, color="0.9", lw=0.6, zorder=0)
+    tops = [b + h for b, h in zip(*bands)]
+    working = _working_layers(graph) if compress else set(range(n_layers))
+    ticks = [(0.0, "embed")] + [(tops[la], f"L{la}") for la in range(n_layers) if la in working or la == n_layers - 1]
+    ax.set_yticks([y for y, _ in ticks], [label for _, label in ticks])
+    quiet = [tops[la] for la in range(n_layers) if la not in working]
+    ax.hlines([tops[la] for la in working], -0.5, len(tokens) - 0.5, color="0.9", lw=0.6, zorder=0)
+    ax.hlines(quiet, -0.5, len(tokens) - 0.5, color="0.96", lw=0.4, zorder=0)
     ax.set_xlim(-0.5, max(len(tokens), 1) - 0.5)
-    ax.set_ylim(-0.5, 2.0 * n_layers + 0.5)
+    ax.set_ylim(-0.5, top + 0.5)
     tau = graph.graph.get("tau")
     pred = graph.graph.get("prediction")
-    ax.set_title(title or f"route of the prediction {pred!r} at position {end} (tau={tau})")
+    hidden = n_layers - len(working)
+    note = f"; {hidden} layers only pass the residual (thin bands)" if compress and hidden else ""
+    ax.set_title(title or f"route of the prediction {pred!r} at position {end} (tau={tau}){note}", fontsize=9)
     fig.tight_layout()
     return fig
 

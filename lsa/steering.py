@@ -26,14 +26,15 @@ trace that applies them to the ``mlp_act`` outputs and reduces inside the trace
 your own, apply edits with :func:`edit_plan` and :func:`apply_edits`.
 
 Effects are measured as per-language loss (:func:`language_loss`) and as the
-share of generated tokens in a script (:func:`script_share`, CJK vs Latin on
-decoded text).
+share of generated characters in a script (:func:`script_share`, CJK vs Latin on
+each whole decoded continuation; :func:`steering_summary` says how many prompts
+each mean rests on).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -353,6 +354,8 @@ def _decode(tokenizer, ids: list[int]) -> str:
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
 _LATIN = re.compile(r"[A-Za-z\u00c0-\u024f]")
+SCRIPTS = ("cjk", "latin")
+REPLACEMENT = "\ufffd"  # what a tokenizer decodes a lone byte piece of a multi-byte character to
 
 
 def token_script(text: str) -> str:
@@ -364,16 +367,51 @@ def token_script(text: str) -> str:
     return "other"
 
 
-def script_share(tokens: Iterable[str], script: str) -> float:
-    """Share of tokens in ``script`` (``"cjk"`` or ``"latin"``) among those in either; nan if none.
+def script_counts(text: str | Iterable[str]) -> dict[str, int]:
+    """Characters of ``text`` per script: ``{"cjk": n, "latin": n, "undecodable": n}``.
 
-    ``tokens``: decoded tokens (strings). Punctuation, digits and spaces count for neither.
+    ``text``: decoded text, or pieces of it (joined first). ``undecodable`` counts
+    U+FFFD, what a byte piece of a multi-byte character decodes to on its own (SmolLM2
+    and GPT-2 split Chinese characters into byte pieces): it counts for no script.
+    Punctuation, digits and spaces count for no script either.
+
+    >>> script_counts("小明 went。")
+    {'cjk': 2, 'latin': 4, 'undecodable': 0}
     """
-    if script not in ("cjk", "latin"):
+    text = text if isinstance(text, str) else "".join(text)
+    return {
+        "cjk": len(_CJK.findall(text)),
+        "latin": len(_LATIN.findall(text)),
+        "undecodable": text.count(REPLACEMENT),
+    }
+
+
+def _check_script(script: str) -> None:
+    if script not in SCRIPTS:
         raise ValueError(f"script must be 'cjk' or 'latin', not {script!r}")
-    kinds = [token_script(t) for t in tokens]
-    known = [k for k in kinds if k != "other"]
-    return sum(k == script for k in known) / len(known) if known else float("nan")
+
+
+def script_share(text: str | Iterable[str], script: str) -> float:
+    """Share of the characters in ``script`` (``"cjk"`` or ``"latin"``) among those in either; nan if none.
+
+    ``text``: decoded text, or pieces of it (joined first, so a character split
+    over two pieces of *text* still counts once). Decode whole sequences, not one
+    token at a time: a lone byte piece of a Chinese character decodes to U+FFFD,
+    which counts for neither script (see :func:`script_counts`).
+
+    >>> script_share("小明 went", "cjk")   # 2 CJK of 6 characters in either script
+    0.3333333333333333
+    """
+    _check_script(script)
+    counts = script_counts(text)
+    known = counts["cjk"] + counts["latin"]
+    return counts[script] / known if known else float("nan")
+
+
+def _known(text: str) -> int:
+    """Characters of ``text`` in either script (the denominator of :func:`script_share`)."""
+    counts = script_counts(text)
+    return counts["cjk"] + counts["latin"]
 
 
 def steering_run(
@@ -384,21 +422,59 @@ def steering_run(
     target_script: str,
     max_new_tokens: int = 20,
 ) -> pd.DataFrame:
-    """Generate from each prompt with and without ``edits``; share of ``target_script`` tokens in each.
+    """Generate from each prompt with and without ``edits``; share of ``target_script`` characters in each.
 
-    One row per prompt: ``prompt``, ``baseline``, ``steered``, ``share_before``, ``share_after``.
+    Each continuation is decoded whole (byte pieces of one character join up), then
+    :func:`script_share` counts its characters. One row per prompt: ``prompt``,
+    ``baseline``, ``steered``, ``share_before``, ``share_after``, and ``chars_before``,
+    ``chars_after``: the characters in either script each share rests on (0: the share
+    is NaN and the prompt is excluded from that figure; :func:`steering_summary`
+    counts it so).
     """
+    _check_script(target_script)
     edits = list(edits)
     base = generate_ids(model, prompts, max_new_tokens=max_new_tokens)
     steered = generate_ids(model, prompts, edits=edits, max_new_tokens=max_new_tokens)
     tok = model.tokenizer
-    share = lambda ids: script_share([tok.decode([i]) for i in ids], target_script)
+    before = [_decode(tok, ids) for ids in base]
+    after = [_decode(tok, ids) for ids in steered]
     return pd.DataFrame(
         {
             "prompt": prompts,
-            "baseline": [_decode(tok, ids) for ids in base],
-            "steered": [_decode(tok, ids) for ids in steered],
-            "share_before": [share(ids) for ids in base],
-            "share_after": [share(ids) for ids in steered],
+            "baseline": before,
+            "steered": after,
+            "share_before": [script_share(t, target_script) for t in before],
+            "share_after": [script_share(t, target_script) for t in after],
+            "chars_before": [_known(t) for t in before],
+            "chars_after": [_known(t) for t in after],
         }
     )
+
+
+def steering_summary(run: pd.DataFrame, by: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Mean shares of a :func:`steering_run` table and how many prompts each rests on.
+
+    ``by``: columns to group on (e.g. ``["method", "strength"]`` for a
+    :attr:`lsa.neurons.LanguageReport.steering` table); default: one row for all.
+    Columns: ``share_before`` / ``share_after`` (mean over the prompts whose
+    continuation has a character in either script), ``n_before`` / ``n_after``
+    (those prompts), ``excluded_before`` / ``excluded_after`` (prompts with no such
+    character: no share), ``n_prompts``.
+
+    >>> steering_summary(report.steering, by=["method", "strength"])   # doctest: +SKIP
+    """
+    by = [by] if isinstance(by, str) else list(by or [])
+    groups = run.groupby(by, sort=False) if by else [((), run)]
+    rows = []
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key))
+        for when in ("before", "after"):
+            counted = part[f"chars_{when}"] > 0
+            row[f"share_{when}"] = float(part.loc[counted, f"share_{when}"].mean()) if counted.any() else float("nan")
+            row[f"n_{when}"] = int(counted.sum())
+            row[f"excluded_{when}"] = int((~counted).sum())
+        row["n_prompts"] = len(part)
+        rows.append(row)
+    columns = [*by, "share_before", "n_before", "excluded_before", "share_after", "n_after", "excluded_after"]
+    return pd.DataFrame(rows, columns=[*columns, "n_prompts"])

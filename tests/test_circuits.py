@@ -303,10 +303,35 @@ def test_roles_from_hand_built_attention_pattern():
     assert C.suggest_role(row(3), -0.1, "k") == "previous token"
     assert C.suggest_role(row(3), -0.1, "q", step=2) == "S-inhibition"
     assert C.suggest_role(row(3), -0.1, "q", step=3) == "previous token"  # a query of a deeper head: by pattern
-    assert C.suggest_role({**row(3), "copy_score": -2.0}, -0.1, "logits") == "copy suppression"
+    assert C.suggest_role({**row(3), "copy_score": -2.0}, +0.1, "logits") == "copy suppression"
     assert C.suggest_role({**row(3), "copy_score": 0.0}, -0.1, "logits") == "direct"
     s_head = {**row(0), "end_IO": 0.1, "end_S2": 0.7, "copy_score": 0.0}
     assert C.suggest_role(s_head, -0.3, "logits") == "direct (attends S)"
+
+
+def test_roles_are_sign_aware_a_head_that_supports_the_answer_is_never_negative_or_copy_suppression():
+    # A constructed case like SmolLM2's head 23.3: found through the logits, negative copy score, but patching
+    # it moves the metric towards the counterfactual (noising effect < 0): it supports the answer.
+    suppressor = {"end_IO": 0.05, "end_S1": 0.1, "end_S2": 0.6, "copy_score": -3.0}
+    io_mover = {"end_IO": 0.8, "end_S1": 0.05, "end_S2": 0.05, "copy_score": -3.0}
+    negative = ("negative name mover", "copy suppression")
+    for direction, supports, opposes in (("noising", -0.3, +0.3), ("denoising", +0.3, -0.3)):
+        assert C.effect_sign(supports, direction) == 1 and C.effect_sign(opposes, direction) == -1
+        assert C.suggest_role(suppressor, supports, "logits", direction=direction) == "direct (attends S)"
+        assert C.suggest_role(suppressor, opposes, "logits", direction=direction) == "copy suppression"
+        assert C.suggest_role(io_mover, supports, "logits", direction=direction) == "name mover"
+        assert C.suggest_role(io_mover, opposes, "logits", direction=direction) == "negative name mover"
+    for unknown in (None, float("nan"), 0.0):  # no sign, no negative role
+        assert C.effect_sign(unknown) == 0
+        assert C.suggest_role(suppressor, unknown, "logits") not in negative
+        assert C.suggest_role(io_mover, unknown, "logits") not in negative
+    # and through suggest_roles, which reads the direction from the circuit's evidence
+    circuit = C.Circuit(
+        "m", 30, 9, "ioi", "en", [C.Component("head", 23, 3, effect=+0.2, evidence={"receiver_input": "logits"})]
+    )
+    circuit.evidence = {"parameters": {"direction": "denoising"}}
+    scores = pd.DataFrame([{"layer": 23, "head": 3, **suppressor}])
+    assert C.suggest_roles(circuit, scores).get((23, 3)).role == "direct (attends S)"
 
 
 def test_head_scores_attention_matches_patterns_from_plain_hooks():
@@ -381,3 +406,54 @@ def test_logit_effect_correlation_over_step_one_effects():
     assert C.compare(a, with_steps([0.2, -1.0, 0.0, 0.6], "zh"))["logit_effect_correlation"] == pytest.approx(1.0)
     assert C.compare(a, with_steps([-0.1, 0.5, 0.0, -0.3], "zh"))["logit_effect_correlation"] == pytest.approx(-1.0)
     assert math.isnan(C.logit_effect_correlation(a, C.Circuit("m", 2, 2)))
+
+
+def test_a_30_layer_circuit_diagram_is_bounded_and_draws_only_the_layers_with_components():
+    layers = {3: "previous token", 12: "induction", 17: "S-inhibition", 23: "name mover", 28: "name mover"}
+    circuit = _circuit(
+        [(("head", la, la % 9), role, -0.3) for la, role in layers.items()] + [(("mlp", 20), "direct", -0.1)],
+        shape=(30, 9),
+    )
+    circuit.edges.append(C.Edge(("head", 17, 17 % 9), ("head", 23, 23 % 9), "q", -0.2))
+    circuit.edges.append(C.Edge(("head", 23, 23 % 9), ("logits",), "logits", -0.3))
+    fig = PC.draw(circuit)
+    width, height = fig.get_size_inches()
+    assert width <= PC.MAX_SIZE[0] and height <= PC.MAX_SIZE[1]
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    # the six layers with a component get a row each; the runs between them one band each
+    assert ticks == ["L0-2", "L3", "L4-11", "L12", "L13-16", "L17", "L18-19", "L20", "L21-22", "L23"] + [
+        "L24-27",
+        "L28",
+        "L29",
+    ]
+    rows, _ = PC.layer_rows({3, 12, 17, 20, 23, 28}, 30)
+    assert rows[12] - rows[3] == pytest.approx(1.0 + PC.GAP) and rows[4] == rows[11]
+    # the grey dots of the model's heads: 9 per shown layer, not 9 x 30
+    assert len(ax.collections[0].get_offsets()) == 9 * 6
+    full = PC.draw(circuit, compress=False)  # the old layout, still bounded
+    assert full.get_size_inches()[1] <= PC.MAX_SIZE[1] and len(full.axes[0].get_yticklabels()) == 30
+
+
+def test_step_effect_titles_wrap_and_name_at_most_four_receivers_on_a_30_layer_model():
+    receivers = ", ".join(f"23.{h}" for h in range(9))
+    rows = [
+        dict(step=s, receiver_input=k, receivers=r, layer=la, head=h, effect=0.01 * (la - h), selected=la == 23)
+        for s, k, r in [(1, "logits", "logits"), (2, "q", receivers), (2, "k", receivers), (2, "v", receivers)]
+        + [(3, "q", "17.8")]
+        for la in range(30)
+        for h in range(9)
+    ]
+    fig = PC.step_effects(pd.DataFrame(rows))
+    width, height = fig.get_size_inches()
+    assert width <= 16 and height <= 12
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0] == "step 1: -> logits"
+    assert titles[1] == "step 2 (q): -> 23.0, 23.1,\n23.2, 23.3 +5 more"
+    assert all(len(line) <= 30 for t in titles for line in t.split("\n"))
+    fig.canvas.draw()  # titles of neighbouring panels do not overlap
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b)

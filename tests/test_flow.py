@@ -390,3 +390,42 @@ def test_route_edges_match_reference_tool_search_over_the_full_graph(family):
         for tau in (0.002, 0.01, 0.04):
             graph = flow.route(result, index, tau=tau)
             assert {(_name(u), _name(v)) for u, v in graph.edges} == _reference_route_edges(result, index, tau)
+
+
+def _route_graph_through(n_layers: int, working: dict[int, str]) -> nx.DiGraph:
+    """A hand-made route of 4 tokens: the residual of position 3 through every layer; ``working`` layers add
+    an attention edge from position 1 (``"attn"``) or an FFN (``"ffn"``)."""
+    g = nx.DiGraph(tokens=["a", "b", "c", "d"], index=0, position=3, tau=0.1, n_layers=n_layers, parallel=False)
+    g.add_node((n_layers - 1, 3, "post"))
+    for layer in range(n_layers):
+        src = (layer - 1, 3, "post") if layer else (0, 3, "embed")
+        mid, post = (layer, 3, "mid"), (layer, 3, "post")
+        g.add_edge(src, mid, weight=0.5, kind="residual", heads={}, residual=0.5)
+        if working.get(layer) == "attn":
+            g.add_edge((layer - 1, 1, "post"), mid, weight=0.4, kind="attn", heads={2: 0.4}, residual=0.0)
+        if working.get(layer) == "ffn":
+            g.add_edge(mid, (layer, 3, "ffn"), weight=0.3, kind="ffn", heads={}, residual=0.0)
+            g.add_edge((layer, 3, "ffn"), post, weight=0.3, kind="ffn", heads={}, residual=0.0)
+        g.add_edge(mid, post, weight=0.5, kind="residual", heads={}, residual=0.5)
+    return g
+
+
+def test_a_30_layer_route_figure_is_bounded_and_thins_the_layers_that_only_pass_the_residual():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lsa import plotting_flow
+
+    graph = _route_graph_through(30, {12: "attn", 25: "ffn"})
+    fig = plotting_flow.plot_route(graph)
+    width, height = fig.get_size_inches()
+    assert width <= plotting_flow.MAX_ROUTE_SIZE[0] and height <= plotting_flow.MAX_ROUTE_SIZE[1]
+    assert height < 1.0 + 0.55 * 2.0 * 30  # smaller than the uncompressed layout (2 units a layer)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "L12", "L25", "L29"]
+    bottoms, heights = plotting_flow.layer_bands(graph, 30)
+    assert heights[12] == heights[25] == 2.0 and heights[0] == heights[29] == plotting_flow.QUIET
+    assert bottoms[13] == pytest.approx(bottoms[12] + 2.0)
+    assert len(ax.lines) == graph.number_of_edges()
+    full = plotting_flow.plot_route(graph, compress=False)
+    assert len(full.axes[0].get_yticklabels()) == 31 and full.get_size_inches()[1] <= plotting_flow.MAX_ROUTE_SIZE[1]

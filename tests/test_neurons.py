@@ -338,11 +338,13 @@ def test_generation_under_deactivation_matches_a_plain_greedy_loop_with_an_indep
     assert got == ids[3:]
 
 
-def test_script_share_counts_cjk_and_latin_tokens():
-    assert S.script_share(["小明", " went", "了", "。", " to"], "cjk") == pytest.approx(2 / 4)
-    assert S.script_share(["小明", " went", "了", "。", " to"], "latin") == pytest.approx(2 / 4)
-    assert S.script_share(["ひら", "한국", "ab"], "cjk") == pytest.approx(2 / 3)
+def test_script_share_counts_cjk_and_latin_characters():
+    # 小明了: 3 CJK characters; went, to: 6 Latin letters; 。 and spaces count for neither
+    assert S.script_share(["小明", " went", "了", "。", " to"], "cjk") == pytest.approx(3 / 9)
+    assert S.script_share("小明 went了。 to", "latin") == pytest.approx(6 / 9)
+    assert S.script_share(["ひら", "한국", "ab"], "cjk") == pytest.approx(4 / 6)
     assert S.script_share([".", " "], "cjk") != S.script_share([".", " "], "cjk")  # nan: nothing to count
+    assert S.script_share("\ufffd\ufffd", "cjk") != S.script_share("\ufffd", "cjk")  # byte pieces: nothing either
     with pytest.raises(ValueError, match="script"):
         S.script_share(["a"], "cyrillic")
 

@@ -5,9 +5,11 @@ Each reference below runs ``model.hf`` in full, once per intervention, with plai
 from the full logits: no batching, no skipped layers, no end-only unembedding.
 """
 
+import warnings
+
 import pytest
 import torch
-from helpers import FAMILIES, make_prompts, oriented, tiny_model
+from helpers import FAMILIES, gpt2_tokenizer, make_prompts, oriented, tiny_model
 
 from lsa.configs import TINY, random_hf_model
 from lsa.metrics import logit_diff
@@ -193,6 +195,69 @@ def test_residual_layer_by_position_grid_matches_reference_hooks(family):
     assert len(per_prompt) == len(frame) * len(prompts)
     means = per_prompt.groupby(["layer", "pos"], sort=False)["metric"].mean().values
     assert torch.allclose(torch.tensor(means).double(), torch.tensor(frame["metric"].values).double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_by_position_map_patches_only_prompts_whose_named_positions_coincide(family):
+    """Equal lengths are not enough: a length group of real prompts mixes templates with IO at other positions."""
+    model = tiny_model(family)
+    prompts = make_prompts(n=5, pos=6, seed=3)  # named: first (0), mid (3)
+    prompts.positions["IO"] = torch.tensor([1, 1, 4, 1, 4])  # two layouts of one length
+    prompts = oriented(model, prompts)
+    with pytest.warns(UserWarning, match=r"2 such groups \(sizes \[3, 2\]\): patching the largest, 3 prompts"):
+        res = activation_patching(model, prompts, "resid_pre", positions="each", progress=False)
+    group = prompts.subset([0, 1, 3])
+    assert (res.meta["n_prompts"], res.meta["n_given"]) == (3, 5)
+    assert res.patched.shape == (model.adapter.n_layers * 6, 3)
+    for row, patched in zip(res.components.to_dict("records"), res.patched):
+        ref = ref_patch_metric(model, group, "resid_pre", row["layer"], None, row["pos"])
+        assert (patched - ref).abs().max() <= TOL
+    word = lambda p: f"w{int(group.clean[0, p])}"  # noqa: E731
+    assert res.meta["pos_labels"] == [
+        f"0:{word(0)} (first)",
+        f"1:{word(1)} (IO)",
+        f"2:{word(2)}",
+        f"3:{word(3)} (mid)",
+        f"4:{word(4)}",
+        f"5:{word(5)} (end)",
+    ]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lsa import plotting
+
+    fig = plotting.patching_map({"en": res})  # the figure shows those labels and what the map rests on
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == res.meta["pos_labels"]
+    assert fig.axes[0].get_title() == "en (3 of 5 prompts)"
+    # prompts of different lengths: the largest aligned group too
+    ragged = oriented(model, make_prompts(n=3, pos=5, lengths=[5, 3, 5], seed=10))
+    with pytest.warns(UserWarning, match="the largest, 2 prompts"):
+        res = activation_patching(model, ragged, "resid_pre", positions="each", layers=[1], progress=False)
+    assert res.array.shape == (1, 5) and res.meta["n_prompts"] == 2
+    # one group already: no warning, every prompt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = activation_patching(model, group, "resid_pre", positions="each", layers=[0], progress=False)
+    assert res.meta["n_prompts"] == res.meta["n_given"] == 3
+
+
+def test_position_map_groups_real_gpt2_ioi_prompts_by_layout_and_labels_positions_with_their_tokens():
+    from lsa import tasks
+    from lsa.patching import position_labels, position_map_prompts
+
+    tok = gpt2_tokenizer()
+    p = tasks.build("ioi", "en", tok, n=60, seed=0)
+    mixed = max(p.by_length(), key=lambda g: len(set(g.positions["IO"].tolist())))
+    assert len(set(mixed.positions["IO"].tolist())) > 1  # what the map used to average over
+    with pytest.warns(UserWarning, match="largest"):
+        g = position_map_prompts(mixed)
+    for name in ("IO", "S1", "S2", "end"):
+        assert len(set(g.positions[name].tolist())) == 1
+    labels = position_labels(g, tok, list(range(g.clean.shape[1])))
+    io, s2 = int(g.positions["IO"][0]), int(g.positions["S2"][0])
+    io_token = tok.decode([int(g.clean[0, io])]).strip()
+    assert labels[io] == f"{io}:{io_token} (IO)" and g.meta["io"].iloc[0].endswith(io_token)  # the name's last token
+    assert labels[s2].endswith("(S2)") and labels[-1].endswith("(end)")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -381,8 +446,8 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="different shapes"):
         activation_patching(model, uneven, "head", progress=False)
     ragged = make_prompts(n=2, pos=5, lengths=[5, 3], seed=10)
-    with pytest.raises(ValueError, match="by_length"):
-        activation_patching(model, ragged, "resid_pre", positions="each", progress=False)
+    with pytest.warns(UserWarning, match="aligned"):  # a position map keeps one layout and says so
+        activation_patching(model, ragged, "resid_pre", positions="each", layers=[0], progress=False)
     with pytest.raises(ValueError, match="parallel-residual"):
         activation_patching(tiny_model("gpt_neox"), prompts, "resid_mid", progress=False)
     with pytest.raises(ValueError, match="receiver_input"):

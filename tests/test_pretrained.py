@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -173,6 +174,51 @@ def test_smollm2_loads_and_its_logits_equal_the_hf_forward():
         want = hf(prompts.clean).logits[rows, prompts.end]
     got, _ = forward(model, prompts.clean, prompts.end)
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_smollm2_steering_counts_the_chinese_characters_its_tokenizer_splits_into_byte_pieces():
+    """SmolLM2's byte-level BPE splits Chinese characters; the share must come from each whole continuation."""
+    import re
+
+    from lsa import steering
+
+    model = lsa.load_model(SMOL, device="cpu")
+    tok = model.tokenizer
+    text = "小明去了学校。"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > 6 and sum("\ufffd" in tok.decode([i]) for i in ids) >= 2  # byte pieces, decoded alone
+    assert steering.script_counts(tok.decode(ids)) == {"cjk": 6, "latin": 0, "undecodable": 0}
+    prompts = ["小明今天去了", "The weather today is"]
+    run = steering.steering_run(
+        model, prompts, [steering.scale({10: [0, 1]}, 1.0)], target_script="cjk", max_new_tokens=8
+    )
+    new = steering.generate_ids(model, prompts, max_new_tokens=8)
+    for i, row in run.iterrows():  # independent count: the tokenizer's own decode of all new tokens, one regex
+        whole = tok.decode(new[i], skip_special_tokens=True)
+        cjk, latin = len(re.findall(r"[\u4e00-\u9fff]", whole)), len(re.findall(r"[A-Za-z]", whole))
+        assert row["baseline"] == row["steered"] == whole  # a x1.0 scale changes nothing
+        assert row["chars_before"] == cjk + latin
+        assert (row["share_before"] == cjk / (cjk + latin)) if cjk + latin else math.isnan(row["share_before"])
+    summary = steering.steering_summary(run).iloc[0]
+    assert summary["n_before"] + summary["excluded_before"] == summary["n_prompts"] == 2
+
+
+def test_smollm2_position_map_keeps_one_layout_of_a_length_group_that_mixes_them():
+    from transformers import AutoTokenizer
+
+    from lsa.patching import position_labels, position_map_prompts
+
+    tok = AutoTokenizer.from_pretrained(str(pretrained.folder(SMOL)))
+    p = tasks.build("ioi", "en", tok, n=24, seed=0)
+    mixed = p.by_length()[0]
+    assert len(set(mixed.positions["IO"].tolist())) > 1  # a length group mixes templates (IO at 1, 3, 7 here)
+    with pytest.warns(UserWarning, match="patching the largest"):
+        group = position_map_prompts(mixed)
+    for name in ("IO", "S1", "S2", "end"):
+        assert len(set(group.positions[name].tolist())) == 1
+    labels = position_labels(group, tok, list(range(group.clean.shape[1])))
+    io = int(group.positions["IO"][0])
+    assert labels[io].endswith("(IO)") and group.meta["io"].iloc[0].endswith(labels[io].split(":")[1].split(" ")[0])
 
 
 # ----------------------------------------------------------------- random stand-ins

@@ -208,7 +208,9 @@ def test_patching_map_of_a_layer_by_position_result_labels_positions_with_tokens
     res = P.activation_patching(model, en, "resid_pre", positions="each", progress=False)
     pm = PatchingMap(res, model=model, prompts=en)
     assert pm.explorer is None  # not a head grid
-    assert [label for label, _ in pm.col.options][:2] == [f"0:w{int(en.clean[0, 0])}", f"1:w{int(en.clean[0, 1])}"]
+    labels = [label for label, _ in pm.col.options]
+    assert labels[:2] == [f"0:w{int(en.clean[0, 0])} (first)", f"1:w{int(en.clean[0, 1])}"]  # tokens, named positions
+    assert [t.get_text() for t in pm.figure.axes[0].get_xticklabels()] == labels
     pm.select(1, 4)
     assert pm.current["cell"] == {"layer": 1, "pos": 4}
     assert pm.current["cell_value"] == pytest.approx(float(res.array[1, 4]))

@@ -24,7 +24,7 @@ import ipywidgets as w
 import pandas as pd
 import torch
 
-from lsa.plotting import ONE, VALUES, diverging_limits, map_dims, map_figure, map_grid
+from lsa.plotting import ONE, VALUES, axis_labels, diverging_limits, map_dims, map_figure, map_grid
 from widgets.common import (
     by_language,
     cell_colour,
@@ -78,6 +78,9 @@ def cell_prompts(result, cell: dict, language: str | None = None) -> pd.DataFram
 def pos_labels(result, prompts=None, tokenizer=None) -> dict:
     """``{pos label: display label}``: absolute positions get the first prompt's token (``"3:Mary"``)."""
     labels = list(getattr(result, "axes", {}).get("pos", []))
+    shown = (getattr(result, "meta", None) or {}).get("pos_labels")
+    if shown and len(shown) == len(labels):  # a sweep's own labels: the tokens of the prompts it patched
+        return dict(zip(labels, shown))
     out = {p: str(p) for p in labels}
     if prompts is None or tokenizer is None:
         return out
@@ -237,7 +240,12 @@ class PatchingMap(w.VBox):
         self.summary_html.value = table_html(summary, title=f"{name}: mean over prompts")
         self.prompts_html.value = table_html(per_prompt, title=f"{name}: per prompt")
         self._paint(grid, (i, j), row_dim, col_dim)
-        grids = {lang: map_grid(self.results[lang], value, extra) for lang in shown if self._has_grid(lang)}
+        grids = {}
+        for lang in shown:
+            if self._has_grid(lang):
+                g, rs, cs = map_grid(self.results[lang], value, extra)
+                lang_res = self.results[lang]
+                grids[lang] = (g, axis_labels(lang_res, row_dim, rs), axis_labels(lang_res, col_dim, cs))
         title = f"{res.method} ({res.direction}): {value}" + (f", {third} {extra}" if third else "")
         self.figure = map_figure(grids, row_dim, col_dim, value, (i, j), title)
         show_figure(self.plot, self.figure)
