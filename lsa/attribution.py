@@ -34,11 +34,13 @@ from lsa.patching import (
     _forward_traced,
     _position_index,
     _runs,
+    _sweep_meta,
     _units,
     activation_patching,
     check_direction,
     check_prompts,
     forward,
+    position_map_prompts,
     run_metric,
     specs_frame,
     sweep_specs,
@@ -84,6 +86,9 @@ def attribution_patching(
     check_prompts(prompts)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
+    n_given = len(prompts)
+    if positions == "each":  # as exact patching: one group whose lengths and named positions coincide
+        prompts = position_map_prompts(prompts)
     specs, dims, axes = sweep_specs(
         model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
     )
@@ -131,7 +136,7 @@ def attribution_patching(
         axes=axes,
         direction=direction,
         method="attribution patching" if steps == 1 else f"attribution patching (IG, {steps} steps)",
-        meta={"site": site, "steps": steps},
+        meta={**_sweep_meta(model, prompts, site, axes, n_given), "steps": steps},
     )
 
 

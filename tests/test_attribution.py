@@ -152,3 +152,20 @@ def test_integrated_gradient_steps_average_gradients_along_the_embedding_path(fa
     expected = ((z_corrupt - z_clean) * grad_sum).reshape(3, 6, a.n_heads, a.d_head).sum((1, 3)).mean(0)
     ig = attribution_patching(model, prompts, "head", layers=[1], steps=4)
     assert (ig.effect - expected).abs().max() <= TOL
+
+
+def test_attribution_position_map_keeps_the_same_aligned_group_as_exact_patching_and_equals_it_where_linear():
+    """positions="each" on prompts of two layouts: both estimate the same 3 prompts, labelled alike."""
+    model = _without_final_norm("gpt2")
+    prompts = make_prompts(n=5, pos=6, seed=3)
+    prompts.positions["IO"] = torch.tensor([1, 1, 4, 1, 4])  # two layouts of one length
+    last = model.adapter.n_layers - 1
+    with pytest.warns(UserWarning, match=r"patching the largest, 3 prompts"):
+        exact = activation_patching(model, prompts, "resid_post", layers=[last], positions="each", progress=False)
+    with pytest.warns(UserWarning, match=r"patching the largest, 3 prompts"):
+        approx = attribution_patching(model, prompts, "resid_post", layers=[last], positions="each")
+    assert (approx.meta["n_prompts"], approx.meta["n_given"]) == (3, 5)
+    assert approx.meta["pos_labels"] == exact.meta["pos_labels"] and approx.meta["pos_labels"][1].endswith("(IO)")
+    assert approx.patched.shape == exact.patched.shape == (6, 3)
+    # the final residual, without a final norm, is linear in the logits: the estimate is exact
+    assert (exact.patched - approx.patched).abs().max() <= 1e-4
