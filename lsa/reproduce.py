@@ -49,7 +49,7 @@ REAL_HEADLINES: list[tuple[str, str, str]] = [
     ("01_ioi_circuit", REAL_MODELS[1], r"ioi_circuit_en_(size|heads|faithfulness)"),
     ("03_compare_circuits", REAL_MODELS[0], r"ioi_circuit_(jaccard|weighted_overlap|role_agreement|shared)_.*"),
     ("03_compare_circuits", REAL_MODELS[0], r"ioi_faithfulness_.*"),
-    ("03_compare_circuits", f"{REAL_MODELS[1]}+{REAL_MODELS[0]}", r"ioi_circuit_(role_agreement|shared)_.*"),
+    ("03_compare_circuits", f"{REAL_MODELS[0]}+{REAL_MODELS[1]}", r"ioi_circuit_(role_agreement|shared)_.*"),
     (
         "02_past_tense",
         REAL_MODELS[0],
@@ -144,9 +144,9 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             f"Chinese circuit {_fmt(cross[1])} of its English behaviour (normalised faithfulness, 1 = all of it)."
         )
     # 2. two independently trained models, one task (the paper: GPT-2 vs CPM, largely the same algorithm)
-    pair = f"{s}_en_vs_{g}_en"
-    roles = _num(find("03_compare_circuits", f"{s}+{g}", f"ioi_circuit_role_agreement_{pair}"))
-    shared_roles = find("03_compare_circuits", f"{s}+{g}", f"ioi_circuit_shared_{pair}")
+    pair = f"{g}_en_vs_{s}_en"
+    roles = _num(find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_role_agreement_{pair}"))
+    shared_roles = find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_shared_{pair}")
     smol_size = find("01_ioi_circuit", s, "ioi_circuit_en_size")
     if smol_size is not None:
         out.append(
