@@ -80,10 +80,11 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes (about 6-7 minutes on two busy cores, one thread): 16 IOI prompts per set (Gemma 3
-    # scores 1.0 / 0.94 accuracy on them in English / Chinese); discovery stops after step 1
-    # (heads -> logits: the heads that write the answer; each further step costs three sweeps
-    # of every earlier head, ~2 minutes each here); 04 on 60 shipped sentences per language.
+    # Sizes (measured: 14.6 minutes on two shared cores, one thread; discovery is most of it: step 1
+    # took 100-118 s on Gemma 3, 228 s on SmolLM2): 16 IOI prompts per set (Gemma 3 scores 1.0 / 0.94
+    # accuracy on them in English / Chinese); discovery stops after step 1 (heads -> logits: the
+    # heads that write the answer; each further step costs three sweeps of every earlier head,
+    # ~2 minutes each here); 04 on 60 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         ("01_ioi_circuit", ["smollm2-135m"], ["en"], dict(_REAL_IOI)),
