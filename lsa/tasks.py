@@ -30,6 +30,11 @@ IOI with it and fails without). Building 200 prompts takes 1-2 s on a busy 2-cor
 >>> print(prompts.report)                                                           # doctest: +SKIP
 kept 200 of 242, BOS 2 first; names: 239 of 239 usable; 39 dropped: clean/counterfactual lengths differ; ...
 >>> describe(prompts, tokenizer)                                              # doctest: +SKIP
+
+:func:`build_sets` builds several (task, language) sets at once for a notebook: it
+prints each set's report and skips, with the reason, a language the tokenizer cannot
+express (:class:`NoPrompts`; SmolLM2 spells Chinese in byte pieces), so the other
+languages are still analysed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import json
 import random
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +51,14 @@ import pandas as pd
 import torch
 
 from lsa.splits import is_heldout
+
+
+class NoPrompts(ValueError):
+    """A builder found nothing usable for this tokenizer: too few names or verbs survive its filters, or no prompt does.
+
+    The message names the filter and carries the drop report. Other errors of the builders
+    (an unknown task or split, a malformed template) stay plain :class:`ValueError`.
+    """
 
 
 @dataclass
@@ -497,7 +511,7 @@ def _finish(task, language, rows, dropped: dict[str, int], report: DropReport, t
     if not rows:
         reason, count = max(dropped.items(), key=lambda kv: kv[1])
         ex = "; ".join(report.examples.get(reason, [])[:3])
-        raise ValueError(
+        raise NoPrompts(
             f"{task}/{language}: no prompt survived; the main filter was {reason!r} "
             f"({count} of {report.total} candidates, e.g. {ex}); {report}"
         )
@@ -615,20 +629,20 @@ def build_ioi(
     width = _word_widths(names_in_data, tokens, language, "names", report)
     names = list(width)
     if len(names) < 5:
-        raise ValueError(
+        raise NoPrompts(
             f"ioi/{language}: only {len(names)} of {len(names_in_data)} names are usable for this tokenizer (each must "
             f"be one token or a span of up to {MAX_WORD_TOKENS} known, whole tokens; IOI needs 5: IO, S and three "
             f"counterfactual names); {report}"
         )
     pairs = [(a, b) for a in names for b in names if a != b and _pair_allowed(split, is_heldout(a, b))]
     if not pairs:
-        raise ValueError(f"ioi/{language}: no name pair fits split={split!r} among {len(names)} names")
+        raise NoPrompts(f"ioi/{language}: no name pair fits split={split!r} among {len(names)} names")
     places, objects = data.get("places") or [""], data.get("objects") or [""]
     context = variant == "context"
     if context and not data.get("contexts"):
         raise ValueError(f"ioi/{language}: variant 'context' needs a 'contexts' list in the data")
     if len(names) < 5 + 2 * context:
-        raise ValueError(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} usable names")
+        raise NoPrompts(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} usable names")
     slots = ("IO", "S", "C")
 
     def make(rng: random.Random) -> dict:
@@ -782,12 +796,12 @@ def build_past_tense(
         shape[_verb_key(language, v)] = (len(found[0][1]), None if whole is None else len(whole))
     report.vocabulary["verbs"] = (len(verbs), len(data["verbs"]))
     if not names:
-        raise ValueError(
+        raise NoPrompts(
             f"past_tense/{language}: no name is usable for this tokenizer (each must be one token or a span of up "
             f"to {MAX_WORD_TOKENS} known, whole tokens); {report}"
         )
     if not verbs or (language == "zh" and variant == "copy" and len(verbs) < 2):
-        raise ValueError(
+        raise NoPrompts(
             f"past_tense/{language}: too few verbs are usable for this tokenizer (each form must be one token or a "
             f"span of up to {MAX_WORD_TOKENS} known, whole tokens); {report}"
         )
@@ -805,7 +819,7 @@ def build_past_tense(
     report.vocabulary["past adverbs"] = (len(partners), len(data["past_adverbs"]))
     combos = [(a, v) for a in partners for v in verbs if _pair_allowed(split, is_heldout(a, _verb_key(language, v)))]
     if not combos:
-        raise ValueError(f"past_tense/{language}: no adverb x verb combination fits split={split!r}; {report}")
+        raise NoPrompts(f"past_tense/{language}: no adverb x verb combination fits split={split!r}; {report}")
     habituals = data["habitual_adverbs"]
 
     def make(rng: random.Random) -> dict:
@@ -935,6 +949,54 @@ def build(
     _check_choice("task", task, TASKS)
     _check_choice("variant", variant, (None, *VARIANTS[task]))
     return _BUILDERS[task](language, tokenizer, n=n, seed=seed, split=split, variant=variant, **kwargs)
+
+
+def build_sets(
+    tasks: str | Iterable[str],
+    languages: str | Iterable[str],
+    tokenizer,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    min_prompts: int = 2,
+    verbose: bool = True,
+    **kwargs,
+) -> dict[tuple[str, str], PromptSet]:
+    """:func:`build` for every (task, language), skipping those the tokenizer cannot express: ``{(task, language): set}``.
+
+    Prints each set's report (``verbose``). A (task, language) whose builder finds nothing
+    usable (:class:`NoPrompts`, e.g. Chinese for a tokenizer that spells it in byte pieces),
+    or that keeps fewer than ``min_prompts`` prompts, is left out with its reason printed;
+    any other error raises. When every one is left out this raises :class:`NoPrompts`
+    naming each reason. ``kwargs`` go to :func:`build` (``split``, ``variant``, ...).
+
+    >>> sets = build_sets(["ioi", "past_tense"], ["en", "zh"], smollm2_tokenizer, n=16)  # doctest: +SKIP
+          ioi en: kept 16 of 16; names: ...
+          ioi zh: skipped: ioi/zh: only 1 of 339 names are usable for this tokenizer ...
+    >>> sorted(sets)                                                                     # doctest: +SKIP
+    [('ioi', 'en'), ('past_tense', 'en')]
+    """
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    languages = [languages] if isinstance(languages, str) else list(languages)
+    built, skipped = {}, {}
+    for task in tasks:
+        for language in languages:
+            try:
+                prompts = build(task, language, tokenizer, n=n, seed=seed, **kwargs)
+            except NoPrompts as err:
+                skipped[task, language] = str(err)
+            else:
+                if len(prompts) >= min_prompts:
+                    built[task, language] = prompts
+                else:
+                    skipped[task, language] = f"only {len(prompts)} prompt(s), {min_prompts} needed; {prompts.report}"
+            if verbose:
+                shown = f"skipped: {skipped[task, language]}" if (task, language) in skipped else prompts.report
+                print(f"{task:>10} {language}: {shown}")
+    if not built:
+        reasons = "\n".join(f"  {t}/{lang}: {why}" for (t, lang), why in skipped.items())
+        raise NoPrompts(f"no task and language has usable prompts for this tokenizer:\n{reasons}")
+    return built
 
 
 def describe(prompts: PromptSet, tokenizer=None, k: int = 5) -> pd.DataFrame:

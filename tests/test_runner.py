@@ -232,6 +232,29 @@ def test_the_presets_model_names_and_pair_labels_pass_the_model_check(tmp_path):
         runner.check_models([pair])
 
 
+def test_the_real_preset_compares_only_circuits_that_its_own_earlier_cells_write(tmp_path):
+    cells = runner.plan_preset("real", tmp_path)
+    written = {
+        str((c.folder / "circuit.json").resolve()): (i, c.model, c.language)
+        for i, c in enumerate(cells)
+        if c.notebook.stem == "01_ioi_circuit"
+    }
+    compared = []
+    for i, c in enumerate(cells):
+        refs = c.params.get("circuits", [])
+        assert all(written[ref][0] < i for ref in refs)  # each circuit exists before its comparison runs
+        if refs:
+            compared.append({written[ref][1:] for ref in refs})
+    assert {("gemma-3-270m", "en"), ("gemma-3-270m", "zh")} in compared
+    assert {("gemma-3-270m", "en"), ("smollm2-135m", "en")} in compared
+    assert {c.notebook.stem for c in cells} == {
+        "01_ioi_circuit",
+        "02_past_tense",
+        "03_compare_circuits",
+        "04_language_neurons",
+    }
+
+
 def test_reproduce_passes_its_cell_timeout_to_the_grid(tmp_path, monkeypatch):
     seen = {}
 

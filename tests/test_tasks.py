@@ -711,3 +711,51 @@ def test_aligned_groups_share_length_and_every_named_position():
         assert set(g.meta.clean_text) <= set(p.meta.clean_text)
     # equal lengths alone would mix layouts: some length group holds names at different places
     assert any(len(set(g.positions["IO"].tolist())) > 1 for g in p.by_length())
+
+
+# ---------------------------------------------------------------------------
+# several sets at once: build_sets skips what a tokenizer cannot express
+# ---------------------------------------------------------------------------
+
+
+def test_build_sets_skips_chinese_in_gpt2_byte_pieces_with_its_reason_and_keeps_english(capsys):
+    tok = gpt2()  # byte-level BPE: every Chinese name and nearly every verb becomes byte pieces
+    sets = tasks.build_sets(["ioi", "past_tense"], ["en", "zh"], tok, n=12, seed=3)
+    assert sorted(sets) == [("ioi", "en"), ("past_tense", "en")]
+    for task in ("ioi", "past_tense"):  # what it keeps is exactly what build gives
+        alone = tasks.build(task, "en", tok, n=12, seed=3)
+        assert torch.equal(sets[task, "en"].clean, alone.clean) and sets[task, "en"].language == "en"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4
+    assert re.fullmatch(r"\s*ioi en: kept 12 of \d+.*", lines[0])
+    assert re.fullmatch(r"\s*ioi zh: skipped: ioi/zh: only 0 of \d+ names are usable.*byte pieces", lines[1])
+    assert re.fullmatch(r"\s*past_tense zh: skipped: past_tense/zh: no name is usable.*byte pieces", lines[3])
+
+
+def test_builders_raise_no_prompts_for_an_inexpressible_language_and_plain_value_error_for_bad_arguments():
+    with pytest.raises(tasks.NoPrompts):
+        tasks.build("ioi", "zh", gpt2(), n=4)
+    with pytest.raises(ValueError, match="unknown split") as err:
+        tasks.build_sets("ioi", ["en", "zh"], gpt2(), n=4, split="test")
+    assert not isinstance(err.value, tasks.NoPrompts)  # a real error is raised, not skipped
+    data = copy.deepcopy(tasks.load_data("ioi", "en"))
+    data["templates"][0]["text"] = data["templates"][0]["text"].replace("{IO}", "Anna")
+    with pytest.raises(ValueError, match="needs") as err:  # a malformed template in the data
+        tasks.build_sets("ioi", "en", gpt2(), n=4, data=data)
+    assert not isinstance(err.value, tasks.NoPrompts)
+
+
+def test_build_sets_with_every_set_skipped_fails_naming_each_reason(capsys):
+    with pytest.raises(tasks.NoPrompts, match=r"(?s)no task and language has usable.*ioi/zh: .*past_tense/zh: "):
+        tasks.build_sets(["ioi", "past_tense"], "zh", gpt2(), n=4)
+    with pytest.raises(tasks.NoPrompts, match=r"ioi/en: only 5 prompt\(s\), 6 needed"):
+        tasks.build_sets("ioi", "en", gpt2(), n=5, min_prompts=6)
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_build_sets_skips_chinese_for_the_smollm2_tokenizer_and_keeps_english(capsys):
+    tok = real_tokenizer("smollm2-135m")
+    sets = tasks.build_sets("ioi", ["en", "zh"], tok, n=16, seed=0)
+    assert list(sets) == [("ioi", "en")] and len(sets["ioi", "en"]) == 16
+    out = capsys.readouterr().out
+    assert re.search(r"ioi zh: skipped: ioi/zh: only 1 of \d+ names are usable.*byte pieces", out)
