@@ -1051,21 +1051,18 @@ def prompt_sets(
     """Prompt sets per language for a model's tokenizer, plus ``{language: reason}`` for those that cannot be built.
 
     A language the tokenizer cannot express (e.g. Chinese names in an English-only
-    vocabulary) is skipped with its reason instead of failing the whole run.
+    vocabulary) is skipped with its reason instead of failing the whole run
+    (:func:`lsa.tasks.try_build`); any other error raises.
     """
     from lsa import tasks
 
     built, skipped = {}, {}
     for language in languages:
-        try:
-            prompts = tasks.build(task, language, model.tokenizer, n=n, seed=seed, split=split)
-        except ValueError as err:
-            skipped[language] = str(err)
-            continue
-        if len(prompts) < 2:
-            skipped[language] = f"only {len(prompts)} prompt(s): {prompts.report}"
-            continue
-        built[language] = prompts
+        prompts, why = tasks.try_build(task, language, model.tokenizer, n=n, seed=seed, split=split)
+        if prompts is None:
+            skipped[language] = why
+        else:
+            built[language] = prompts
     return built, skipped
 
 

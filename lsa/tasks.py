@@ -951,6 +951,18 @@ def build(
     return _BUILDERS[task](language, tokenizer, n=n, seed=seed, split=split, variant=variant, **kwargs)
 
 
+def try_build(task: str, language: str, tokenizer, *, min_prompts: int = 2, **kwargs) -> tuple[PromptSet | None, str]:
+    """:func:`build`, or ``(None, reason)`` where the tokenizer leaves nothing usable (:class:`NoPrompts`)
+    or fewer than ``min_prompts`` prompts; any other error raises. ``kwargs`` go to :func:`build`."""
+    try:
+        prompts = build(task, language, tokenizer, **kwargs)
+    except NoPrompts as err:
+        return None, str(err)
+    if len(prompts) < min_prompts:
+        return None, f"only {len(prompts)} prompt(s), {min_prompts} needed; {prompts.report}"
+    return prompts, ""
+
+
 def build_sets(
     tasks: str | Iterable[str],
     languages: str | Iterable[str],
@@ -981,18 +993,13 @@ def build_sets(
     built, skipped = {}, {}
     for task in tasks:
         for language in languages:
-            try:
-                prompts = build(task, language, tokenizer, n=n, seed=seed, **kwargs)
-            except NoPrompts as err:
-                skipped[task, language] = str(err)
+            prompts, why = try_build(task, language, tokenizer, n=n, seed=seed, min_prompts=min_prompts, **kwargs)
+            if prompts is None:
+                skipped[task, language] = why
             else:
-                if len(prompts) >= min_prompts:
-                    built[task, language] = prompts
-                else:
-                    skipped[task, language] = f"only {len(prompts)} prompt(s), {min_prompts} needed; {prompts.report}"
+                built[task, language] = prompts
             if verbose:
-                shown = f"skipped: {skipped[task, language]}" if (task, language) in skipped else prompts.report
-                print(f"{task:>10} {language}: {shown}")
+                print(f"{task:>10} {language}: {prompts.report if prompts is not None else f'skipped: {why}'}")
     if not built:
         reasons = "\n".join(f"  {t}/{lang}: {why}" for (t, lang), why in skipped.items())
         raise NoPrompts(f"no task and language has usable prompts for this tokenizer:\n{reasons}")

@@ -745,6 +745,19 @@ def test_builders_raise_no_prompts_for_an_inexpressible_language_and_plain_value
     assert not isinstance(err.value, tasks.NoPrompts)
 
 
+def test_circuit_prompt_sets_skip_what_the_tokenizer_cannot_express_and_raise_real_errors():
+    from types import SimpleNamespace
+
+    from lsa.circuits import prompt_sets
+
+    model = SimpleNamespace(tokenizer=gpt2())
+    built, skipped = prompt_sets(model, ["en", "zh"], n=6, seed=1)
+    assert list(built) == ["en"] and torch.equal(built["en"].clean, tasks.build("ioi", "en", gpt2(), n=6, seed=1).clean)
+    assert list(skipped) == ["zh"] and "byte pieces" in skipped["zh"]
+    with pytest.raises(ValueError, match="unknown split"):  # no longer swallowed as a skip
+        prompt_sets(model, ["en"], split="test")
+
+
 def test_build_sets_with_every_set_skipped_fails_naming_each_reason(capsys):
     with pytest.raises(tasks.NoPrompts, match=r"(?s)no task and language has usable.*ioi/zh: .*past_tense/zh: "):
         tasks.build_sets(["ioi", "past_tense"], "zh", gpt2(), n=4)
