@@ -25,6 +25,7 @@ QUICK = {"n_prompts": [16], "n_texts": [200]}
 
 # The real pretrained models of the "real" preset (lsa.pretrained): the multilingual one first.
 REAL_MODELS = ("gemma-3-270m", "smollm2-135m")
+NAMES = {"en": "English", "zh": "Chinese"}
 
 # The findings the report leads with: (notebook, model, key pattern).
 HEADLINES: list[tuple[str, str, str]] = [
@@ -101,15 +102,26 @@ def _headlines(runs: list[dict], headlines: list[tuple[str, str, str]]) -> list[
     return lines
 
 
+def _runs_of(runs: list[dict], notebook: str, model: str) -> list[dict]:
+    return [
+        r
+        for r in runs
+        if r["provenance"]["notebook"].removesuffix(".ipynb") == notebook and r["provenance"]["model"] == model
+    ]
+
+
 def _finding(runs: list[dict], notebook: str, model: str, key: str):
-    """One finding's value (``None`` where that run or key is missing)."""
-    for run in runs:
-        prov = run["provenance"]
-        if prov["notebook"].removesuffix(".ipynb") == notebook and prov["model"] == model:
-            item = run["findings"].get(key)
-            if item is not None:
-                return item.get("value") if isinstance(item, dict) else item
+    """One finding's value from any run of that notebook and model (``None`` where none has it)."""
+    for run in _runs_of(runs, notebook, model):
+        item = run["findings"].get(key)
+        if item is not None:
+            return item.get("value") if isinstance(item, dict) else item
     return None
+
+
+def _parameter(runs: list[dict], notebook: str, model: str, name: str):
+    found = [r["provenance"].get("parameters", {}).get(name) for r in _runs_of(runs, notebook, model)]
+    return next((v for v in found if v is not None), None)
 
 
 def _num(value) -> float | None:
@@ -134,6 +146,17 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
     cross = [
         _num(find("03_compare_circuits", g, f"ioi_faithfulness_{a}_on_{b}")) for a, b in (("en", "zh"), ("zh", "en"))
     ]
+    steps = _parameter(runs, "01_ioi_circuit", g, "max_steps")
+    if steps is not None:
+        out.append(
+            f"- Circuits here come from {steps} step(s) of path-patching discovery"
+            + (
+                " (the heads whose direct path to the logits carries the answer; what feeds them is not searched, "
+                "to keep the run to minutes: `-p max_steps=3` in notebook 01 searches further)."
+                if steps == 1
+                else "."
+            )
+        )
     if j is not None:
         verdict = _grade(j, 0.5, 0.2)
         out.append(
@@ -148,12 +171,19 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
     roles = _num(find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_role_agreement_{pair}"))
     shared_roles = find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_shared_{pair}")
     smol_size = find("01_ioi_circuit", s, "ioi_circuit_en_size")
+    smol_faith = _num(find("01_ioi_circuit", s, "ioi_circuit_en_faithfulness"))
     if smol_size is not None:
         out.append(
             f"- **Independently trained models, one process?** The paper found GPT-2 and CPM largely using the same "
             f"IOI algorithm. SmolLM2 135M's English circuit has {smol_size} heads against Gemma 3's {sizes[0]}; "
             f"the roles both circuits hold: {', '.join(map(str, shared_roles or [])) or 'none'}"
-            + (f" (role agreement {roles:.2f})." if roles is not None else ".")
+            + (f" (role agreement {roles:.2f})" if roles is not None else "")
+            + (
+                ""
+                if smol_faith is None
+                else f"; SmolLM2's circuit keeps {smol_faith:.2f} of its behaviour"
+                + (", so most of it runs through heads this search did not reach." if smol_faith < 0.2 else ".")
+            )
         )
     # 3. different process, different components (the paper: Qwen2's past-tense head and late FFNs only in English)
     r = _num(find("02_past_tense", g, "frequency_correlation"))
@@ -189,20 +219,33 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
         for b in ("en", "zh")
     }
     if counts["en"] is not None:
-        own = all(
-            off[a, a] is not None and off[a, b] is not None and off[a, a] > off[a, b]
-            for a, b in (("en", "zh"), ("zh", "en"))
-        )
+        words = []
+        for a, b in (("zh", "en"), ("en", "zh")):
+            own, other = off[a, a], off[a, b]
+            if own is None or other is None:
+                continue
+            specific = own > 0.05 and own > 2 * max(
+                other, 0.0
+            )  # nats: it raises its own language's loss, not the other's
+            words.append(
+                f"switching the {NAMES[a]} ones off changes the {NAMES[a]} loss by {own:+.3g} nats and the {NAMES[b]} "
+                f"loss by {other:+.3g}: "
+                + (
+                    f"{NAMES[a]}-specific, as LAPE's authors report"
+                    if specific
+                    else "not specific, unlike LAPE's report"
+                )
+            )
+        steer = {
+            k: v
+            for run in _runs_of(runs, "04_language_neurons", g)
+            for k, v in run["findings"].items()
+            if re.fullmatch(r"lape_steer_.*", k)
+        }
+        steered = "; ".join(f"{item.get('statement', k)}: {_fmt(item.get('value'))}" for k, item in steer.items())
         out.append(
             f"- **Language-specific neurons.** LAPE finds {counts['en']} English and {counts['zh']} Chinese neurons in "
-            f"Gemma 3. Switching the English ones off changes the English loss by {_fmt(off['en', 'en'])} and the "
-            f"Chinese loss by {_fmt(off['en', 'zh'])}; the Chinese ones: Chinese {_fmt(off['zh', 'zh'])}, English "
-            f"{_fmt(off['zh', 'en'])}. "
-            + (
-                "Each set matters more to its own language, as LAPE's authors report."
-                if own
-                else "Not every set matters more to its own language: this differs from what LAPE's authors report."
-            )
+            f"Gemma 3; " + "; ".join(words) + "." + (f" Steering ({steered})." if steered else "")
         )
     return out
 
@@ -301,7 +344,7 @@ def main(
     note = ""
     if real:
         extra, note = real_cells(output, quick)
-        cells += extra
+        cells = extra + cells  # the long real-model runs first: with two jobs the zoo's short ones fill in
         if note:
             print(f"lsa reproduce: {note}")
     result = runner.run_grid(cells, cell_timeout=cell_timeout, jobs=jobs)

@@ -80,14 +80,25 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes (measured: 14.6 minutes on two shared cores, one thread; discovery is most of it: step 1
-    # took 100-118 s on Gemma 3, 228 s on SmolLM2): 16 IOI prompts per set (Gemma 3 scores 1.0 / 0.94
-    # accuracy on them in English / Chinese); discovery stops after step 1 (heads -> logits: the
-    # heads that write the answer; each further step costs three sweeps of every earlier head,
+    # Sizes: the whole preset ran in MEASURED on two cores with two jobs (`lsa reproduce`), one
+    # thread each; path-patching discovery is most of it (step 1 took 100-118 s on Gemma 3 with 16
+    # prompts). The longest cells come first, so that two jobs finish together. Behaviour on 100
+    # prompts per set; circuits on 16 (Gemma 3 scores 1.0 / 0.94 accuracy on them in English /
+    # Chinese; SmolLM2, the side comparison, on 8); discovery stops after step 1 (heads -> logits:
+    # the heads that write the answer; each further step costs three sweeps of every earlier head,
     # ~2 minutes each here); 04 on 60 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
-        ("01_ioi_circuit", ["smollm2-135m"], ["en"], dict(_REAL_IOI)),
+        (
+            "04_language_neurons",
+            ["gemma-3-270m"],
+            ["en+zh"],
+            {"n_texts": 60, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
+        ),
+        ("01_ioi_circuit", ["smollm2-135m"], ["en"], {**_REAL_IOI, "n_prompts": 8}),
+        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 16}),
+        ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
+        ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 100}),
         (
             "03_compare_circuits",
             ["gemma-3-270m"],
@@ -99,13 +110,6 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             ["gemma-3-270m+smollm2-135m"],
             ["en"],
             {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:smollm2-135m:en}"], "n_prompts": 16},
-        ),
-        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 16}),
-        (
-            "04_language_neurons",
-            ["gemma-3-270m"],
-            ["en+zh"],
-            {"n_texts": 60, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
         ),
     ],
     "paper": [

@@ -112,10 +112,11 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
     assert "correlates at 0.80" in text and "7.1" in text
     assert "English at 0.40 and Chinese at 0.95" in text and "by 0.55 (as in the paper)" in text
     assert "English at 0.90 and Chinese at 0.50" in text and "by -0.40 (unlike the paper)" in text
-    # the Chinese neurons matter more to English here: the section says it differs
-    assert "Not every set matters more to its own language" in text
+    # the English neurons matter to English; the Chinese ones more to English than to Chinese: not specific
+    assert "English loss by +0.5 nats and the Chinese loss by +0.01: English-specific, as LAPE" in text
+    assert "Chinese loss by +0.02 nats and the English loss by +0.3: not specific, unlike LAPE" in text
     runs[-1]["findings"]["lape_off_zh_loss_zh"]["value"] = 0.9
-    assert "Each set matters more to its own language" in "\n".join(reproduce.compare_with_paper(runs))
+    assert "+0.9 nats and the English loss by +0.3: Chinese-specific" in "\n".join(reproduce.compare_with_paper(runs))
     assert reproduce.compare_with_paper([]) == []
 
 

@@ -247,7 +247,11 @@ def test_the_real_preset_compares_only_circuits_that_its_own_earlier_cells_write
             compared.append({written[ref][1:] for ref in refs})
     assert {("gemma-3-270m", "en"), ("gemma-3-270m", "zh")} in compared
     assert {("gemma-3-270m", "en"), ("smollm2-135m", "en")} in compared
+    assert runner.dependencies(cells) == {
+        i: [written[r][0] for r in c.params.get("circuits", [])] for i, c in enumerate(cells)
+    }
     assert {c.notebook.stem for c in cells} == {
+        "00_quickstart",
         "01_ioi_circuit",
         "02_past_tense",
         "03_compare_circuits",
