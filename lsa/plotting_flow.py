@@ -110,7 +110,10 @@ def plot_head_frequency(freq: pd.DataFrame, languages: list[str] | None = None, 
     """Side-by-side heatmaps (layer x head), one per language, of head activation frequency."""
     languages = languages or list(dict.fromkeys(freq["language"]))
     n_layers, n_heads = int(freq["layer"].max()) + 1, int(freq["head"].max()) + 1
-    fig, axes = plt.subplots(1, len(languages), figsize=(0.35 * n_heads * len(languages) + 2, 0.3 * n_layers + 1.5))
+    panel = max(1.8, 0.35 * n_heads)  # inches per language: room for the head ticks with few heads
+    fig, axes = plt.subplots(
+        1, len(languages), sharey=True, figsize=(panel * len(languages) + 2, min(0.3 * n_layers + 1.5, 12))
+    )
     axes = np.atleast_1d(axes)
     image = None
     for ax, language in zip(axes, languages):
@@ -119,7 +122,8 @@ def plot_head_frequency(freq: pd.DataFrame, languages: list[str] | None = None, 
         image = ax.imshow(grid.values, vmin=0, vmax=1, cmap=cmap, origin="lower", aspect="auto")
         ax.set_title(language)
         ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+        ax.set_xticks(range(0, n_heads, max(1, n_heads // 8)))
+    axes[0].set_ylabel("layer")  # shared: one label, not one over each neighbour's ticks
     fig.colorbar(image, ax=list(axes), label="share of routes using the head")
     return fig
 

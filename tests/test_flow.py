@@ -345,6 +345,8 @@ def test_route_and_frequency_figures_draw_what_the_results_hold():
     images = [a.images[0].get_array() for a in fig.axes if a.images]
     assert len(images) == 2
     assert images[0][1].tolist() == [0.5, 0.5, 0.5] and images[1][:, 2].tolist() == pytest.approx([2 / 3, 2 / 3])
+    panels = [a for a in fig.axes if a.images]  # one layer label, on the first panel (not over its neighbour)
+    assert [a.get_ylabel() for a in panels] == ["layer", ""]
     fig = plotting_flow.plot_frequency_scatter(freq, "en", "zh", n_label=2)
     assert len(fig.axes[0].texts) == 2
     assert f"r = {flow.frequency_correlation(freq):.2f}" in fig.axes[0].get_title()
