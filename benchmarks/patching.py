@@ -202,7 +202,7 @@ def main() -> None:
         zoo_correlation(args.zoo_n, args.zoo_model)
         return
 
-    spec = PAPER_SHAPES["gpt2"] if args.shape == "gpt2-small" else json.loads(args.shape)
+    spec = PAPER_SHAPES["openai-community/gpt2"] if args.shape == "gpt2-small" else json.loads(args.shape)
     model = random_model(spec, tokenizer=gpt2_bpe_tokenizer(), seed=0)
     a = model.adapter
     prompts = random_prompts(args.batch, args.pos, a.d_vocab)
