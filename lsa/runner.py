@@ -55,7 +55,7 @@ DEFAULT_CELL_TIMEOUT = 1800
 # need internet or NDIF; ``random=True`` swaps in random models of the same shapes);
 # "real" runs the main study on the real pretrained models lsa converts offline
 # (``make models``: Gemma 3 270M, SmolLM2-135M), sized for a few minutes on a CPU.
-_REAL_IOI = {"n_prompts": 16, "max_steps": 1}
+_REAL_IOI = {"n_prompts": 12, "max_steps": 1}
 PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     "zoo": [
         ("00_quickstart", ["toy-bilingual"], ["en+zh"], {}),
@@ -80,25 +80,26 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes: the whole preset ran in MEASURED on two cores with two jobs (`lsa reproduce`), one
-    # thread each; path-patching discovery is most of it (step 1 took 100-118 s on Gemma 3 with 16
-    # prompts). The longest cells come first, so that two jobs finish together. Behaviour on 100
-    # prompts per set; circuits on 16 (Gemma 3 scores 1.0 / 0.94 accuracy on them in English /
-    # Chinese; SmolLM2, the side comparison, on 8); discovery stops after step 1 (heads -> logits:
-    # the heads that write the answer; each further step costs three sweeps of every earlier head,
-    # ~2 minutes each here); 04 on 60 shipped sentences per language.
+    # Sizes, for `make reproduce` from a fresh clone in about a quarter of an hour on two cores
+    # (two jobs, one thread each), most of it path-patching discovery (step 1: 150-190 s per
+    # Gemma 3 circuit on 16 prompts with two kernels sharing the cores). The longest cells come
+    # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
+    # its circuits on 12 (discovery stops after step 1: heads -> logits, the heads that write the
+    # answer; each further step costs three sweeps of every earlier head, minutes each here) and
+    # compared on 16; SmolLM2, the side comparison, on 8 (circuit) and 50 (behaviour); past tense on
+    # 12; language neurons on 40 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (
             "04_language_neurons",
             ["gemma-3-270m"],
             ["en+zh"],
-            {"n_texts": 60, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
+            {"n_texts": 40, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
         ),
         ("01_ioi_circuit", ["smollm2-135m"], ["en"], {**_REAL_IOI, "n_prompts": 8}),
-        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 16}),
+        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 12}),
         ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
-        ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 100}),
+        ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 50}),
         (
             "03_compare_circuits",
             ["gemma-3-270m"],
