@@ -89,25 +89,22 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _headlines(runs: list[dict], headlines: list[tuple[str, str, str]]) -> list[str]:
-    lines = []
-    for notebook, model, pattern in headlines:
-        for run in runs:
-            prov = run["provenance"]
-            if prov["notebook"].removesuffix(".ipynb") != notebook or prov["model"] != model:
-                continue
-            for key, item in run["findings"].items():
-                if re.fullmatch(pattern, key):
-                    lines.append(f"- {model}, {notebook}: {item.get('statement', key)} = **{_fmt(item.get('value'))}**")
-    return lines
-
-
 def _runs_of(runs: list[dict], notebook: str, model: str) -> list[dict]:
     return [
         r
         for r in runs
         if r["provenance"]["notebook"].removesuffix(".ipynb") == notebook and r["provenance"]["model"] == model
     ]
+
+
+def _headlines(runs: list[dict], headlines: list[tuple[str, str, str]]) -> list[str]:
+    lines = []
+    for notebook, model, pattern in headlines:
+        for run in _runs_of(runs, notebook, model):
+            for key, item in run["findings"].items():
+                if re.fullmatch(pattern, key):
+                    lines.append(f"- {model}, {notebook}: {item.get('statement', key)} = **{_fmt(item.get('value'))}**")
+    return lines
 
 
 def _finding(runs: list[dict], notebook: str, model: str, key: str):
