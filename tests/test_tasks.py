@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import re
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
@@ -620,18 +619,16 @@ def test_full_chinese_names_never_reach_a_zoo_tokenizer(model):
 # real tokenizers: Gemma 3 and SmolLM2, from the real-model cache
 # ---------------------------------------------------------------------------
 
-REAL_CACHE = Path.home() / ".cache" / "lsa" / "models"
-
 
 @cache
 def real_tokenizer(name: str):
-    """A real model's tokenizer from lsa's real-model cache (filled by `make test`); skips where it is not filled."""
+    """A real model's tokenizer from lsa's real-model cache (``$LSA_CACHE``, filled by `make test`); where it is
+    not filled, :func:`lsa.pretrained.folder` fails naming the command that fills it."""
     from transformers import AutoTokenizer
 
-    folder = REAL_CACHE / name
-    if not (folder / "tokenizer.json").exists():
-        pytest.skip(f"{name} is not in the real-model cache {REAL_CACHE}: fill it with the README's command")
-    return AutoTokenizer.from_pretrained(folder)
+    from lsa import pretrained
+
+    return AutoTokenizer.from_pretrained(pretrained.folder(name))
 
 
 def check_ioi_spans(tok, p, space):
