@@ -80,8 +80,8 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes, for `make reproduce` from a fresh clone in about a quarter of an hour on two cores
-    # (two jobs, one thread each), most of it path-patching discovery (step 1: 150-190 s per
+    # Sizes: `make reproduce` from a fresh clone took 17 min 5 s with them on two cores (two
+    # jobs, one thread each; 15 minutes is the aim), most of it path-patching discovery (step 1: 150-190 s per
     # Gemma 3 circuit on 16 prompts with two kernels sharing the cores). The longest cells come
     # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
     # its circuits on 12 (discovery stops after step 1: heads -> logits, the heads that write the
