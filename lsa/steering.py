@@ -358,15 +358,6 @@ SCRIPTS = ("cjk", "latin")
 REPLACEMENT = "\ufffd"  # what a tokenizer decodes a lone byte piece of a multi-byte character to
 
 
-def token_script(text: str) -> str:
-    """``"cjk"`` if the text has a CJK character, else ``"latin"`` if it has a Latin letter, else ``"other"``."""
-    if _CJK.search(text):
-        return "cjk"
-    if _LATIN.search(text):
-        return "latin"
-    return "other"
-
-
 def script_counts(text: str | Iterable[str]) -> dict[str, int]:
     """Characters of ``text`` per script: ``{"cjk": n, "latin": n, "undecodable": n}``.
 
@@ -403,15 +394,17 @@ def script_share(text: str | Iterable[str], script: str) -> float:
     0.3333333333333333
     """
     _check_script(script)
-    counts = script_counts(text)
-    known = counts["cjk"] + counts["latin"]
-    return counts[script] / known if known else float("nan")
+    return _share(script_counts(text), script)
 
 
-def _known(text: str) -> int:
-    """Characters of ``text`` in either script (the denominator of :func:`script_share`)."""
-    counts = script_counts(text)
+def _known(counts: dict[str, int]) -> int:
+    """Characters in either script (the denominator of :func:`script_share`), from :func:`script_counts`."""
     return counts["cjk"] + counts["latin"]
+
+
+def _share(counts: dict[str, int], script: str) -> float:
+    known = _known(counts)
+    return counts[script] / known if known else float("nan")
 
 
 def steering_run(
@@ -438,15 +431,16 @@ def steering_run(
     tok = model.tokenizer
     before = [_decode(tok, ids) for ids in base]
     after = [_decode(tok, ids) for ids in steered]
+    counted_before, counted_after = [script_counts(t) for t in before], [script_counts(t) for t in after]
     return pd.DataFrame(
         {
             "prompt": prompts,
             "baseline": before,
             "steered": after,
-            "share_before": [script_share(t, target_script) for t in before],
-            "share_after": [script_share(t, target_script) for t in after],
-            "chars_before": [_known(t) for t in before],
-            "chars_after": [_known(t) for t in after],
+            "share_before": [_share(c, target_script) for c in counted_before],
+            "share_after": [_share(c, target_script) for c in counted_after],
+            "chars_before": [_known(c) for c in counted_before],
+            "chars_after": [_known(c) for c in counted_after],
         }
     )
 
