@@ -34,20 +34,21 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from lsa import engine
 from lsa import metrics as lsa_metrics
+from lsa.engine import Edit, Plan, Read
 from lsa.model import Model
 from lsa.patching import (
     Metric,
     PatchResult,
-    _replace,
-    _units,
     baseline,
     check_prompts,
-    forward,
+    replace_units,
     run_metric,
     run_specs,
     specs_frame,
     sweep_specs,
+    units,
 )
 from lsa.tasks import PromptSet
 
@@ -124,11 +125,11 @@ def ablation_values(
     n, width = prompts.clean.shape
     dev = model.device
     if method == "zero":
-        widths = {s: _units(model, s[0]) for s in sites}
+        widths = {s: units(model, s[0]) for s in sites}
         return {s: torch.zeros(n, width, u * w, device=dev) for s, (u, w) in widths.items()}
     tokens, lengths = _reference(prompts, reference)
     tokens, lengths = tokens.to(dev), lengths.to(dev)
-    _, acts = forward(model, tokens, lengths - 1, reads=sites, logits=False)
+    acts = engine.run(model, tokens, Plan(reads=[Read(*s) for s in sites], logits=None)).values
     m, ref_width = tokens.shape
     real = torch.arange(ref_width, device=dev)[None, :] < lengths[:, None]  # [m, pos]
     out = {}
@@ -161,18 +162,18 @@ def ablation_values(
     return out
 
 
-def _edits(model: Model, prompts: PromptSet, targets: dict[tuple[str, int], list[int] | None], values) -> dict:
+def _edits(model: Model, prompts: PromptSet, targets: dict[tuple[str, int], list[int] | None], values) -> list[Edit]:
     """Edits putting ``values`` into the listed units (None = the whole site) of each site."""
     n, width = prompts.clean.shape
-    edits = {}
+    edits = []
     for (site, layer), units_sel in targets.items():
-        units, w = _units(model, site)
-        mask = torch.zeros(n, width, units, dtype=torch.bool, device=model.device)
+        n_units, w = units(model, site)
+        mask = torch.zeros(n, width, n_units, dtype=torch.bool, device=model.device)
         if units_sel is None:
             mask[:] = True
         else:
             mask[:, :, units_sel] = True
-        edits[(site, layer)] = _replace(mask, values[(site, layer)], units, w)
+        edits.append(Edit(site, layer, replace_units(mask, values[(site, layer)], n_units, w)))
     return edits
 
 
@@ -209,7 +210,7 @@ def ablate(
         model, prompts, targets, method, reference=reference, per_position=per_position, index=index, seed=seed
     )
     edits = _edits(model, prompts, targets, values)
-    logits, _ = forward(model, prompts.clean.to(model.device), prompts.end.to(model.device), edits=edits)
+    logits = engine.run(model, prompts.clean, Plan(edits=edits, end=prompts.end)).logits
     return run_metric(metric, logits, prompts).cpu()
 
 
@@ -301,7 +302,7 @@ def faithfulness(
     comps = parse_components(model, components)
     kinds = set(kinds) if kinds is not None else {"head"} | ({"mlp"} if any(c[0] != "head" for c in comps) else set())
     kw = dict(method=method, reference=reference, metric=metric, per_position=per_position, seed=seed)
-    logits, _ = forward(model, prompts.clean.to(model.device), prompts.end.to(model.device))
+    logits = engine.run(model, prompts.clean, Plan(end=prompts.end)).logits
     full = run_metric(metric, logits, prompts).cpu()
     outside = complement(model, comps, kinds)
     circuit = ablate(model, prompts, outside, **kw) if outside else full.clone()
@@ -341,7 +342,7 @@ def ablation_sweep(
     values = ablation_values(model, prompts, sites, method, reference=reference, per_position=per_position, seed=seed)
     tokens = prompts.clean.to(model.device)
     logits, cache = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs})
-    corrupt_logits, _ = forward(model, prompts.corrupt.to(model.device), prompts.end.to(model.device))
+    corrupt_logits = engine.run(model, prompts.corrupt, Plan(end=prompts.end)).logits
     patched = run_specs(
         model,
         prompts,

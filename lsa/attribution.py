@@ -26,24 +26,24 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
+from lsa import engine
 from lsa import metrics as lsa_metrics
+from lsa.engine import Edit, Plan, Read
 from lsa.model import Model
 from lsa.patching import (
     Metric,
     PatchResult,
-    _forward_traced,
-    _position_index,
-    _runs,
-    _sweep_meta,
-    _units,
     activation_patching,
     check_direction,
     check_prompts,
-    forward,
+    position_index,
     position_map_prompts,
     run_metric,
+    runs,
     specs_frame,
+    sweep_meta,
     sweep_specs,
+    units,
 )
 from lsa.tasks import PromptSet
 
@@ -92,14 +92,15 @@ def attribution_patching(
     specs, dims, axes = sweep_specs(
         model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
     )
-    base_tokens, donor_tokens = _runs(model, prompts, direction)
+    base_tokens, donor_tokens = runs(model, prompts, direction)
     end = prompts.end.to(model.device)
     value_sites = sorted({(s.site, s.layer) for s in specs})
     # d M / d mid = d M / d (attention output): mid = block input + attention output.
     grad_site = {key: ("attn_out", key[1]) if key[0] == "resid_mid" else key for key in value_sites}
 
     with torch.no_grad():
-        donor_logits, donor_acts = forward(model, donor_tokens, end, reads=value_sites)
+        donor = engine.run(model, donor_tokens, Plan(reads=[Read(*key) for key in value_sites], end=end))
+        donor_logits, donor_acts = donor.logits, donor.values
     wrt = sorted(set(grad_site.values()))
     if model.remote:
         base_acts, values, grads = _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric, steps)
@@ -116,16 +117,16 @@ def attribution_patching(
     rows = torch.arange(n)
     contrib: dict[tuple[str, int], torch.Tensor] = {}
     for key in value_sites:
-        units, width = _units(model, key[0])
+        n_units, width = units(model, key[0])
         delta = (donor_acts[key] - base_acts[key].detach()).float()
         grad = grads[grad_site[key]].float()
-        prod = (delta * grad).reshape(*delta.shape[:-1], units, width).sum(-1)  # [n, pos, units]
+        prod = (delta * grad).reshape(*delta.shape[:-1], n_units, width).sum(-1)  # [n, pos, units]
         contrib[key] = prod.cpu()
     est = torch.empty(len(specs), n)
     for i, s in enumerate(specs):
         prod = contrib[(s.site, s.layer)]
         prod = prod if s.unit is None else prod[:, :, s.unit : s.unit + 1]
-        pos = _position_index(prompts, s.pos)
+        pos = position_index(prompts, s.pos)
         est[i] = prod.sum((1, 2)) if pos is None else prod[rows, pos].sum(-1)
     return PatchResult(
         components=specs_frame(specs, dims),
@@ -136,7 +137,7 @@ def attribution_patching(
         axes=axes,
         direction=direction,
         method="attribution patching" if steps == 1 else f"attribution patching (IG, {steps} steps)",
-        meta={**_sweep_meta(model, prompts, site, axes, n_given), "steps": steps},
+        meta={**sweep_meta(model, prompts, site, axes, n_given), "steps": steps},
     )
 
 
@@ -145,30 +146,25 @@ def _local_gradients(model, prompts, base_tokens, donor_tokens, end, value_sites
     embed = model.module("embed")
     with torch.no_grad():
         base_emb, donor_emb = embed(base_tokens), embed(donor_tokens)
-    alpha = {"value": 0.0}
-
-    def interpolate(module, args, out):
-        if steps > 1:
-            out = base_emb + alpha["value"] * (donor_emb - base_emb)
-        return out if out.requires_grad else out.detach().requires_grad_()
-
-    handle = embed.register_forward_hook(interpolate)
-    reads = set(value_sites) | set(wrt)
+    reads = [Read(*key) for key in sorted(set(value_sites) | set(wrt))]
     grads: dict = {}
-    try:
-        with torch.enable_grad():
-            for k in range(steps):
-                alpha["value"] = k / steps
-                logits, acts = forward(model, base_tokens, end, reads=reads)
-                values_k = metric(logits, prompts)
-                run_metric(lambda *_, v=values_k: v, logits, prompts)  # shape check
-                step_grads = torch.autograd.grad(values_k.sum(), [acts[key] for key in wrt])
-                for key, g in zip(wrt, step_grads):
-                    grads[key] = g / steps if k == 0 else grads[key] + g / steps
-                if k == 0:
-                    base_acts, values = {key: v.detach() for key, v in acts.items()}, values_k.detach()
-    finally:
-        handle.remove()
+    with torch.enable_grad():
+        for k in range(steps):
+
+            def interpolate(out, alpha=k / steps):
+                if steps > 1:
+                    out = base_emb + alpha * (donor_emb - base_emb)
+                return out if out.requires_grad else out.detach().requires_grad_()
+
+            run = engine.run(model, base_tokens, Plan(edits=[Edit("embed", 0, interpolate)], reads=reads, end=end))
+            logits, acts = run.logits, run.values
+            values_k = metric(logits, prompts)
+            run_metric(lambda *_, v=values_k: v, logits, prompts)  # shape check
+            step_grads = torch.autograd.grad(values_k.sum(), [acts[key] for key in wrt])
+            for key, g in zip(wrt, step_grads):
+                grads[key] = g / steps if k == 0 else grads[key] + g / steps
+            if k == 0:
+                base_acts, values = {key: v.detach() for key, v in acts.items()}, values_k.detach()
     return base_acts, values, grads
 
 
@@ -177,12 +173,14 @@ def _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric
     if steps != 1:
         raise ValueError("integrated gradients (steps > 1) interpolate input embeddings locally; use steps=1 remotely")
     with torch.no_grad():
-        logits, base_acts = forward(model, base_tokens, end, reads=value_sites)
+        base = engine.run(model, base_tokens, Plan(reads=[Read(*key) for key in value_sites], end=end))
+    logits, base_acts = base.logits, base.values
     end_logits = logits.detach().float().requires_grad_()
     values = metric(end_logits, prompts)
     run_metric(lambda *_: values, end_logits, prompts)  # shape check
     (logit_grad,) = torch.autograd.grad(values.sum(), end_logits)
-    _, grads = _forward_traced(model, base_tokens, end, reads=wrt, logit_grad=logit_grad.to(logits.dtype))
+    plan = Plan(reads=[Read(*key) for key in wrt], end=end, logit_grad=logit_grad.to(logits.dtype))
+    grads = engine.run(model, base_tokens, plan).values
     return base_acts, values.detach(), grads
 
 

@@ -17,14 +17,14 @@ from lsa.tasks import PromptSet
 @torch.no_grad()
 def end_logits(model: Model, prompts: PromptSet, *, corrupt: bool = False, batch_size: int = 64) -> torch.Tensor:
     """Logits at each prompt's last real token ``[n, d_vocab]`` (clean prompts, or the counterfactual ones)."""
-    from lsa.patching import forward  # unembeds the end positions only (a remote model sends back just those)
+    from lsa import engine  # unembeds the end positions only (a remote model sends back just those)
 
     tokens = prompts.corrupt if corrupt else prompts.clean
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts.subset(slice(start, start + batch_size))
         ids = (chunk.corrupt if corrupt else chunk.clean).to(model.device)
-        logits, _ = forward(model, ids, chunk.end.to(model.device))
+        logits = engine.run(model, ids, engine.Plan(end=chunk.end)).logits
         out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.empty(0, tokens.shape[-1])
 

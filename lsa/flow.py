@@ -50,11 +50,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import networkx as nx
 import pandas as pd
 import torch
 
+from lsa import engine
+from lsa.engine import Plan, Read
 from lsa.model import Model
 
 DEFAULT_TAU = 0.04
@@ -93,21 +96,15 @@ class Activations:
     mlp_scale: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def _first(args, kwargs, name="hidden_states"):
-    return args[0] if args else kwargs[name]
-
-
 @torch.no_grad()
 def capture(model: Model, tokens: torch.Tensor) -> Activations:
     """Run ``tokens [batch, pos]`` once through ``model.hf`` and keep the activations routes need.
 
-    Plain torch hooks: ``ln1`` (input = residual before the layer, output =
-    attention input), ``attn`` (output[1] = attention pattern; needs eager
-    attention), ``o_proj`` (input = heads' outputs, output = what the write is
-    made from), ``attn_write`` (output = attention write), ``ln2`` (input =
-    residual after attention), ``mlp_out`` (input = neuron values), ``mlp_write``
-    (output = FFN write), ``final_norm`` (input = last residual). ``attn_write``
-    is ``o_proj`` and ``mlp_write`` is ``mlp_out`` except with sandwich norms.
+    One engine run (:mod:`lsa.engine`) reading, per layer, the sites ``resid_pre``,
+    ``attn_in``, ``pattern`` (needs eager attention), ``head`` (the heads' outputs),
+    ``attn_out`` and ``mlp_out`` (the writes), ``resid_mid``, ``neuron`` (the MLP
+    output projection's input), the projections' outputs (reduced to the sandwich
+    norms' scales, :meth:`lsa.adapter.Adapter.write_scale`), and ``resid_final``.
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
@@ -115,63 +112,37 @@ def capture(model: Model, tokens: torch.Tensor) -> Activations:
         raise ValueError("flow routes hook the local torch model; a remote (NDIF) model cannot be used here")
     ad = model.adapter
     n = ad.n_layers
-    store: dict[str, list] = {
-        k: [None] * n
-        for k in (
-            "resid_pre",
-            "resid_mid",
-            "attn_in",
-            "z",
-            "attn_out",
-            "pattern",
-            "neurons",
-            "mlp_out",
-            "attn_scale",
-            "mlp_scale",
-        )
+    # name in Activations -> engine site (and a reduction of it)
+    wanted = {
+        "resid_pre": ("resid_pre", None),
+        "attn_in": ("attn_in", None),
+        "pattern": ("pattern", None),
+        "z": ("head", None),
+        "attn_scale": ("attn_proj", "attn"),
+        "attn_out": ("attn_out", None),
+        "resid_mid": ("resid_mid", None),
+        "neurons": ("neuron", None),
+        "mlp_scale": ("mlp_proj", "mlp"),
+        "mlp_out": ("mlp_out", None),
     }
-    final: list[torch.Tensor] = []
-
-    def keep(name, layer, fn):
-        def hook(module, args, kwargs, output):
-            store[name][layer] = fn(args, kwargs, output)
-
-        return hook
-
-    handles = []
-    try:
-        for layer in range(n):
-            reg = lambda part, name, fn, layer=layer: handles.append(  # noqa: E731
-                model.module(part, layer).register_forward_hook(keep(name, layer, fn), with_kwargs=True)
-            )
-            reg("ln1", "resid_pre", lambda a, k, o: _first(a, k))
-            reg("ln1", "attn_in", lambda a, k, o: o)
-            reg("attn", "pattern", lambda a, k, o: o[1] if isinstance(o, tuple) and len(o) > 1 else None)
-            reg("o_proj", "z", lambda a, k, o: _first(a, k, "input"))
-            reg("o_proj", "attn_scale", lambda a, k, o, layer=layer: ad.write_scale(model.hf, "attn", layer, o))
-            reg("attn_write", "attn_out", lambda a, k, o: o)
-            if not ad.parallel_residual:
-                reg("ln2", "resid_mid", lambda a, k, o: _first(a, k))
-            reg("mlp_out", "neurons", lambda a, k, o: _first(a, k, "input"))
-            reg("mlp_out", "mlp_scale", lambda a, k, o, layer=layer: ad.write_scale(model.hf, "mlp", layer, o))
-            reg("mlp_write", "mlp_out", lambda a, k, o: o)
-        handles.append(
-            model.module("final_norm").register_forward_hook(
-                lambda m, a, k, o: final.append(_first(a, k)), with_kwargs=True
-            )
-        )
-        logits = model.hf(tokens.to(model.device)).logits
-    finally:
-        for h in handles:
-            h.remove()
+    if ad.parallel_residual:
+        del wanted["resid_mid"]
+    reads = [Read("resid_final", n - 1)]
+    for layer in range(n):
+        for site, sublayer in wanted.values():
+            scale = None if sublayer is None else partial(ad.write_scale, model.hf, sublayer, layer)
+            reads.append(Read(site, layer, scale))
+    out = engine.run(model, tokens, Plan(reads=reads, logits="all"))
+    store = {name: [out.values.get((site, layer)) for layer in range(n)] for name, (site, _) in wanted.items()}
+    store.setdefault("resid_mid", [None] * n)
     for layer, pattern in enumerate(store["pattern"]):
         if pattern is None:
             raise RuntimeError(
                 f"layer {layer}'s attention module returned no attention pattern; load the model with "
                 "attn_implementation='eager' (load_model does this by default)"
             )
-    resid_post = store["resid_pre"][1:] + final[:1]
-    return Activations(tokens=tokens, resid_post=resid_post, logits=logits, **store)
+    resid_post = store["resid_pre"][1:] + [out[("resid_final", n - 1)]]
+    return Activations(tokens=tokens, resid_post=resid_post, logits=out.logits, **store)
 
 
 # ---------------------------------------------------------------------------- decomposition

@@ -137,6 +137,8 @@ class Model:
         name: what it was loaded as (id, path or short name).
         remote: ``True``: trace on NDIF instead of locally; ``"local"``: nnsight's local
             simulation of a remote trace (serialized and rebuilt here); ``False``: local.
+        steering: the edits of the open :func:`lsa.steering.steer` blocks (:class:`lsa.engine.Edit`,
+            outermost first), part of every forward lsa runs (:func:`lsa.engine.run`).
     """
 
     nn: object
@@ -146,6 +148,7 @@ class Model:
     name: str = "model"
     remote: bool | str = False
     meta: dict = field(default_factory=dict)
+    steering: list = field(default_factory=list, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -203,13 +206,10 @@ class Model:
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Forward ``[batch, pos] -> [batch, pos, d_vocab]``: plain torch locally, one trace when remote."""
-        if not self.remote:
-            return self.hf(tokens.to(self.device)).logits
-        unembed = self.envoy("unembed")  # looked up here: the request then carries no Model
-        with self.trace(tokens.cpu(), use_cache=False):
-            out = unembed.output.save()
-        return out.to(self.device)
+        """Forward ``[batch, pos] -> [batch, pos, d_vocab]`` under the active steering edits (local or one trace)."""
+        from lsa import engine
+
+        return engine.run(self, tokens).logits
 
     def describe(self) -> dict:
         return {"name": self.name, **self.adapter.describe(), **self.meta}

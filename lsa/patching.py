@@ -32,8 +32,8 @@ rotary and alibi terms are still built by the model itself; for sites after the
 attention, layer ``L``'s queries, keys and values come from the cache too), and
 computes logits only at each prompt's end position (final norm + unembedding on
 those rows alone). Memory: the residual stream of every
-layer for both runs, plus one expanded chunk. Plain torch hooks on ``model.hf``
-do the work; results equal a hook-by-hook reference (see ``tests/test_patching.py``).
+layer for both runs, plus one expanded chunk. The engine (:mod:`lsa.engine`) runs
+each forward; results equal a hook-by-hook reference (see ``tests/test_patching.py``).
 
 >>> res = activation_patching(model, prompts, site="head")     # doctest: +SKIP
 >>> res.array.shape                                              # [layer, head]  # doctest: +SKIP
@@ -43,18 +43,17 @@ do the work; results equal a hook-by-hook reference (see ``tests/test_patching.p
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-import nnsight
 import pandas as pd
 import torch
 from torch import nn
 
+from lsa import engine
 from lsa import metrics as lsa_metrics
+from lsa.engine import AttnCache, Edit, Plan, Projection, Read, Start
 from lsa.model import Model
 from lsa.tasks import PromptSet
 
@@ -64,7 +63,6 @@ __all__ = [
     "PatchResult",
     "activation_patching",
     "path_patching",
-    "forward",
     "run_metric",
     "check_prompts",
     "position_map_prompts",
@@ -111,7 +109,7 @@ def _check_site_for_model(model: Model, site: str) -> None:
         )
 
 
-def _units(model: Model, site: str) -> tuple[int, int]:
+def units(model: Model, site: str) -> tuple[int, int]:
     """``(units, width)``: how a site's last dimension splits into patchable units."""
     a = model.adapter
     if site == "head":
@@ -134,382 +132,9 @@ def run_metric(metric: Metric, logits: torch.Tensor, prompts: PromptSet) -> torc
 
 
 # ============================================================== running the model
-class _Stop(Exception):
-    """Raised by a hook to end a forward early (nothing after it is needed)."""
-
-
-_RETURNS_TUPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _returns_tuple(model: Model, part: str = "blocks") -> bool:
-    """Whether this model's blocks (``part="blocks"``) or attention modules (``"attn"``) return a tuple."""
-    hf = model.hf
-    seen = _RETURNS_TUPLE.setdefault(hf, {})
-    if part not in seen:
-        module = model.adapter.block(hf, 0) if part == "blocks" else model.adapter.module(hf, part, 0)
-
-        def hook(module, args, output):
-            seen[part] = isinstance(output, tuple)
-            raise _Stop
-
-        handle = module.register_forward_hook(hook)
-        try:
-            with torch.no_grad(), contextlib.suppress(_Stop):
-                hf.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
-        finally:
-            handle.remove()
-    return seen[part]
-
-
-def _hidden_in(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden_in(args, kwargs, hidden):
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _hidden_out(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-def _with_hidden_out(output, hidden):
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-@contextlib.contextmanager
-def _stubbed(stubs: Sequence[tuple[nn.Module, Callable]]):
-    """Temporarily replace modules' ``forward`` (their hooks still run)."""
-    saved = [(module, module.__dict__.get("forward")) for module, _ in stubs]
-    for module, stub in stubs:
-        module.forward = stub
-    try:
-        yield
-    finally:
-        for module, old in saved:
-            if old is None:
-                del module.forward
-            else:
-                module.forward = old
-
-
-def _skip_stubs(model: Model, start: int) -> list[tuple[nn.Module, Callable]]:
-    """Blocks ``< start`` pass their input through untouched (their work is taken from a cache)."""
-    if start == 0:
-        return []
-    blocks = model.adapter.blocks(model.hf)
-    as_tuple = _returns_tuple(model, "blocks")
-
-    def stub(*args, **kwargs):
-        h = _hidden_in(args, kwargs)
-        return (h, None) if as_tuple else h
-
-    return [(blocks[i], stub) for i in range(start)]
-
-
-def _attn_stub(model: Model, layer: int, attn: torch.Tensor, z: torch.Tensor, o: torch.Tensor):
-    """Attention at ``layer`` from a cache: ``attn - o + o_proj(z)`` (o_proj's hooks, hence its edits, still run).
-
-    Valid where the attention input is the same as in the cached run (every
-    replica starts at this layer from the cached residual), so only the output
-    projection and what follows it can differ. ``attn``: the attention module's
-    output (BLOOM's includes the residual), ``z``: the projection's input, ``o``: its output.
-    """
-    as_tuple = _returns_tuple(model, "attn")
-    o_proj = model.module("o_proj", layer)
-
-    def stub(*args, **kwargs):
-        out = attn - o + o_proj(z)
-        return (out, None) if as_tuple else out
-
-    return model.module("attn", layer), stub
-
-
-Edit = Callable[[torch.Tensor], torch.Tensor]
-# What _attn_stub needs from a cached run: the attention module's output, o_proj's input and output.
+# What a cached start needs from the unpatched run at a layer for its attention to skip queries,
+# keys and values (:class:`lsa.engine.AttnCache`): the attention module's output, o_proj's input and output.
 ATTN_CACHE = ("attn_full", "head", "attn_proj")
-
-
-# Where each site lives, in the order a block runs them: (part, "pre" = input / "out" = output, rank).
-# attn_write / mlp_write are the adapter's write parts (the projection, or a sandwich norm after
-# it, which runs after the attention module returns: rank 4.5). attn_proj and attn_full are the
-# projection's and the attention module's outputs, cached so a patched layer can skip its q/k/v.
-_SITE_POINTS = {
-    "resid_pre": ("block", "pre", 0),
-    "attn_in": ("ln1", "out", 1),
-    "head": ("o_proj", "pre", 2),
-    "attn_proj": ("o_proj", "out", 3),
-    "attn_out": ("attn_write", "out", 3),
-    "resid_mid": ("attn_write", "out", 3),
-    "attn_full": ("attn", "out", 4),
-    "neuron": ("mlp_out", "pre", 5),
-    "mlp_out": ("mlp_write", "out", 6),
-    "resid_post": ("block", "out", 7),
-}
-
-
-def _site_point(site: str, model: Model | None = None) -> tuple[str, str, float]:
-    """``(part, kind, rank)`` of a site (see :data:`_SITE_POINTS`); a sandwich norm's write ranks after ``attn``."""
-    if site not in _SITE_POINTS:
-        raise ValueError(f"unknown site {site!r}")
-    part, kind, rank = _SITE_POINTS[site]
-    if model is not None:
-        part = model.adapter.resolve_part(part)  # attn_write -> o_proj, or its sandwich norm
-        rank = 4.5 if part == "attn_post_norm" else rank
-    return part, kind, rank
-
-
-def _hook_point(model: Model, site: str, layer: int) -> tuple[nn.Module, str]:
-    """The module and hook kind (``"pre"`` = its input, ``"out"`` = its output) holding a site."""
-    part, kind, _ = _site_point(site, model)
-    a, hf = model.adapter, model.hf
-    return (a.block(hf, layer) if part == "block" else a.module(hf, part, layer)), kind
-
-
-def forward(
-    model: Model,
-    tokens: torch.Tensor,
-    end: torch.Tensor,
-    *,
-    edits: dict[tuple[str, int], Edit] | None = None,
-    reads: Iterable[tuple[str, int]] = (),
-    start: tuple[int, torch.Tensor] | None = None,
-    stop_after: tuple[str, int] | None = None,
-    projections: Sequence[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] = (),
-    attn_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    logits: bool = True,
-) -> tuple[torch.Tensor | None, dict[tuple[str, int], torch.Tensor]]:
-    """One forward with plain torch hooks: end-position logits ``[batch, d_vocab]`` and read activations.
-
-    ``edits[(site, layer)]`` maps the site's tensor to its replacement (``resid_mid``:
-    the edit sees and returns the mid residual; it is written as a change of the
-    attention output projection's output). ``reads`` are stored after any edit at
-    the same site. ``start=(layer, hidden)`` skips blocks before ``layer`` and feeds
-    ``hidden`` ``[batch, pos, d_model]`` to it. ``stop_after`` ends the forward once
-    that site is read (then no logits). ``projections`` ``(module, layer, input, column mask)``
-    replace the masked output columns of a query / key / value projection in
-    ``layer`` by that projection applied to ``input`` (path patching's receivers). ``attn_cache``
-    ``(attention output, o_proj input, o_proj output)`` of the start layer lets its
-    attention skip recomputing queries, keys and values (see :func:`_attn_stub`).
-    Gradients follow the
-    caller's grad mode. No attention mask is passed: prompt sets are right-padded,
-    so no real position attends to padding (padded positions hold junk, never read).
-    """
-    if getattr(model, "remote", False):
-        return _forward_traced(
-            model, tokens, end, edits=edits, reads=reads, stop_after=stop_after, projections=projections, logits=logits
-        )
-    if start is not None:  # probe once, before any hook is in place
-        _returns_tuple(model, "blocks")
-        _returns_tuple(model, "attn")
-    edits = dict(edits or {})
-    reads = set(reads)
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    handles = []
-    start_layer = start[0] if start else 0
-    for site, layer in list(edits) + sorted(reads - set(edits)):
-        if layer < start_layer:
-            raise ValueError(f"{site} at layer {layer} lies before the start layer {start_layer}")
-    pre_needed = {layer for site, layer in list(edits) + list(reads) if site == "resid_mid"}
-    pre_cache: dict[int, torch.Tensor] = {}
-    blocks = model.adapter.blocks(model.hf)
-
-    def make_hook(site: str, layer: int, kind: str):
-        edit = edits.get((site, layer))
-        read = (site, layer) in reads
-        stop = stop_after == (site, layer)
-
-        def apply(x: torch.Tensor) -> torch.Tensor:
-            if site == "resid_mid":
-                pre = pre_cache[layer]
-                if edit is not None:
-                    x = edit(pre + x) - pre
-                if read:
-                    cache[(site, layer)] = pre + x
-            else:
-                if edit is not None:
-                    x = edit(x)
-                if read:
-                    cache[(site, layer)] = x
-            if stop:
-                raise _Stop
-            return x
-
-        if kind == "pre":
-            is_block = site == "resid_pre"
-
-            def pre_hook(module, args, kwargs):
-                x = _hidden_in(args, kwargs) if is_block else args[0]
-                y = apply(x)
-                if y is x:
-                    return None
-                return _with_hidden_in(args, kwargs, y) if is_block else ((y, *args[1:]), kwargs)
-
-            return pre_hook
-
-        def out_hook(module, args, output):
-            x = _hidden_out(output)
-            y = apply(x)
-            return None if y is x else _with_hidden_out(output, y)
-
-        return out_hook
-
-    try:
-        if start is not None:  # first in line, so edits at the start block see the fed input
-            handles.append(
-                blocks[start_layer].register_forward_pre_hook(
-                    lambda m, args, kwargs: _with_hidden_in(args, kwargs, start[1]), with_kwargs=True
-                )
-            )
-        for site, layer in list(edits) + sorted(reads - set(edits)):
-            module, kind = _hook_point(model, site, layer)
-            hook = make_hook(site, layer, kind)
-            if kind == "pre":
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(hook))
-        for layer in sorted(pre_needed):  # after any resid_pre edit of the same block
-
-            def record(module, args, kwargs, layer=layer):
-                pre_cache[layer] = _hidden_in(args, kwargs)
-
-            handles.append(blocks[layer].register_forward_pre_hook(record, with_kwargs=True))
-        for module, _, given, colmask in projections:
-            proj = module(given)  # before the hook is in place
-
-            def replace(m, args, out, proj=proj, colmask=colmask):
-                return torch.where(colmask, proj, out)
-
-            handles.append(module.register_forward_hook(replace))
-        out = None
-        stubs = _skip_stubs(model, start_layer)
-        if attn_cache is not None:
-            stubs.append(_attn_stub(model, start_layer, *attn_cache))
-        with _stubbed(stubs):
-            try:
-                hidden = model.hf.base_model(input_ids=tokens, use_cache=False)[0]
-            except _Stop:
-                return None, cache
-        if logits:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            out = model.module("unembed")(hidden[rows, end.to(hidden.device)])
-        return out, cache
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _trace_plan(model: Model, edits, reads, projections=()) -> list[tuple[str, int, str, list]]:
-    """Hook points ``(part, layer, kind, sites)`` in forward order; ``resid_mid`` also reads its block's input.
-
-    A projection ``(module, layer, input, mask)`` becomes the point ``(dotted path, layer, "proj", [input, mask])``
-    between the attention input and the heads' outputs.
-    """
-    points: dict[tuple, list] = {}
-    names = {id(m): name for name, m in model.hf.named_modules()} if projections else {}
-    for module, layer, given, colmask in projections:
-        points[(layer, 1.5, names[id(module)], "proj")] = [given, colmask]
-    for site, layer in list(edits) + sorted(set(reads) - set(edits)):
-        part, kind, rank = _site_point(site, model)
-        model.adapter.check_layer(layer)
-        points.setdefault((layer, rank, part, kind), [])
-        if site not in points[(layer, rank, part, kind)]:
-            points[(layer, rank, part, kind)].append(site)
-        if site == "resid_mid":
-            points.setdefault((layer, 0, "block", "pre"), [])
-    return [(part, layer, kind, sites) for (layer, _, part, kind), sites in sorted(points.items())]
-
-
-def _envoy(model: Model, part: str, layer: int):
-    return model.envoy("blocks")[layer] if part == "block" else model.envoy(part, layer)
-
-
-def _forward_traced(
-    model: Model,
-    tokens: torch.Tensor,
-    end: torch.Tensor,
-    *,
-    edits: dict[tuple[str, int], Edit] | None = None,
-    reads: Iterable[tuple[str, int]] = (),
-    stop_after: tuple[str, int] | None = None,
-    projections: Sequence[tuple[nn.Module, int, torch.Tensor, torch.Tensor]] = (),
-    logits: bool = True,
-    logit_grad: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, dict[tuple[str, int], torch.Tensor]]:
-    """:func:`forward` as one nnsight trace (``model.remote``: NDIF, or ``"local"``, its simulation here).
-
-    The same edits and reads at the same sites, applied in the block's forward
-    order inside the trace; only the read sites and the end-position logits come
-    back. Every layer runs (no cached start: on a remote model the cache would
-    have to travel both ways), which gives the same values as a cached start.
-
-    ``logit_grad`` ``[batch, d_vocab]``: also run the backward pass of
-    ``sum(end logits * logit_grad)`` inside the trace and return, instead of the
-    read sites' values, their gradients. With ``logit_grad`` = d metric / d end
-    logits, these are d metric / d site (the metric depends on the sites only
-    through the end logits), so no metric code has to travel.
-    """
-    edits, reads = dict(edits or {}), set(reads)
-    # envoys are looked up here, so the request carries them (references to the model) rather than the Model
-    plan = [
-        (model.envoy_at(part) if kind == "proj" else _envoy(model, part, layer), part, layer, kind, sites)
-        for part, layer, kind, sites in _trace_plan(model, edits, reads, projections)
-    ]
-    embed, unembed = model.envoy("embed"), model.envoy("unembed")
-    rows = torch.arange(tokens.shape[0])
-    end = end.cpu()
-    out = None
-    weights = None if logit_grad is None else logit_grad.detach().cpu()
-    with torch.set_grad_enabled(weights is not None), model.trace(tokens.cpu(), use_cache=False) as tracer:
-        got = {}
-        blocks_in = {}
-        if weights is not None:  # a graph to differentiate even where the weights are frozen
-            embed.output.requires_grad_(True)
-        for env, part, layer, kind, sites in plan:
-            if kind == "proj":  # a receiver's q / k / v columns from its patched input
-                env.output = torch.where(sites[1], env(sites[0]), env.output)
-                continue
-            raw = env.input if kind == "pre" else env.output
-            x = raw[0] if isinstance(raw, tuple) else raw
-            y = x
-            for site in sites:
-                edit = edits.get((site, layer))
-                if site == "resid_mid":
-                    pre = blocks_in[layer]
-                    if edit is not None:
-                        y = edit(pre + y) - pre
-                    value = pre + y
-                else:
-                    if edit is not None:
-                        y = edit(y)
-                    value = y
-                if (site, layer) in reads:
-                    got[(site, layer)] = value
-            if part == "block" and kind == "pre":
-                blocks_in[layer] = y
-            if y is not x:
-                new = (y, *raw[1:]) if isinstance(raw, tuple) else y
-                if kind == "pre":
-                    env.input = new
-                else:
-                    env.output = new
-            if stop_after is not None and stop_after[1] == layer and stop_after[0] in sites:
-                nnsight.save(got)
-                tracer.stop()
-        if weights is not None:
-            loss = (unembed.output[rows, end] * weights).sum()
-            grads = {}
-            with loss.backward():
-                for key in reversed(list(got)):  # gradients arrive in reverse forward order
-                    grads[key] = got[key].grad
-            got = nnsight.save(grads)
-        nnsight.save(got)
-        if logits and stop_after is None and weights is None:
-            out = unembed.output[rows, end].save()
-    device = model.device
-    return (None if out is None else out.to(device)), {k: v.detach().to(device) for k, v in got.items()}
 
 
 # ============================================================== results
@@ -618,7 +243,7 @@ class _Spec:
     pos: str | int | None = None  # None = all positions; int = absolute; str = a named position
 
 
-def _position_index(prompts: PromptSet, pos: str | int | None) -> torch.Tensor | None:
+def position_index(prompts: PromptSet, pos: str | int | None) -> torch.Tensor | None:
     """Per-prompt position ``[n]`` of a spec (None = every position)."""
     if pos is None:
         return None
@@ -644,7 +269,7 @@ def _mask(
     rows = torch.arange(n, device=device)
     for j, spec in enumerate(specs):
         unit = slice(None) if spec.unit is None else spec.unit
-        pos = _position_index(prompts, spec.pos)
+        pos = position_index(prompts, spec.pos)
         if pos is None:
             mask[j * n : (j + 1) * n, :, unit] = True
         else:
@@ -652,7 +277,7 @@ def _mask(
     return mask
 
 
-def _replace(mask: torch.Tensor, donor: torch.Tensor, units: int, width: int) -> Edit:
+def replace_units(mask: torch.Tensor, donor: torch.Tensor, units: int, width: int) -> Edit:
     """An edit putting ``donor`` (``[batch, pos, units * width]``) where ``mask`` ``[batch, pos, units]`` is set."""
 
     def edit(x: torch.Tensor) -> torch.Tensor:
@@ -724,7 +349,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
-def _runs(model: Model, prompts: PromptSet, direction: str):
+def runs(model: Model, prompts: PromptSet, direction: str):
     """``(base tokens, donor tokens)``: the run that is patched and the run patched from."""
     clean, corrupt = prompts.clean.to(model.device), prompts.corrupt.to(model.device)
     return (clean, corrupt) if direction == "noising" else (corrupt, clean)
@@ -766,17 +391,14 @@ def run_specs(
         chunk_specs = [specs[i] for i in chunk]
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
-        units, w = _units(model, site)
-        mask = _mask(chunk_specs, prompts, width, units, model.device)
+        n_units, w = units(model, site)
+        mask = _mask(chunk_specs, prompts, width, n_units, model.device)
         donor = donor_cache[(site, layer)]
         donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
-        edits = {(site, layer): _replace(mask, donor, units, w)}
+        edits = [Edit(site, layer, replace_units(mask, donor, n_units, w))]
         tokens = base_tokens.repeat(m, 1)
-        start = _start(base_cache, layer, m)
-        attn = None
-        if site != "resid_pre" and all((key, layer) in base_cache for key in ATTN_CACHE):
-            attn = tuple(base_cache[(key, layer)].repeat(m, 1, 1) for key in ATTN_CACHE)
-        logits, _ = forward(model, tokens, end.repeat(m), edits=edits, start=start, attn_cache=attn)
+        start = _start(base_cache, layer, m, attn=site != "resid_pre")
+        logits = engine.run(model, tokens, Plan(edits=edits, start=start, end=end.repeat(m))).logits
         for j, i in enumerate(chunk):
             out[i] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
         bar.update(m)
@@ -792,10 +414,18 @@ def _out_features(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.nf
 
 
-def _start(base_cache: dict, layer: int, m: int) -> tuple[int, torch.Tensor] | None:
-    """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached)."""
+def _start(base_cache: dict, layer: int, m: int, attn: bool = False) -> Start | None:
+    """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached).
+
+    ``attn``: also reuse the layer's cached attention (valid when nothing before the heads' outputs changes).
+    """
     hidden = base_cache.get(("resid_pre", layer))
-    return None if hidden is None else (layer, hidden.repeat(m, 1, 1))
+    if hidden is None:
+        return None
+    cached = None
+    if attn and all((key, layer) in base_cache for key in ATTN_CACHE):
+        cached = AttnCache(*(base_cache[(key, layer)].repeat(m, 1, 1) for key in ATTN_CACHE))
+    return Start(layer, hidden.repeat(m, 1, 1), cached)
 
 
 def _layers(model: Model, layers) -> list[int]:
@@ -891,7 +521,7 @@ def _positions(prompts: PromptSet, positions) -> list:
         return list(range(prompts.clean.shape[1]))
     positions = [positions] if isinstance(positions, (int, str)) else list(positions)
     for pos in positions:
-        _position_index(prompts, pos)  # validates
+        position_index(prompts, pos)  # validates
     return positions
 
 
@@ -956,7 +586,8 @@ def baseline(
     if not model.remote:  # remote forwards start at layer 0: no cache to send back and forth
         reads |= {("resid_pre", layer) for layer in range(model.adapter.n_layers)}
         reads |= {(key, layer) for layer in attn_layers for key in ATTN_CACHE}
-    return forward(model, tokens.to(model.device), prompts.end.to(model.device), reads=reads)
+    out = engine.run(model, tokens, Plan(reads=[Read(*key) for key in sorted(reads)], end=prompts.end))
+    return out.logits, out.values
 
 
 def activation_patching(
@@ -1009,7 +640,7 @@ def activation_patching(
     specs, dims, axes = sweep_specs(
         model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
     )
-    base_tokens, donor_tokens = _runs(model, prompts, direction)
+    base_tokens, donor_tokens = runs(model, prompts, direction)
     sites = {(s.site, s.layer) for s in specs}
     attn_layers = {s.layer for s in specs if s.site != "resid_pre"}
     base_logits, base_cache = baseline(model, prompts, base_tokens, attn_layers=attn_layers)
@@ -1038,11 +669,11 @@ def activation_patching(
         dims=dims,
         axes=axes,
         direction=direction,
-        meta=_sweep_meta(model, prompts, site, axes, n_given),
+        meta=sweep_meta(model, prompts, site, axes, n_given),
     )
 
 
-def _sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given: int) -> dict:
+def sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given: int) -> dict:
     """A sweep's ``meta``: its site, and with a position axis the token labels and the prompts it rests on."""
     meta = {"site": site}
     if "pos" in axes:
@@ -1140,7 +771,7 @@ def path_patching(
         senders = [(layer, h) for layer in range(last_receiver) for h in range(a.n_heads)]
     groups = _sender_groups(model, senders)
 
-    base_tokens, donor_tokens = _runs(model, prompts, direction)
+    base_tokens, donor_tokens = runs(model, prompts, direction)
     width = base_tokens.shape[1]
     head_sites = {("head", layer) for layer in range(n_layers)}
     attn_in = {("attn_in", layer) for layer in rsites}
@@ -1166,7 +797,7 @@ def path_patching(
         tokens = base_tokens.repeat(m, 1)
         ends = end.repeat(m)
         # 2) senders from the donor run, every other head frozen to the base run.
-        edits: dict[tuple[str, int], Edit] = {}
+        edits: list[Edit] = []
         stop = last_receiver if not to_logits else n_layers
         for layer in range(start, min(stop, n_layers)):
             z = base_cache[("head", layer)].reshape(n, width, H, dh).repeat(m, 1, 1, 1)
@@ -1176,34 +807,28 @@ def path_patching(
                     if sl == layer:
                         z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
             frozen = z.reshape(m * n, width, H * dh)
-            edits[("head", layer)] = lambda x, frozen=frozen: frozen
+            edits.append(Edit("head", layer, lambda x, frozen=frozen: frozen))
         base_start = _start(base_cache, start, m)
         if to_logits:
-            logits, _ = forward(model, tokens, ends, edits=edits, start=base_start)
+            logits = engine.run(model, tokens, Plan(edits=edits, start=base_start, end=ends)).logits
         else:
             reads = [("attn_in", layer) for layer in rsites if layer > start]
             if not reads:  # no receiver after the senders: no path, the base run's metric
                 out[chunk] = base_metric
                 bar.update(m)
                 return
-            _, seen = forward(
-                model,
-                tokens,
-                ends,
-                edits=edits,
-                reads=reads,
-                start=base_start,
-                stop_after=max(reads),
-                logits=False,
+            plan = Plan(
+                edits=edits, reads=[Read(*key) for key in reads], start=base_start, stop_after=max(reads), logits=None
             )
+            seen = engine.run(model, tokens, plan).values
             # 3) receivers' q / k / v from the recorded attention inputs; all else recomputed.
             projections = []
             first = min(layer for _, layer in reads)
             for _, layer in reads:
                 patched_in = seen[("attn_in", layer)]
                 by_module: dict[nn.Module, list[slice]] = {}
-                for kind, units in rsites[layer].items():
-                    for unit in units:
+                for kind, heads in rsites[layer].items():
+                    for unit in heads:
                         module, cols = a.qkv_columns(model.hf, kind, layer, unit)
                         by_module.setdefault(module, []).append(cols)
                 for module, cols_list in by_module.items():
@@ -1211,14 +836,9 @@ def path_patching(
                     colmask = torch.zeros(_out_features(module), dtype=torch.bool, device=patched_in.device)
                     for cols in cols_list:
                         colmask[cols] = True
-                    projections.append((module, layer, patched_in, colmask))
-            logits, _ = forward(
-                model,
-                tokens,
-                ends,
-                projections=projections,
-                start=_start(base_cache, first, m),
-            )
+                    projections.append(Projection(module, layer, patched_in, colmask))
+            plan = Plan(projections=projections, start=_start(base_cache, first, m), end=ends)
+            logits = engine.run(model, tokens, plan).logits
         for j, gi in enumerate(chunk):
             out[gi] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
         bar.update(m)

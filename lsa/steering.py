@@ -11,19 +11,17 @@ modules (the values LAPE measures) at every position:
 - ``shift(neurons, stats, source, target)``: add the difference of means
   ``mean[target] - mean[source]``.
 
-:func:`steer` installs the edits as plain forward hooks for the duration of a
-``with`` block and removes them on exit, also when the block raises::
+:func:`steer` adds the edits to the model's active steering (``model.steering``)
+for the duration of a ``with`` block and drops them on exit, also when the block raises::
 
     with steer(model, deactivate(lape.mask("en")), activate(lape.mask("zh"), stats, "zh")):
         text = generate(model, ["When Mary and John"])
 
-Remote models (``model.remote``: NDIF, or ``"local"`` for nnsight's simulation)
-have no local modules to hook: there :func:`steer` only records the edits, and
-every forward lsa runs inside the block (:func:`forward`, hence
-:func:`language_loss`, :func:`generate`, :func:`steering_run`) is one nnsight
-trace that applies them to the ``mlp_act`` outputs and reduces inside the trace
-(a loss total, the next token), so only small results come back. In a trace of
-your own, apply edits with :func:`edit_plan` and :func:`apply_edits`.
+The engine (:mod:`lsa.engine`) makes them part of every forward lsa runs, on both of
+its executors: local hooks, or, for remote models (``model.remote``: NDIF, or
+``"local"`` for nnsight's simulation), one nnsight trace per forward that also
+reduces inside the trace (a loss total, the next token), so only small results
+come back. In a trace of your own, apply edits with :func:`edit_plan` and :func:`apply_edits`.
 
 Effects are measured as per-language loss (:func:`language_loss`) and as the
 share of generated characters in a script (:func:`script_share`, CJK vs Latin on
@@ -37,11 +35,14 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import pandas as pd
 import torch
 
-from lsa.neurons import NeuronStats, _as_language_dict, _forward, _trace_args, as_neuron_set, token_batches
+from lsa import engine
+from lsa.engine import Edit, Plan
+from lsa.neurons import NeuronStats, _as_language_dict, as_neuron_set, token_batches
 
 OPS = ("set", "scale", "add")
 
@@ -139,68 +140,45 @@ def _steps(model, edits) -> dict[int, list[tuple]]:
     return dict(sorted(steps.items()))
 
 
-# Edits of the steer blocks open on each remote model (id(model) -> edits, outermost block first).
-_ACTIVE: dict[int, list[NeuronEdit]] = {}
-
-
-def active_edits(model) -> list[NeuronEdit]:
-    """The edits of the :func:`steer` blocks open on a remote model, outermost first (empty for local models)."""
-    return list(_ACTIVE.get(id(model), ()))
-
-
 @contextmanager
 def steer(model, *edits: NeuronEdit):
-    """Apply neuron edits (in order) to every forward inside the ``with`` block.
+    """Apply neuron edits (in order) to every forward lsa runs inside the ``with`` block.
 
-    Local models: hooks sit on the adapter's ``mlp_act`` modules and are removed on
-    exit, even on error. Remote models: the edits are recorded for the block (and
-    dropped on exit, even on error) and applied inside the traces lsa runs there
-    (:func:`forward`); a trace of your own applies them with :func:`edit_plan` and
-    :func:`apply_edits`.
+    The edits join ``model.steering`` (:class:`lsa.engine.Edit` s at ``mlp_act``, outermost
+    block first), which is part of every plan the engine runs, on local and remote
+    models alike: every method (patching, ablation, lens, statistics, :func:`forward`,
+    :func:`generate`) sees them. They are dropped on exit, even on error. A forward of
+    your own (``model.hf(...)``, or a trace) is not steered: run it through
+    :func:`lsa.engine.run`, or apply :func:`edit_plan` inside your trace.
     """
     steps = _steps(model, edits)
-    if model.remote:
-        active = _ACTIVE.setdefault(id(model), [])
-        depth = len(active)
-        active.extend(edits)
-        try:
-            yield model
-        finally:
-            del active[depth:]
-            if not active:
-                _ACTIVE.pop(id(model), None)
-        return
-
-    def make_hook(layer):
-        def hook(module, inputs, output):
-            return _edited(output, steps[layer])
-
-        return hook
-
-    handles = []
+    depth = len(model.steering)
+    model.steering.extend(
+        Edit("mlp_act", layer, partial(_edited, steps=layer_steps)) for layer, layer_steps in steps.items()
+    )
     try:
-        for layer in steps:
-            handles.append(model.module("mlp_act", layer).register_forward_hook(make_hook(layer)))
         yield model
     finally:
-        for h in handles:
-            h.remove()
+        del model.steering[depth:]
 
 
 def edit_plan(model, *edits: NeuronEdit) -> list[tuple]:
-    """The edits of the open :func:`steer` blocks (remote models) then ``edits``, ready for a trace.
+    """The edits of the open :func:`steer` blocks then ``edits``, ready for a trace of your own.
 
-    One ``(mlp_act envoy, [(op, indices, values), ...])`` per edited layer, in
-    forward order. Build it before the trace: it checks the edits, and only
-    envoys, tensors and numbers go to the server::
+    One ``(mlp_act envoy, [edit functions])`` per edited layer, in forward order. Build it
+    before the trace: it checks the edits, and only envoys, tensors and numbers go to the server::
 
         plan = edit_plan(model, deactivate(mask))
         with model.trace(ids):
             apply_edits(plan)
             logits = model.nn.output.logits.save()
     """
-    steps = _steps(model, [*active_edits(model), *edits])
-    return [(model.envoy("mlp_act", layer), layer_steps) for layer, layer_steps in steps.items()]
+    fns: dict[int, list] = {}
+    for e in model.steering:
+        fns.setdefault(e.layer, []).append(e.fn)
+    for layer, layer_steps in _steps(model, edits).items():
+        fns.setdefault(layer, []).append(partial(_edited, steps=layer_steps))
+    return [(model.envoy("mlp_act", layer), fns[layer]) for layer in sorted(fns)]
 
 
 def apply_edits(plan: list[tuple]) -> None:
@@ -209,41 +187,25 @@ def apply_edits(plan: list[tuple]) -> None:
     Call it before reading any module at or after the first edited layer (nnsight
     reads modules in forward order).
     """
-    for env, steps in plan:
-        env.output = _edited(env.output, steps)
+    for env, fns in plan:
+        x = env.output
+        for fn in fns:
+            x = fn(x)
+        env.output = x
 
 
 @torch.no_grad()
 def forward(model, ids: torch.Tensor, mask: torch.Tensor | None = None, *, last_only: bool = False, reduce=None):
     """One forward of ``ids [batch, pos]`` under the edits of the enclosing :func:`steer` blocks.
 
-    Returns the logits (only the last position's with ``last_only``, where the model
-    allows it), or ``reduce(logits, ids, mask)`` when given. Local models: a plain
-    forward (steer's hooks edit it). Remote models: one trace that applies the
-    edits and computes ``reduce`` inside, so only its result comes back (on the CPU);
-    ``reduce`` then runs on the server: it must use only torch and lsa.
+    Returns the logits ``[batch, pos, d_vocab]`` (``[batch, 1, d_vocab]``, the last position's,
+    with ``last_only``), or ``reduce(logits, ids, mask)`` when given, computed where the
+    model runs (inside the trace for a remote model, so only its result comes back;
+    ``reduce`` then runs on the server: it must use only torch and lsa).
     """
     mask = torch.ones_like(ids) if mask is None else mask
-    if model.remote:
-        return _traced_forward(model, ids, mask, last_only, reduce)
-    device = model.device
-    ids, mask = ids.to(device), mask.to(device)
-    if last_only:
-        logits = _forward(model, ids, mask).logits
-    else:
-        logits = model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return logits if reduce is None else reduce(logits, ids, mask)
-
-
-def _traced_forward(model, ids, mask, last_only: bool, reduce) -> torch.Tensor:
-    inputs, kwargs = _trace_args(model, ids, mask, last_only=last_only)
-    ids, mask = inputs[0], kwargs["attention_mask"]
-    plan, root = edit_plan(model), model.nn  # the block below names no lsa Model (it would ship its tokenizer)
-    with torch.no_grad(), model.trace(*inputs, **kwargs):
-        apply_edits(plan)
-        logits = root.output.logits
-        out = (logits if reduce is None else reduce(logits, ids, mask)).cpu().save()
-    return out
+    plan = Plan(logits="last" if last_only else "all", attention_mask=mask, reduce=reduce)
+    return engine.run(model, ids, plan).logits
 
 
 def _loss_totals(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ before the intervention engine was rewritten, and kept the results in
 (``local/activation_patching/head/noising``) and every field that moved.
 
 This is a regression reference, not a correctness check: the values themselves are
-checked against independent computations in the other test files. Steered cases are
-frozen on the local engine only; the remote engine ignores ``steer()`` today, which
-the strict xfails below record (they must start passing, then be un-marked, once it
-applies the edits).
+checked against independent computations in the other test files. Steered cases were
+frozen on the local engine only: the remote engine then ignored ``steer()`` (issue 13).
+Since the engine makes active steering part of every plan, their remote twins must
+give the frozen local results too.
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ from lsa import steering as S
 
 FAMILIES = cases.FAMILIES
 PAIRS = [(family, case.id) for family in FAMILIES for case in cases.cases_for(family)]
-STEERING_BUG = (
-    "issue 13: with neuron steering active the traced engine (remote=True / 'local') ignores the steer() edits "
-    "(patching._forward_traced, neurons._traced_totals / _traced_rows and Model.logits never apply them), so the "
-    "remote result is the unsteered one"
-)
 
 
 @functools.cache
@@ -94,22 +89,7 @@ def _remote_twin(case_id: str) -> cases.Case:
     return dataclasses.replace(case, id=case_id.replace("local/", "remote/", 1))
 
 
-@pytest.mark.parametrize(
-    ("family", "case_id"),
-    [p for p in STEERED if cases.REMOTE_STEERED[p[1]] == "ok"],
-    ids=[f"{f}:{c}" for f, c in STEERED if cases.REMOTE_STEERED[c] == "ok"],
-)
-def test_steering_functions_give_the_frozen_local_result_on_the_remote_path(family, case_id):
-    got = _remote_twin(case_id).run(context(family))
-    _check(got, frozen(family)["cases"][case_id], f"{family} remote {case_id}", tol=cases.STEERED_TOL)
-
-
-@pytest.mark.xfail(strict=True, reason=STEERING_BUG)
-@pytest.mark.parametrize(
-    ("family", "case_id"),
-    [p for p in STEERED if cases.REMOTE_STEERED[p[1]] == "bug"],
-    ids=[f"{f}:{c}" for f, c in STEERED if cases.REMOTE_STEERED[c] == "bug"],
-)
+@pytest.mark.parametrize(("family", "case_id"), STEERED, ids=[f"{f}:{c}" for f, c in STEERED])
 def test_steered_methods_give_the_frozen_local_result_on_the_remote_path(family, case_id):
     got = _remote_twin(case_id).run(context(family))
     _check(got, frozen(family)["cases"][case_id], f"{family} remote {case_id}", tol=cases.STEERED_TOL)
@@ -151,7 +131,6 @@ def test_steering_moves_toy_bilingual_end_logits_and_head_patching(zoo, quantity
     assert (_steered(local, edits, fn) - fn(local)).abs().max() > 1e-2
 
 
-@pytest.mark.xfail(strict=True, reason=STEERING_BUG)
 @pytest.mark.parametrize("quantity", ["end_logits", "head_patching"])
 def test_steered_toy_bilingual_remote_equals_local(zoo, quantity):
     local, remote, prompts, edits = zoo
@@ -160,14 +139,7 @@ def test_steered_toy_bilingual_remote_equals_local(zoo, quantity):
 
 
 # ----------------------------------------------------------------- a second remote bug found while freezing
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "patching._trace_plan orders receiver projections by module name (k_proj < q_proj < v_proj), not forward "
-        "order, so a traced path patch into q and k of separate projections asks for q_proj after k_proj ran "
-        "(nnsight OutOfOrderError)"
-    ),
-)
+# The traced engine once ordered receiver projections by module name (k_proj < q_proj), not forward order.
 def test_remote_path_patching_into_query_and_key_of_separate_projections():
     ctx = context("qwen2")
     got = patching.path_patching(ctx.remote, ctx.prompts, receivers=[(1, 0)], receiver_input="qkv", progress=False)

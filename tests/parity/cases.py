@@ -10,10 +10,9 @@ NDIF request; families :data:`REMOTE_FAMILIES` only, it is slower), and
 ``scripts/freeze_parity.py`` runs every case with today's code and keeps the results
 (:func:`parity.plain.plain`) in ``tests/parity/frozen/<family>.pt.gz``;
 ``tests/test_parity.py`` reruns them and compares to 1e-6. Steered cases are frozen
-on the local model only: the remote engine ignores steering edits today (issue 13),
-so :data:`REMOTE_STEERED` lists the remote runs that are compared with the frozen
-local answer instead, ``"bug"`` for those that differ today (tested as strict
-xfails) and ``"ok"`` for those that already agree.
+on the local model only (the remote engine ignored steering edits then, issue 13);
+:data:`REMOTE_STEERED` lists the steered cases whose remote twins are compared with
+the frozen local answer (``"bug"``: they differed before the engine, ``"ok"``: they agreed).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ if str(TESTS) not in sys.path:
 
 from helpers import FAMILIES, make_prompts, oriented, parity_model  # noqa: E402
 
-from lsa import ablation, attribution, behaviour, circuits, flow, lens, metrics, patching  # noqa: E402
+from lsa import ablation, attribution, behaviour, circuits, engine, flow, lens, metrics, patching  # noqa: E402
 from lsa import neurons as N  # noqa: E402
 from lsa import steering as S  # noqa: E402
 
@@ -185,7 +184,7 @@ class Case:
 
 
 CASES: dict[str, Case] = {}
-# remote twins of steered cases, compared with the frozen local result: "bug" = differ today (issue 13)
+# remote twins of steered cases, compared with the frozen local result ("bug": differed before the engine)
 REMOTE_STEERED: dict[str, str] = {}
 
 
@@ -283,28 +282,37 @@ add(
 )
 
 
+def _engine_run(m, tokens, plan: engine.Plan):
+    """One engine run as ``(logits, {(site, layer): value})`` (frozen when it was ``patching.forward``)."""
+    out = engine.run(m, tokens, plan)
+    return out.logits, out.values
+
+
 def _forward_edits_reads(c, m):
-    """``patching.forward`` with edits and reads at every site kind of both layers."""
+    """An engine run with edits and reads at every site kind of both layers."""
     reads = [("resid_pre", 1), ("attn_in", 1), ("head", 1), ("attn_out", 0), ("neuron", 0), ("mlp_out", 1)]
     reads += [("resid_post", 0), ("attn_full", 1)] + ([("resid_mid", 0)] if c.sequential else [])
-    edits = {("head", 0): lambda x: 0.5 * x, ("neuron", 1): lambda x: x + 0.25}
+    edits = [engine.Edit("head", 0, lambda x: 0.5 * x), engine.Edit("neuron", 1, lambda x: x + 0.25)]
     if c.sequential:
-        edits[("resid_mid", 1)] = lambda x: x * 1.5
-    return patching.forward(m, c.prompts.clean, c.prompts.end, edits=edits, reads=reads)
+        edits.append(engine.Edit("resid_mid", 1, lambda x: x * 1.5))
+    plan = engine.Plan(edits=edits, reads=[engine.Read(*r) for r in reads], end=c.prompts.end)
+    return _engine_run(m, c.prompts.clean, plan)
+
+
+def _forward_start_stop(c, m):
+    """An engine run started at block 1 from the cached residual, stopped after layer 1's MLP write."""
+    hidden = patching.baseline(m, c.prompts, c.prompts.clean)[1][("resid_pre", 1)]
+    plan = engine.Plan(
+        reads=[engine.Read("head", 1), engine.Read("mlp_out", 1)],
+        start=engine.Start(1, hidden),
+        stop_after=("mlp_out", 1),
+        end=c.prompts.end,
+    )
+    return _engine_run(m, c.prompts.clean, plan)
 
 
 add("forward/edits_reads", _forward_edits_reads, remote=True)
-add(
-    "forward/start_stop",
-    lambda c, m: patching.forward(
-        m,
-        c.prompts.clean,
-        c.prompts.end,
-        reads=[("head", 1), ("mlp_out", 1)],
-        start=(1, patching.baseline(m, c.prompts, c.prompts.clean)[1][("resid_pre", 1)]),
-        stop_after=("mlp_out", 1),
-    ),
-)
+add("forward/start_stop", _forward_start_stop)
 add("baseline", lambda c, m: patching.baseline(m, c.prompts, c.prompts.corrupt, [("head", 0), ("mlp_out", 1)]))
 add(
     "sweep_specs",

@@ -1,0 +1,240 @@
+"""The local executor: a plan run as one forward of ``model.hf`` with plain torch hooks.
+
+This module is the package's one place that registers hooks (:func:`attach`). Speed:
+a :class:`~lsa.engine.plan.Start` skips the blocks before it (their ``forward`` is
+replaced by a pass-through for the run; masks, rotary and alibi terms are still
+built by the model itself), an :class:`~lsa.engine.plan.AttnCache` spares the start
+layer's queries, keys and values, ``stop_after`` ends the forward once its site is
+read, and ``logits="end"`` runs the final norm and unembedding on the end rows alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lsa.engine.plan import SITES, Plan, Run, check, point
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward early (nothing after it is needed)."""
+
+
+def attach(module: nn.Module, kind: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn`` on ``module``: ``kind="pre"``: ``fn(module, args, kwargs)`` before its forward (returns
+    ``None`` or new ``(args, kwargs)``); ``"out"``: ``fn(module, args, output)`` after it (``None`` or a new output)."""
+    if kind == "pre":
+        return module.register_forward_pre_hook(fn, with_kwargs=True)
+    if kind == "out":
+        return module.register_forward_hook(fn)
+    raise ValueError(f"kind must be 'pre' or 'out', got {kind!r}")
+
+
+@contextlib.contextmanager
+def attached(hooks: Sequence[tuple[nn.Module, str, Callable]]):
+    """Hooks ``(module, kind, fn)`` in place for the block, removed on exit (also on error)."""
+    handles = []
+    try:
+        for module, kind, fn in hooks:
+            handles.append(attach(module, kind, fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_RETURNS_TUPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def returns_tuple(model, part: str = "blocks") -> bool:
+    """Whether this model's blocks (``part="blocks"``) or attention modules (``"attn"``) return a tuple."""
+    hf = model.hf
+    seen = _RETURNS_TUPLE.setdefault(hf, {})
+    if part not in seen:
+        module = model.adapter.block(hf, 0) if part == "blocks" else model.adapter.module(hf, part, 0)
+
+        def probe(module, args, output):
+            seen[part] = isinstance(output, tuple)
+            raise _Stop
+
+        with attached([(module, "out", probe)]), torch.no_grad(), contextlib.suppress(_Stop):
+            hf.base_model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=model.device), use_cache=False)
+    return seen[part]
+
+
+def hidden_in(args, kwargs) -> torch.Tensor:
+    """A block's (or module's) first input, given positionally or as ``hidden_states``."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden_in(args, kwargs, hidden):
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _stubbed(stubs: Sequence[tuple[nn.Module, Callable]]):
+    """Temporarily replace modules' ``forward`` (their hooks still run)."""
+    saved = [(module, module.__dict__.get("forward")) for module, _ in stubs]
+    for module, stub in stubs:
+        module.forward = stub
+    try:
+        yield
+    finally:
+        for module, old in saved:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+
+
+def _skip_stubs(model, start: int) -> list[tuple[nn.Module, Callable]]:
+    """Blocks ``< start`` pass their input through untouched (their work is taken from a cache)."""
+    if start == 0:
+        return []
+    blocks = model.adapter.blocks(model.hf)
+    as_tuple = returns_tuple(model, "blocks")
+
+    def stub(*args, **kwargs):
+        h = hidden_in(args, kwargs)
+        return (h, None) if as_tuple else h
+
+    return [(blocks[i], stub) for i in range(start)]
+
+
+def _attn_stub(model, layer: int, cache) -> tuple[nn.Module, Callable]:
+    """Attention at ``layer`` from a cache: ``full - proj + o_proj(z)`` (o_proj's hooks, hence its edits, still run)."""
+    as_tuple = returns_tuple(model, "attn")
+    o_proj = model.module("o_proj", layer)
+
+    def stub(*args, **kwargs):
+        out = cache.full - cache.proj + o_proj(cache.z)
+        return (out, None) if as_tuple else out
+
+    return model.module("attn", layer), stub
+
+
+def _site_hook(key, kind: str, index: int, fns, read, pre_cache, values, stop: bool):
+    """The hook of one ``(site, layer)``: its edits in order, then its read, then maybe the stop."""
+    site, layer = key
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if site == "resid_mid":
+            pre = pre_cache[layer]
+            for fn in fns:
+                x = fn(pre + x) - pre
+            value = pre + x
+        else:
+            for fn in fns:
+                x = fn(x)
+            value = x
+        if read is not None:
+            values[key] = value if read.fn is None else read.fn(value)
+        if stop:
+            raise _Stop
+        return x
+
+    if kind == "pre":
+        is_block = SITES[site].part == "block"
+
+        def pre_hook(module, args, kwargs):
+            x = hidden_in(args, kwargs) if is_block else args[0]
+            y = apply(x)
+            if y is x:
+                return None
+            return _with_hidden_in(args, kwargs, y) if is_block else ((y, *args[1:]), kwargs)
+
+        return pre_hook
+
+    def out_hook(module, args, output):
+        as_tuple = isinstance(output, tuple)
+        x = output[index] if as_tuple else output
+        y = apply(x)
+        if y is x:
+            return None
+        return (*output[:index], y, *output[index + 1 :]) if as_tuple else y
+
+    return out_hook
+
+
+def _module(model, part: str, layer: int) -> nn.Module:
+    a, hf = model.adapter, model.hf
+    return a.block(hf, layer) if part == "block" else a.module(hf, part, layer)
+
+
+def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
+    """Run ``plan`` on ``tokens`` ``[batch, pos]`` (on ``model.device``) with torch hooks; gradients follow the
+    caller's grad mode (see :func:`lsa.engine.run`)."""
+    edits = check(model, plan)
+    start = plan.start
+    if start is not None:  # probe once, before any hook is in place
+        returns_tuple(model, "blocks")
+        returns_tuple(model, "attn")
+    fns: dict[tuple[str, int], list] = {}
+    for e in edits:
+        fns.setdefault((e.site, e.layer), []).append(e.fn)
+    reads = {(r.site, r.layer): r for r in plan.reads}
+    values: dict[tuple[str, int], torch.Tensor] = {}
+    pre_cache: dict[int, torch.Tensor] = {}
+    blocks = model.adapter.blocks(model.hf)
+    grad = plan.logit_grad is not None
+    hooks = []
+    if start is not None:  # first in line, so edits at the start block see the fed input
+        hooks.append((blocks[start.layer], "pre", lambda m, args, kwargs: _with_hidden_in(args, kwargs, start.hidden)))
+    if grad:  # a graph to differentiate even where the weights are frozen
+        hooks.append((model.module("embed"), "out", lambda m, args, out: out.detach().requires_grad_()))
+    for key in [*fns, *sorted(set(reads) - set(fns))]:
+        part, kind, _ = point(model, key[0])
+        fn = _site_hook(
+            key, kind, SITES[key[0]].index, fns.get(key, ()), reads.get(key), pre_cache, values, plan.stop_after == key
+        )
+        module = model.module(part) if part in ("embed", "final_norm") else _module(model, part, key[1])
+        hooks.append((module, kind, fn))
+    for layer in sorted({layer for site, layer in [*fns, *reads] if site == "resid_mid"}):
+        # after any resid_pre edit of the same block
+        hooks.append(
+            (
+                blocks[layer],
+                "pre",
+                lambda m, args, kwargs, layer=layer: pre_cache.__setitem__(layer, hidden_in(args, kwargs)),
+            )
+        )
+    for p in plan.projections:
+        proj = p.module(p.given)  # before the hook is in place
+        hooks.append((p.module, "out", lambda m, args, out, proj=proj, mask=p.mask: torch.where(mask, proj, out)))
+    stubs = _skip_stubs(model, start.layer if start else 0)
+    if start is not None and start.attn is not None:
+        stubs.append(_attn_stub(model, start.layer, start.attn))
+    mask = plan.attention_mask
+    kwargs = {"use_cache": False} if mask is None else {"attention_mask": mask.to(tokens.device), "use_cache": False}
+    logits = None
+    with attached(hooks), _stubbed(stubs), torch.set_grad_enabled(torch.is_grad_enabled() or grad):
+        try:
+            if plan.logits in ("end", None):
+                hidden = model.hf.base_model(input_ids=tokens, **kwargs)[0]
+                if plan.logits == "end":
+                    rows = torch.arange(hidden.shape[0], device=hidden.device)
+                    logits = model.module("unembed")(hidden[rows, plan.end.to(hidden.device)])
+            elif plan.logits == "last":
+                try:
+                    logits = model.hf(input_ids=tokens, **kwargs, logits_to_keep=1).logits[:, -1:]
+                except TypeError:
+                    logits = model.hf(input_ids=tokens, **kwargs).logits[:, -1:]
+            else:
+                logits = model.hf(input_ids=tokens, **kwargs).logits
+        except _Stop:
+            return Run(None, values)
+    if grad:
+        keys = list(values)
+        loss = (logits * plan.logit_grad.to(logits.dtype)).sum()
+        grads = torch.autograd.grad(loss, [values[k] for k in keys], allow_unused=True)
+        values = {k: g.detach() if g is not None else torch.zeros_like(values[k]) for k, g in zip(keys, grads)}
+        logits = logits.detach()
+    if plan.reduce is not None and logits is not None:
+        logits = plan.reduce(logits, tokens, mask if mask is not None else torch.ones_like(tokens))
+    return Run(logits, values)

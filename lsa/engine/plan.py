@@ -1,0 +1,214 @@
+"""What one forward does: the sites, and the plan of edits and reads that both executors run.
+
+A :class:`Plan` lists :class:`Edit` s (replace a site's tensor) and :class:`Read` s
+(keep it, or a reduction of it) at named sites of named layers, plus how the
+forward starts (:class:`Start`: fed at a block from a cache, the blocks before
+it skipped), where it may stop, path patching's :class:`Projection` s, and which
+logits come back. :func:`lsa.engine.run` gives it to the local executor (torch
+hooks) or the traced one (one nnsight trace) and returns a :class:`Run`.
+
+Sites (:data:`SITES`) are named once here, with the module and the side of it
+(input or output) that holds them. Two of them are easy to confuse in gated
+MLPs (Llama, Qwen2, Gemma), where ``mlp_out(act(gate(x)) * up(x))``:
+
+- ``mlp_act``: the activation function's output, ``act(gate(x))`` ``[batch, pos, d_mlp]``:
+  the unit that neuron statistics, LAPE and steering speak of;
+- ``neuron``: the MLP output projection's input, ``act(gate(x)) * up(x)``: the
+  unit that patching, ablation, flow and circuits speak of.
+
+In ungated MLPs (GPT-2, BLOOM, GPT-NeoX) the two are the same tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+LOGITS = ("end", "all", "last", None)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A named tensor of the forward: ``part`` (an adapter part, or ``"block"``) and its side.
+
+    ``kind``: ``"pre"`` = the module's (first) input, ``"out"`` = its output
+    (``index`` picks an element of a tuple output). ``rank`` orders sites within
+    a block as its forward reaches them (the traced executor must visit them in
+    that order). ``layers``: ``"each"`` (every layer), ``"first"`` (layer 0 only)
+    or ``"last"`` (the last layer only). ``editable``: whether an :class:`Edit`
+    may replace it.
+    """
+
+    name: str
+    part: str
+    kind: str
+    rank: float
+    doc: str
+    index: int = 0
+    layers: str = "each"
+    editable: bool = True
+
+
+SITES: dict[str, Site] = {
+    s.name: s
+    for s in (
+        Site("embed", "embed", "out", -1, "token embeddings [batch, pos, d_model]", layers="first"),
+        Site("resid_pre", "block", "pre", 0, "block input, the residual stream before the layer [batch, pos, d_model]"),
+        Site("attn_in", "ln1", "out", 1, "attention input, the first norm's output [batch, pos, d_model]"),
+        Site(
+            "head", "o_proj", "pre", 2, "heads' outputs, the output projection's input [batch, pos, n_heads * d_head]"
+        ),
+        Site("attn_proj", "o_proj", "out", 3, "the attention output projection's output [batch, pos, d_model]"),
+        Site("attn_out", "attn_write", "out", 3, "the attention write to the residual [batch, pos, d_model]"),
+        Site("resid_mid", "attn_write", "out", 3, "block input + attention write [batch, pos, d_model]"),
+        Site("attn_full", "attn", "out", 4, "the attention module's output (BLOOM's includes the residual)"),
+        Site("pattern", "attn", "out", 4, "attention pattern [batch, n_heads, q, k]", index=1, editable=False),
+        Site("mlp_act", "mlp_act", "out", 4.8, "the MLP activation's output: act(gate) if gated [batch, pos, d_mlp]"),
+        Site("neuron", "mlp_out", "pre", 5, "the MLP output projection's input: act(gate) * up if gated [.., d_mlp]"),
+        Site("mlp_proj", "mlp_out", "out", 5.5, "the MLP output projection's output [batch, pos, d_model]"),
+        Site("mlp_out", "mlp_write", "out", 6, "the MLP write to the residual [batch, pos, d_model]"),
+        Site("resid_post", "block", "out", 7, "block output [batch, pos, d_model]"),
+        Site("resid_final", "final_norm", "pre", 8, "the final norm's input [batch, pos, d_model]", layers="last"),
+    )
+}
+
+
+@dataclass
+class Edit:
+    """Replace ``site`` at ``layer`` by ``fn(value)`` (same shape). At ``resid_mid`` ``fn`` sees and returns the mid
+    residual; it is applied as a change of the attention write. Edits at one site run in plan order."""
+
+    site: str
+    layer: int
+    fn: Fn
+
+
+@dataclass
+class Read:
+    """Keep ``site`` at ``layer`` after the edits there: the tensor, or ``fn(tensor)`` computed where the model runs
+    (inside the trace for a remote model, so only the reduction travels)."""
+
+    site: str
+    layer: int
+    fn: Fn | None = None
+
+
+@dataclass
+class AttnCache:
+    """What a run with the same attention input at a layer gives: the attention module's output ``full``,
+    the output projection's input ``z`` and output ``proj`` (each ``[batch, pos, ...]``).
+
+    With it the start layer's attention is ``full - proj + o_proj(z')``: no queries, keys or values
+    are recomputed, and edits of ``z`` (or of the projection's output) still apply.
+    """
+
+    full: torch.Tensor
+    z: torch.Tensor
+    proj: torch.Tensor
+
+
+@dataclass
+class Start:
+    """Feed ``hidden`` ``[batch, pos, d_model]`` to block ``layer`` and pass the blocks before it through."""
+
+    layer: int
+    hidden: torch.Tensor
+    attn: AttnCache | None = None
+
+
+@dataclass
+class Projection:
+    """Replace the ``mask`` ed output columns ``[out_features]`` of a query / key / value projection ``module``
+    of ``layer`` by that projection applied to ``given`` ``[batch, pos, d_model]`` (path patching's receivers)."""
+
+    module: nn.Module
+    layer: int
+    given: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class Plan:
+    """One forward: edits, reads, and what comes back.
+
+    ``logits``: ``"end"`` (``[batch, d_vocab]`` at each row's ``end`` position: the
+    final norm and unembedding run on those rows alone), ``"all"`` (``[batch, pos, d_vocab]``),
+    ``"last"`` (``[batch, 1, d_vocab]``, the last position) or ``None``. ``attention_mask``
+    ``[batch, pos]`` is passed to the model (without one, prompts must be right-padded:
+    no real position then attends to padding). ``reduce(logits, tokens, attention_mask)``
+    replaces the logits by its result, computed where the model runs. ``logit_grad``
+    ``[batch, d_vocab]`` (with ``logits="end"``): the values of the reads become their
+    gradients of ``sum(end logits * logit_grad)``. ``steered``: the model's active
+    steering edits (:func:`lsa.steering.steer`) run first at their sites; they are part
+    of every plan unless this is ``False``. The traced executor runs every layer: it
+    ignores ``start`` (a cached start gives the same values).
+    """
+
+    edits: list[Edit] = field(default_factory=list)
+    reads: list[Read] = field(default_factory=list)
+    start: Start | None = None
+    stop_after: tuple[str, int] | None = None
+    projections: list[Projection] = field(default_factory=list)
+    logits: str | None = "end"
+    end: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    reduce: Callable | None = None
+    logit_grad: torch.Tensor | None = None
+    steered: bool = True
+
+
+@dataclass
+class Run:
+    """A plan's result: ``logits`` (as the plan asked, or its ``reduce``'s result) and ``values[(site, layer)]``."""
+
+    logits: torch.Tensor | None
+    values: dict[tuple[str, int], torch.Tensor]
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        return self.values[key]
+
+
+def check(model, plan: Plan) -> list[Edit]:
+    """The plan's edits with the model's active steering edits first; every site and layer checked.
+
+    Steering edits before a cached start are left out: the cached block input already holds their effect
+    (the cache comes from a run under the same steering).
+    """
+    steering = model.steering if plan.steered else []
+    if plan.start is not None:
+        steering = [e for e in steering if e.layer >= plan.start.layer]
+    edits = [*steering, *plan.edits]
+    if plan.logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}, got {plan.logits!r}")
+    if plan.logits == "end" and plan.end is None and plan.stop_after is None:
+        raise ValueError("logits='end' needs the end positions (plan.end)")
+    if plan.logit_grad is not None and plan.logits != "end":
+        raise ValueError("logit_grad needs logits='end'")
+    n_layers = model.adapter.n_layers
+    for item in [*edits, *plan.reads]:
+        site = SITES.get(item.site)
+        if site is None:
+            raise ValueError(f"unknown site {item.site!r}; sites: {sorted(SITES)}")
+        model.adapter.check_layer(item.layer)
+        wanted = {"first": 0, "last": n_layers - 1}.get(site.layers)
+        if wanted is not None and item.layer != wanted:
+            raise ValueError(f"site {item.site!r} exists at layer {wanted} only, got {item.layer}")
+        if isinstance(item, Edit) and not site.editable:
+            raise ValueError(f"site {item.site!r} can be read, not edited")
+        if item.site == "resid_mid" and model.adapter.parallel_residual:
+            raise ValueError("resid_mid is undefined for parallel-residual models")
+        if plan.start is not None and item.layer < plan.start.layer:
+            raise ValueError(f"{item.site} at layer {item.layer} lies before the start layer {plan.start.layer}")
+    return edits
+
+
+def point(model, site: str) -> tuple[str, str, float]:
+    """``(part, kind, rank)`` where ``site`` lives in this model (a sandwich norm's write ranks after ``attn``)."""
+    s = SITES[site]
+    part = model.adapter.resolve_part(s.part)  # attn_write -> o_proj, or its sandwich norm
+    rank = 4.5 if part == "attn_post_norm" else s.rank
+    return part, s.kind, rank
