@@ -41,7 +41,9 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from lsa.neurons import NeuronStats, _as_language_dict, _forward, _trace_args, as_neuron_set, token_batches
+from lsa.neurons import NeuronStats, as_neuron_set, token_batches
+from lsa.neurons import as_language_dict as _as_language_dict
+from lsa.neurons.collect import _forward, _trace_args
 
 OPS = ("set", "scale", "add")
 
