@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from lsa import neurons as N  # noqa: E402
 from lsa.configs import PAPER_SHAPES, random_hf_model  # noqa: E402
 from lsa.model import wrap  # noqa: E402
+from lsa.neurons import collect  # noqa: E402
 from tests.helpers import word_tokenizer  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main(argv=None) -> dict:
         if full:
             model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
         else:
-            N._forward(model, ids, mask)
+            collect._forward(model, ids, mask)
 
     def stats(texts=(tokens,)):
         N.collect_stats(model, {"x": list(texts)}, batch_size=args.batch, max_length=args.pos, progress=False)
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
 
     # time inside the hooks alone, as a share of a plain forward
     spent = [0.0]
-    acc = N._Accumulator(model)
+    acc = collect._Accumulator(model)
     hooks = [acc._hook(layer) for layer in range(acc.n_layers)]
 
     def timed_hook(hook):

@@ -42,7 +42,7 @@ import torch
 
 from lsa import engine
 from lsa.engine import Edit, Plan
-from lsa.neurons import NeuronStats, _as_language_dict, as_neuron_set, token_batches
+from lsa.neurons import NeuronStats, as_language_dict, as_neuron_set, token_batches
 
 OPS = ("set", "scale", "add")
 
@@ -244,7 +244,7 @@ def language_loss(
     """
     rows = []
     with steer(model, *edits):
-        for lang, source in _as_language_dict(texts).items():
+        for lang, source in as_language_dict(texts).items():
             total, count = 0.0, 0
             for ids, mask, _ in token_batches(
                 model, source, batch_size=batch_size, max_length=max_length, add_special_tokens=add_special_tokens
