@@ -4,15 +4,16 @@ Model: a random GPT-2-small-shaped model (12 layers, 768 wide, 3072 neurons per
 MLP), one CPU thread. Text: a ``--batch`` x ``--pos`` batch of random tokens
 (and a right-padded variant). Compared on the same tokens:
 
-- plain: the forward call :func:`lsa.neurons.collect_stats` makes, without hooks
-  (``logits_to_keep=1``: no unembedding of unread positions);
+- plain: a forward with logits at the last position only (``logits_to_keep=1``:
+  no unembedding of unread positions), no hooks;
 - plain, full logits: what an ordinary ``model(tokens)`` costs;
-- stats: :func:`lsa.neurons.collect_stats` (hooks, reductions, bookkeeping).
+- stats: :func:`lsa.neurons.collect_stats` (one engine run per batch that reads every
+  ``mlp_act``, reduced on the spot, and stops after the last one; bookkeeping).
 
 The machine is shared, so timings are taken in ``--repeats`` interleaved pairs
 (plain, stats in alternating order); reported: the minimum of each (least
 disturbed run), the median of the per-pair ratios, and the time spent inside
-the statistics hooks as a share of the plain forward (independent of noise).
+the reductions (:func:`lsa.neurons.activation_totals`) as a share of the plain forward (independent of noise).
 Target: stats / plain <= 1.15.
 
     .venv/bin/python benchmarks/neurons.py [--batch 16 --pos 32 --repeats 5]
@@ -34,7 +35,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from lsa import neurons as N  # noqa: E402
 from lsa.configs import PAPER_SHAPES, random_hf_model  # noqa: E402
 from lsa.model import wrap  # noqa: E402
-from lsa.neurons import collect  # noqa: E402
 from tests.helpers import word_tokenizer  # noqa: E402
 
 
@@ -53,7 +53,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = wrap(random_hf_model(PAPER_SHAPES["gpt2"], seed=0), word_tokenizer(50257), name="gpt2-small-random")
+    model = wrap(
+        random_hf_model(PAPER_SHAPES["openai-community/gpt2"], seed=0), word_tokenizer(50257), name="gpt2-small-random"
+    )
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, 50257, (args.batch, args.pos), generator=g)
     lengths = torch.randint(args.pos // 2, args.pos + 1, (args.batch,), generator=g)
@@ -66,7 +68,7 @@ def main(argv=None) -> dict:
         if full:
             model.hf(input_ids=ids, attention_mask=mask, use_cache=False)
         else:
-            collect._forward(model, ids, mask)
+            model.hf(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
 
     def stats(texts=(tokens,)):
         N.collect_stats(model, {"x": list(texts)}, batch_size=args.batch, max_length=args.pos, progress=False)
@@ -102,27 +104,23 @@ def main(argv=None) -> dict:
         f"  plain with full logits {full:6.3f} s  (stats / full-logits forward = {report['full batch'][1] / full:.3f})"
     )
 
-    # time inside the hooks alone, as a share of a plain forward
+    # time inside the reductions alone, as a share of a plain forward
     spent = [0.0]
-    acc = collect._Accumulator(model)
-    hooks = [acc._hook(layer) for layer in range(acc.n_layers)]
 
-    def timed_hook(hook):
-        def wrapper(module, inputs, output):
-            t = time.perf_counter()
-            hook(module, inputs, output)
-            spent[0] += time.perf_counter() - t
+    def timed_totals(module, inputs, output):
+        t = time.perf_counter()
+        N.activation_totals(output)
+        spent[0] += time.perf_counter() - t
 
-        return wrapper
-
-    handles = [model.module("mlp_act", i).register_forward_hook(timed_hook(h)) for i, h in enumerate(hooks)]
+    n_layers = model.adapter.n_layers
+    handles = [model.module("mlp_act", i).register_forward_hook(timed_totals) for i in range(n_layers)]
     t_forward = min(_timed(plain) for _ in range(2))
     spent[0] = 0.0
     plain()
     for h in handles:
         h.remove()
     share = spent[0] / report["full batch"][0]
-    print(f"  time inside the statistics hooks: {spent[0]:.3f} s per batch = {share:.1%} of a plain forward")
+    print(f"  time inside the reductions: {spent[0]:.3f} s per batch = {share:.1%} of a plain forward")
     ratio = report["full batch"][1] / report["full batch"][0]
     print(f"  stats / plain = {ratio:.3f} (target <= 1.15)")
     return {"ratio": ratio, "hook_share": share, "forward_with_hooks": t_forward}

@@ -341,7 +341,8 @@ def ablation_sweep(
     sites = {(s.site, s.layer) for s in specs}
     values = ablation_values(model, prompts, sites, method, reference=reference, per_position=per_position, seed=seed)
     tokens = prompts.clean.to(model.device)
-    logits, cache = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs})
+    base = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs})
+    logits, cache = base.logits, base.values
     corrupt_logits = engine.run(model, prompts.corrupt, Plan(end=prompts.end)).logits
     patched = run_specs(
         model,

@@ -34,7 +34,7 @@ attention), so no method silently computes something the model does not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -252,6 +252,8 @@ class Adapter:
     d_mlp: int
     d_vocab: int
     parallel_residual: bool = False
+    # what the engine has probed of this model's forward ("blocks" / "attn" -> returns a tuple)
+    probed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> Adapter:

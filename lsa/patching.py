@@ -369,6 +369,7 @@ def run_specs(
     max_tokens: int | None = None,
     progress: bool = True,
     desc: str = "patching",
+    base_kv=None,
 ) -> torch.Tensor:
     """Metric ``[len(specs), n]`` with each spec's site set to ``donor_cache`` values, batched by layer.
 
@@ -376,15 +377,20 @@ def run_specs(
     (the block input ``[n, pos, d_model]``) for every patched layer, and where
     present ``("attn_full" | "head" | "attn_proj", layer)``, which let the patched
     layer's attention skip its queries, keys and values (sites after them only).
+    ``base_kv``: that run's keys and values (``baseline(..., kv=True).kv``); with them an
+    expanded forward whose specs all patch positions ``>= p`` recomputes only those
+    positions (a chunk holds specs of one layer, site and first position).
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
     k = _chunk_size(prompts, batch_size, max_tokens, model)
-    order: dict[tuple[int, str], list[int]] = {}
-    for i, spec in enumerate(specs):
-        order.setdefault((spec.layer, spec.site), []).append(i)
-    groups = [chunk for key in sorted(order) for chunk in _chunks(order[key], k)]
     end = prompts.end.to(model.device)
+    last = int(prompts.end.min())
+    first = [0 if (pos := position_index(prompts, s.pos)) is None else min(int(pos.min()), last) for s in specs]
+    order: dict[tuple[int, str, int], list[int]] = {}
+    for i, spec in enumerate(specs):
+        order.setdefault((spec.layer, spec.site, first[i] if base_kv is not None else 0), []).append(i)
+    groups = [chunk for key in sorted(order) for chunk in _chunks(order[key], k)]
     bar = _progress(len(specs), desc, progress)
 
     def run(chunk: list[int]) -> None:
@@ -392,12 +398,15 @@ def run_specs(
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
         n_units, w = units(model, site)
-        mask = _mask(chunk_specs, prompts, width, n_units, model.device)
-        donor = donor_cache[(site, layer)]
+        start = _start(base_cache, layer, m, attn=site != "resid_pre")
+        p = min(first[i] for i in chunk) if start is not None and base_kv is not None else 0
+        if p:
+            start.prefix, start.kv = p, base_kv
+        mask = _mask(chunk_specs, prompts, width, n_units, model.device)[:, p:]
+        donor = donor_cache[(site, layer)][:, p:]
         donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
         edits = [Edit(site, layer, replace_units(mask, donor, n_units, w))]
         tokens = base_tokens.repeat(m, 1)
-        start = _start(base_cache, layer, m, attn=site != "resid_pre")
         logits = engine.run(model, tokens, Plan(edits=edits, start=start, end=end.repeat(m))).logits
         for j, i in enumerate(chunk):
             out[i] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
@@ -576,18 +585,21 @@ def baseline(
     tokens: torch.Tensor,
     sites: Iterable[tuple[str, int]] = (),
     attn_layers: Iterable[int] = (),
-):
+    kv: bool = False,
+) -> engine.Run:
     """Unpatched run: end logits ``[n, d_vocab]`` plus the read sites and every block input (``resid_pre``).
 
     ``attn_layers``: also read the attention output and the output projection's
-    input and output there (for :func:`run_specs` to reuse).
+    input and output there (for :func:`run_specs` to reuse). ``kv``: also keep every
+    layer's keys and values (``Run.kv``), so interventions restricted to later
+    positions recompute those alone (:class:`lsa.engine.Start`'s ``prefix``).
     """
     reads = set(sites)
     if not model.remote:  # remote forwards start at layer 0: no cache to send back and forth
         reads |= {("resid_pre", layer) for layer in range(model.adapter.n_layers)}
         reads |= {(key, layer) for layer in attn_layers for key in ATTN_CACHE}
-    out = engine.run(model, tokens, Plan(reads=[Read(*key) for key in sorted(reads)], end=prompts.end))
-    return out.logits, out.values
+    plan = Plan(reads=[Read(*key) for key in sorted(reads)], end=prompts.end, kv=kv and not model.remote)
+    return engine.run(model, tokens, plan)
 
 
 def activation_patching(
@@ -604,6 +616,7 @@ def activation_patching(
     batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> PatchResult:
     """Patch one component at a time from the other run and measure the metric.
 
@@ -621,6 +634,10 @@ def activation_patching(
         metric: ``metric(logits [n, d_vocab], prompts) -> [n]`` at the end position
             (default :func:`lsa.metrics.logit_diff`).
         batch_size: interventions per forward (default: as many as fit ``max_tokens``).
+        reuse_prefix: an intervention at positions ``>= p`` (a named or absolute position,
+            ``"each"``) recomputes only those positions, attending to the unpatched run's
+            keys and values before ``p`` (exact: nothing before ``p`` can change).
+            ``False``: recompute every position (as before; for comparison).
 
     Returns a :class:`PatchResult` whose ``array`` is ``[layer, head]`` for heads,
     ``[layer, neuron]`` for neurons, ``[layer]`` otherwise, with a trailing
@@ -643,8 +660,10 @@ def activation_patching(
     base_tokens, donor_tokens = runs(model, prompts, direction)
     sites = {(s.site, s.layer) for s in specs}
     attn_layers = {s.layer for s in specs if s.site != "resid_pre"}
-    base_logits, base_cache = baseline(model, prompts, base_tokens, attn_layers=attn_layers)
-    donor_logits, donor_cache = baseline(model, prompts, donor_tokens, sites)
+    base = baseline(model, prompts, base_tokens, attn_layers=attn_layers, kv=reuse_prefix)
+    base_logits, base_cache = base.logits, base.values
+    donor = baseline(model, prompts, donor_tokens, sites)
+    donor_logits, donor_cache = donor.logits, donor.values
     base_metric = run_metric(metric, base_logits, prompts).cpu()
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
@@ -660,6 +679,7 @@ def activation_patching(
         max_tokens=max_tokens,
         progress=progress,
         desc=f"patching {site}",
+        base_kv=base.kv,
     )
     return PatchResult(
         components=specs_frame(specs, dims),
@@ -731,6 +751,7 @@ def path_patching(
     batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    freeze_attention: bool = True,
 ) -> PatchResult:
     """Path patching (Wang et al. 2022): each sender's effect through its direct path to the receivers.
 
@@ -744,6 +765,9 @@ def path_patching(
             a combination such as ``"kv"``) takes the patched path. Under
             grouped-query attention a key / value receiver is the head's KV group
             (every query head of the group sees the patched keys / values).
+        freeze_attention: frozen layers' attention computes no queries, keys or values
+            (its heads' outputs are all given: :class:`lsa.engine.Plan`'s ``given_heads``);
+            ``False``: compute them and overwrite the heads' outputs (as before; for comparison).
 
     Steps (noising; denoising swaps the two runs):
       1) run clean and counterfactual prompts, caching every head's output;
@@ -775,8 +799,10 @@ def path_patching(
     width = base_tokens.shape[1]
     head_sites = {("head", layer) for layer in range(n_layers)}
     attn_in = {("attn_in", layer) for layer in rsites}
-    base_logits, base_cache = baseline(model, prompts, base_tokens, head_sites | attn_in)
-    donor_logits, donor_cache = baseline(model, prompts, donor_tokens, head_sites)
+    base = baseline(model, prompts, base_tokens, head_sites | attn_in)
+    base_logits, base_cache = base.logits, base.values
+    donor = baseline(model, prompts, donor_tokens, head_sites)
+    donor_logits, donor_cache = donor.logits, donor.values
     base_metric = run_metric(metric, base_logits, prompts).cpu()
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
@@ -798,6 +824,7 @@ def path_patching(
         ends = end.repeat(m)
         # 2) senders from the donor run, every other head frozen to the base run.
         edits: list[Edit] = []
+        given: dict[int, torch.Tensor] = {}
         stop = last_receiver if not to_logits else n_layers
         for layer in range(start, min(stop, n_layers)):
             z = base_cache[("head", layer)].reshape(n, width, H, dh).repeat(m, 1, 1, 1)
@@ -807,10 +834,14 @@ def path_patching(
                     if sl == layer:
                         z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
             frozen = z.reshape(m * n, width, H * dh)
-            edits.append(Edit("head", layer, lambda x, frozen=frozen: frozen))
+            if freeze_attention:
+                given[layer] = frozen
+            else:
+                edits.append(Edit("head", layer, lambda x, frozen=frozen: frozen))
         base_start = _start(base_cache, start, m)
         if to_logits:
-            logits = engine.run(model, tokens, Plan(edits=edits, start=base_start, end=ends)).logits
+            plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends)
+            logits = engine.run(model, tokens, plan).logits
         else:
             reads = [("attn_in", layer) for layer in rsites if layer > start]
             if not reads:  # no receiver after the senders: no path, the base run's metric
@@ -818,7 +849,12 @@ def path_patching(
                 bar.update(m)
                 return
             plan = Plan(
-                edits=edits, reads=[Read(*key) for key in reads], start=base_start, stop_after=max(reads), logits=None
+                edits=edits,
+                given_heads=given,
+                reads=[Read(*key) for key in reads],
+                start=base_start,
+                stop_after=max(reads),
+                logits=None,
             )
             seen = engine.run(model, tokens, plan).values
             # 3) receivers' q / k / v from the recorded attention inputs; all else recomputed.

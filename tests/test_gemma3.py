@@ -19,8 +19,9 @@ from lsa import flow, lens
 from lsa import neurons as N
 from lsa.adapter import UnsupportedArchitecture, check_config
 from lsa.configs import TINY, build_config, random_hf_model
+from lsa.engine import Plan, Read, Start, run
 from lsa.model import wrap
-from lsa.patching import activation_patching, forward, path_patching
+from lsa.patching import activation_patching, path_patching
 
 KV = {"1kv": {}, "2kv": {"num_key_value_heads": 2}}
 TOL = 1e-4
@@ -101,12 +102,14 @@ def test_lsa_forward_from_layer_zero_and_from_a_cached_layer_equals_hf_forward(k
     end = torch.tensor([8, 6, 7])
     got = _hooked(model, tokens)
     want = got["logits"][torch.arange(3), end]
-    logits, cache = forward(model, tokens, end, reads=[("resid_pre", 2), ("resid_mid", 1), ("mlp_out", 0)])
+    reads = [Read("resid_pre", 2), Read("resid_mid", 1), Read("mlp_out", 0)]
+    out = run(model, tokens, Plan(reads=reads, end=end))
+    logits, cache = out.logits, out.values
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(cache[("resid_mid", 1)], got["mid"][1], atol=1e-6, rtol=0)
     torch.testing.assert_close(cache[("mlp_out", 0)], got["post"][0] - got["mid"][0], atol=1e-5, rtol=0)
     # skipping blocks 0-1 (their output from the cache) still builds the sliding-window masks right
-    resumed, _ = forward(model, tokens, end, start=(2, cache[("resid_pre", 2)]))
+    resumed = run(model, tokens, Plan(start=Start(2, cache[("resid_pre", 2)]), end=end)).logits
     torch.testing.assert_close(resumed, want, atol=1e-5, rtol=0)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model
 
+from lsa import engine
 from lsa import neurons as N
 from lsa import steering as S
 
@@ -261,15 +262,10 @@ def test_steering_sets_scales_and_adds_exactly_the_chosen_neurons(family):
         (S.shift({1: idx}, stats, "en", "zh"), lambda o: add(o, diff)),
     ]
     for edit, fn in cases:
-        seen = {}
-        # a hook registered inside the block runs after the steering hook and sees the edited activations
-        with S.steer(model, edit):
-            h = model.module("mlp_act", 1).register_forward_hook(
-                lambda m, a, o, seen=seen: seen.__setitem__("x", o.clone())
-            )
-            with torch.no_grad():
-                got = model.hf(tokens).logits
-            h.remove()
+        # the engine's run under steer(): its logits, and layer 1's activations after the edit
+        with S.steer(model, edit), torch.no_grad():
+            out = engine.run(model, tokens, engine.Plan(reads=[engine.Read("mlp_act", 1)], logits="all"))
+        got, seen = out.logits, {"x": out[("mlp_act", 1)]}
         expected = _logits_with_plain_hook(model, tokens, 1, fn)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
         plain = {}
@@ -284,14 +280,19 @@ def test_steering_sets_scales_and_adds_exactly_the_chosen_neurons(family):
         torch.testing.assert_close(seen["x"][..., idx], fn(plain["x"].clone())[..., idx], rtol=0, atol=0)
 
 
-def test_steering_hooks_are_removed_even_when_the_block_raises():
+def test_steering_edits_are_dropped_even_when_the_block_raises_and_leave_no_hooks():
     model = tiny_model("gpt2")
     mask = [torch.tensor([0, 3]), torch.tensor([2])]
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    plain = model.logits(tokens)
     with pytest.raises(RuntimeError, match="boom"):
         with S.steer(model, S.deactivate(mask)):
-            assert len(model.module("mlp_act", 0)._forward_hooks) == 1
+            assert [(e.site, e.layer) for e in model.steering] == [("mlp_act", 0), ("mlp_act", 1)]
+            assert not torch.allclose(model.logits(tokens), plain, atol=1e-4)
             raise RuntimeError("boom")
-    assert all(len(model.module("mlp_act", i)._forward_hooks) == 0 for i in range(2))
+    assert model.steering == []
+    torch.testing.assert_close(model.logits(tokens), plain, rtol=0, atol=0)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.hf.modules())
 
 
 def test_steering_rejects_out_of_range_neurons():

@@ -112,10 +112,20 @@ def test_remote_greedy_generation_under_an_edit_equals_local(models, stats):
     # steer() around lsa's measurements on a remote model, nested blocks applied in order
     with S.steer(remote, edits[0]):
         with S.steer(remote, edits[1]):
-            assert S.active_edits(remote) == edits
+            assert _active(remote) == _layers(edits)
             assert S.generate(remote, PROMPTS[0], max_new_tokens=4) == [local.tokenizer.decode(want[0])]
-        assert S.active_edits(remote) == edits[:1]
-    assert S.active_edits(remote) == []
+        assert _active(remote) == _layers(edits[:1])
+    assert _active(remote) == []
+
+
+def _active(model) -> list[tuple[str, int]]:
+    """The sites and layers of the model's active steering edits, outermost block first."""
+    return [(e.site, e.layer) for e in model.steering]
+
+
+def _layers(edits) -> list[tuple[str, int]]:
+    """What steer() adds for these neuron edits: one mlp_act edit per edited layer, in edit order."""
+    return [("mlp_act", layer) for e in edits for layer in sorted(e.neurons)]
 
 
 def test_remote_forward_and_a_users_own_trace_apply_the_edits_and_steer_cleans_up(models, stats):
@@ -137,7 +147,7 @@ def test_remote_forward_and_a_users_own_trace_apply_the_edits_and_steer_cleans_u
     with pytest.raises(RuntimeError, match="boom"):
         with S.steer(remote, *edits):
             raise RuntimeError("boom")
-    assert S.active_edits(remote) == []
+    assert _active(remote) == []
     assert all(not remote.module("mlp_act", i)._forward_hooks for i in range(remote.adapter.n_layers))
     with pytest.raises(IndexError, match="layer 7"):
         with S.steer(remote, S.deactivate({7: [1]})):

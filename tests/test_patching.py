@@ -175,6 +175,30 @@ def test_head_by_position_and_denoising_match_reference_hooks(family):
         assert (patched - ref).abs().max() <= TOL, (family, row)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patching_at_later_positions_recomputes_only_them_and_matches_reference_hooks(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=8, lengths=[8, 7, 7], seed=4)
+    widths = []
+    last = model.adapter.blocks(model.hf)[-1]
+    handle = last.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(_first(args, kwargs).shape[1]), with_kwargs=True
+    )
+    try:
+        res = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False)
+    finally:
+        handle.remove()
+    old = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False, reuse_prefix=False)
+    # the two unpatched runs see all 8 positions; every patched run only those from its first patched position on
+    first = {"mid": int(prompts.positions["mid"].min()), "end": int(prompts.end.min())}
+    assert widths[:2] == [8, 8] and sorted(set(widths[2:])) == sorted({8 - p for p in first.values()})
+    torch.testing.assert_close(res.patched, old.patched, rtol=0, atol=1e-5)
+    for row, patched in zip(res.components.to_dict("records"), res.patched):
+        pos = {"mid": prompts.positions["mid"], "end": prompts.end}[row["pos"]]
+        ref = ref_patch_metric(model, prompts, "head", row["layer"], row["head"], pos)
+        assert (patched - ref).abs().max() <= TOL, (family, row)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "bloom", "qwen2"])
 def test_residual_layer_by_position_grid_matches_reference_hooks(family):
     model = tiny_model(family)
@@ -310,11 +334,20 @@ def ref_path_to_logits(model, prompts, sender):
 def test_path_patching_to_logits_matches_reference_freezing_hooks(family):
     model = tiny_model(family)
     prompts = make_prompts(n=3, pos=6, lengths=[6, 5, 4], seed=6)
-    res = path_patching(model, prompts, receivers="logits", progress=False)
+    queries = []  # the last layer's query projection runs only in the unpatched runs: its heads are frozen
+    q_proj, _ = model.adapter.qkv_columns(model.hf, "q", model.adapter.n_layers - 1, 0)
+    handle = q_proj.register_forward_hook(lambda m, a, o: queries.append(o.shape[0]))
+    try:
+        res = path_patching(model, prompts, receivers="logits", progress=False)
+    finally:
+        handle.remove()
+    assert queries == [3, 3]
     assert res.array.shape == (model.adapter.n_layers, model.adapter.n_heads)
     for row, patched in zip(res.components.to_dict("records"), res.patched):
         ref = ref_path_to_logits(model, prompts, (row["layer"], row["head"]))
         assert (patched - ref).abs().max() <= TOL, (family, row)
+    recomputed = path_patching(model, prompts, receivers="logits", progress=False, freeze_attention=False)
+    torch.testing.assert_close(res.patched, recomputed.patched, rtol=0, atol=1e-6)
 
 
 def test_path_patching_last_layer_sender_equals_activation_patching_its_head():

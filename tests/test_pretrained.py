@@ -18,7 +18,8 @@ from test_patching import ref_patch_metric
 
 import lsa
 from lsa import flow, pretrained, tasks
-from lsa.patching import activation_patching, forward
+from lsa.engine import Plan, run
+from lsa.patching import activation_patching
 
 GEMMA, SMOL = "gemma-3-270m", "smollm2-135m"
 
@@ -94,7 +95,7 @@ def test_gemma_loads_with_its_real_geometry_and_its_logits_equal_the_hf_forward(
     rows = torch.arange(len(gemma_ioi))
     with torch.no_grad():
         want = hf(tokens).logits[rows, gemma_ioi.end]
-    got, _ = forward(gemma, tokens, gemma_ioi.end)  # lsa's hook engine, end positions only
+    got = run(gemma, tokens, Plan(end=gemma_ioi.end)).logits  # lsa's local executor, end positions only
     assert (got - want).abs().max() <= 1e-5
     assert (gemma.logits(tokens)[rows, gemma_ioi.end] - want).abs().max() <= 1e-5
     assert (want.argmax(-1) == gemma_ioi.answer).float().mean() >= 0.5  # it does the task (top-1, 4 prompts)
@@ -172,7 +173,7 @@ def test_smollm2_loads_and_its_logits_equal_the_hf_forward():
     rows = torch.arange(len(prompts))
     with torch.no_grad():
         want = hf(prompts.clean).logits[rows, prompts.end]
-    got, _ = forward(model, prompts.clean, prompts.end)
+    got = run(model, prompts.clean, Plan(end=prompts.end)).logits
     assert (got - want).abs().max() <= 1e-5
 
 

@@ -180,25 +180,25 @@ def test_local_only_analyses_say_so_on_a_remote_model(zoo_pair):
 
 # ----------------------------------------------------------------- batch sizes that adapt to memory
 def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_result(monkeypatch):
-    from lsa import patching
+    from lsa import engine
 
     model = tiny_model("gpt2")
     prompts = make_prompts(n=3, pos=6)
     want = activation_patching(model, prompts, "head", progress=False, batch_size=64)
-    real, sizes = patching.forward, []
+    real, sizes = engine.run, []
 
-    def small_memory(model, tokens, end, **kw):
+    def small_memory(model, tokens, plan):
         sizes.append(tokens.shape[0])
         if tokens.shape[0] > 2 * len(prompts):
             raise torch.OutOfMemoryError("simulated: more than 2 interventions at once")
-        return real(model, tokens, end, **kw)
+        return real(model, tokens, plan)
 
-    monkeypatch.setattr(patching, "forward", small_memory)
+    monkeypatch.setattr(engine, "run", small_memory)
     got = activation_patching(model, prompts, "head", progress=False, batch_size=64)
     assert torch.allclose(got.patched, want.patched, atol=1e-6)
     assert max(sizes) > 2 * len(prompts) and sizes[-1] <= 2 * len(prompts)  # tried big, finished small
     path_want = path_patching(model, prompts, progress=False, batch_size=64)
-    monkeypatch.setattr(patching, "forward", real)
+    monkeypatch.setattr(engine, "run", real)
     assert torch.allclose(path_patching(model, prompts, progress=False, batch_size=64).patched, path_want.patched)
 
 

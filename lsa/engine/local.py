@@ -11,13 +11,13 @@ read, and ``logits="end"`` runs the final norm and unembedding on the end rows a
 from __future__ import annotations
 
 import contextlib
-import weakref
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from lsa.engine.plan import SITES, Plan, Run, check, point
+from lsa.engine.plan import SITES, AttnCache, Plan, Run, check, point
 
 
 class _Stop(Exception):
@@ -47,13 +47,13 @@ def attached(hooks: Sequence[tuple[nn.Module, str, Callable]]):
             h.remove()
 
 
-_RETURNS_TUPLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def returns_tuple(model, part: str = "blocks") -> bool:
-    """Whether this model's blocks (``part="blocks"``) or attention modules (``"attn"``) return a tuple."""
+    """Whether this model's blocks (``part="blocks"``) or attention modules (``"attn"``) return a tuple.
+
+    Probed once per model with a one-token forward (kept in ``model.adapter.probed``).
+    """
     hf = model.hf
-    seen = _RETURNS_TUPLE.setdefault(hf, {})
+    seen = model.adapter.probed
     if part not in seen:
         module = model.adapter.block(hf, 0) if part == "blocks" else model.adapter.module(hf, part, 0)
 
@@ -119,11 +119,35 @@ def _attn_stub(model, layer: int, cache) -> tuple[nn.Module, Callable]:
     return model.module("attn", layer), stub
 
 
-def _site_hook(key, kind: str, index: int, fns, read, pre_cache, values, stop: bool):
+def _given_heads_stub(model, layer: int, z: torch.Tensor) -> tuple[nn.Module, Callable]:
+    """Attention at ``layer`` from given heads' outputs ``z``: ``o_proj(z)`` (its hooks, hence edits, still run).
+
+    BLOOM's attention module adds the residual (its second input) to the projection's output itself.
+    """
+    as_tuple = returns_tuple(model, "attn")
+    o_proj = model.module("o_proj", layer)
+    adds_residual = model.adapter.layout.family == "bloom"
+
+    def stub(*args, **kwargs):
+        out = o_proj(z)
+        if adds_residual:
+            out = (args[1] if len(args) > 1 else kwargs["residual"]) + out
+        return (out, None) if as_tuple else out
+
+    return model.module("attn", layer), stub
+
+
+def _site_hook(key, kind: str, index: int, fns, read, pre_cache, values, stop: bool, fired: set):
     """The hook of one ``(site, layer)``: its edits in order, then its read, then maybe the stop."""
     site, layer = key
 
     def apply(x: torch.Tensor) -> torch.Tensor:
+        if key in fired:
+            raise RuntimeError(
+                f"the module holding {site} at layer {layer} ran twice in one forward; the adapter's modules "
+                "must be called exactly once per block (a module shared between layers cannot be hooked per layer)"
+            )
+        fired.add(key)
         if site == "resid_mid":
             pre = pre_cache[layer]
             for fn in fns:
@@ -183,15 +207,25 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     pre_cache: dict[int, torch.Tensor] = {}
     blocks = model.adapter.blocks(model.hf)
     grad = plan.logit_grad is not None
+    fired: set = set()
     hooks = []
     if start is not None:  # first in line, so edits at the start block see the fed input
-        hooks.append((blocks[start.layer], "pre", lambda m, args, kwargs: _with_hidden_in(args, kwargs, start.hidden)))
+        fed = start.hidden[:, start.prefix :].contiguous()
+        hooks.append((blocks[start.layer], "pre", lambda m, args, kwargs: _with_hidden_in(args, kwargs, fed)))
     if grad:  # a graph to differentiate even where the weights are frozen
         hooks.append((model.module("embed"), "out", lambda m, args, out: out.detach().requires_grad_()))
     for key in [*fns, *sorted(set(reads) - set(fns))]:
         part, kind, _ = point(model, key[0])
         fn = _site_hook(
-            key, kind, SITES[key[0]].index, fns.get(key, ()), reads.get(key), pre_cache, values, plan.stop_after == key
+            key,
+            kind,
+            SITES[key[0]].index,
+            fns.get(key, ()),
+            reads.get(key),
+            pre_cache,
+            values,
+            plan.stop_after == key,
+            fired,
         )
         module = model.module(part) if part in ("embed", "final_norm") else _module(model, part, key[1])
         hooks.append((module, kind, fn))
@@ -208,18 +242,37 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
         proj = p.module(p.given)  # before the hook is in place
         hooks.append((p.module, "out", lambda m, args, out, proj=proj, mask=p.mask: torch.where(mask, proj, out)))
     stubs = _skip_stubs(model, start.layer if start else 0)
+    prefix = start.prefix if start is not None else 0
+    if plan.given_heads:
+        returns_tuple(model, "attn")  # probed before the stubs are in place
+    for layer, z in sorted(plan.given_heads.items()):
+        stubs.append(_given_heads_stub(model, layer, z[:, prefix:].contiguous()))
     if start is not None and start.attn is not None:
-        stubs.append(_attn_stub(model, start.layer, start.attn))
+        cached = AttnCache(
+            *(t[:, start.prefix :].contiguous() for t in (start.attn.full, start.attn.z, start.attn.proj))
+        )
+        stubs.append(_attn_stub(model, start.layer, cached))
     mask = plan.attention_mask
-    kwargs = {"use_cache": False} if mask is None else {"attention_mask": mask.to(tokens.device), "use_cache": False}
-    logits = None
+    kwargs = {"use_cache": plan.kv}
+    if plan.kv:  # full layers, also where the model slides a window: a later suffix run needs every position
+        from transformers import DynamicCache
+
+        kwargs[_cache_argument(model)] = DynamicCache()
+    if mask is not None:
+        kwargs["attention_mask"] = mask.to(tokens.device)
+    end = plan.end
+    if start is not None and start.prefix:
+        tokens, end, kwargs = _suffix(model, tokens, end, kwargs, start)
+    logits, kv = None, None
     with attached(hooks), _stubbed(stubs), torch.set_grad_enabled(torch.is_grad_enabled() or grad):
         try:
             if plan.logits in ("end", None):
-                hidden = model.hf.base_model(input_ids=tokens, **kwargs)[0]
+                out = model.hf.base_model(input_ids=tokens, **kwargs)
+                hidden = out[0]
+                kv = kwargs[_cache_argument(model)] if plan.kv else None  # filled in place by the forward
                 if plan.logits == "end":
                     rows = torch.arange(hidden.shape[0], device=hidden.device)
-                    logits = model.module("unembed")(hidden[rows, plan.end.to(hidden.device)])
+                    logits = model.module("unembed")(hidden[rows, end.to(hidden.device)])
             elif plan.logits == "last":
                 try:
                     logits = model.hf(input_ids=tokens, **kwargs, logits_to_keep=1).logits[:, -1:]
@@ -229,6 +282,8 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
                 logits = model.hf(input_ids=tokens, **kwargs).logits
         except _Stop:
             return Run(None, values)
+    if plan.kv and kv is None:
+        raise ValueError("kv=True needs logits='end' or None")
     if grad:
         keys = list(values)
         loss = (logits * plan.logit_grad.to(logits.dtype)).sum()
@@ -237,4 +292,32 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
         logits = logits.detach()
     if plan.reduce is not None and logits is not None:
         logits = plan.reduce(logits, tokens, mask if mask is not None else torch.ones_like(tokens))
-    return Run(logits, values)
+    return Run(logits, values, kv)
+
+
+def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):
+    """Tokens, end positions and forward arguments for a run of positions ``>= start.prefix`` alone.
+
+    The cache holds the prefix's keys and values of every layer, repeated for the run's
+    replicas (the tokens are ``m`` copies of the cached run's batch, replica-major); the
+    model numbers the new positions from the cache's length (rotary, learned and alibi
+    positions alike) and masks causally across prefix and suffix.
+    """
+    from transformers import DynamicCache
+
+    p = start.prefix
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
+    layers = start.kv.layers
+    reps = tokens.shape[0] // layers[0].keys.shape[0]
+    cache = DynamicCache()  # full layers: the model masks sliding-window layers itself
+    for i, layer in enumerate(layers):
+        keys, values = layer.keys[:, :, :p], layer.values[:, :, :p]
+        cache.update(keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1), i)
+    return tokens[:, p:], None if end is None else end - p, {**kwargs, _cache_argument(model): cache, "use_cache": True}
+
+
+def _cache_argument(model) -> str:
+    """The name under which this model's forward takes a key / value cache (``cache`` in newer releases)."""
+    params = inspect.signature(model.hf.base_model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

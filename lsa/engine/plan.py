@@ -113,11 +113,21 @@ class AttnCache:
 
 @dataclass
 class Start:
-    """Feed ``hidden`` ``[batch, pos, d_model]`` to block ``layer`` and pass the blocks before it through."""
+    """Feed ``hidden`` ``[batch, pos, d_model]`` to block ``layer`` and pass the blocks before it through.
+
+    ``prefix`` > 0 with ``kv`` (the keys and values of a run whose positions ``< prefix`` are the
+    same as this one's at every layer: :attr:`Run.kv` of the unpatched run, batch ``n`` with this
+    run's batch ``m * n`` made of ``m`` replicas): only positions ``>= prefix`` are recomputed,
+    attending to the cached keys and values before them. Every site then holds those positions
+    alone (edits see and return ``[batch, pos - prefix, ...]``, reads return them), and
+    ``logits="end"`` still takes the plan's ``end`` as absolute positions (all ``>= prefix``).
+    """
 
     layer: int
     hidden: torch.Tensor
     attn: AttnCache | None = None
+    prefix: int = 0
+    kv: object | None = None
 
 
 @dataclass
@@ -142,7 +152,12 @@ class Plan:
     no real position then attends to padding). ``reduce(logits, tokens, attention_mask)``
     replaces the logits by its result, computed where the model runs. ``logit_grad``
     ``[batch, d_vocab]`` (with ``logits="end"``): the values of the reads become their
-    gradients of ``sum(end logits * logit_grad)``. ``steered``: the model's active
+    gradients of ``sum(end logits * logit_grad)``. ``kv``: also keep every layer's keys and
+    values (:attr:`Run.kv`, local executor only) for a later :class:`Start` with a prefix.
+    ``given_heads[layer]`` ``[batch, pos, n_heads * d_head]``: every head's output at that
+    layer, as an edit of ``head`` replacing it whole would give; locally the attention module
+    then computes no queries, keys, values or pattern, only ``o_proj`` of them (path
+    patching's frozen heads). ``steered``: the model's active
     steering edits (:func:`lsa.steering.steer`) run first at their sites; they are part
     of every plan unless this is ``False``. The traced executor runs every layer: it
     ignores ``start`` (a cached start gives the same values).
@@ -159,14 +174,18 @@ class Plan:
     reduce: Callable | None = None
     logit_grad: torch.Tensor | None = None
     steered: bool = True
+    kv: bool = False
+    given_heads: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
 class Run:
-    """A plan's result: ``logits`` (as the plan asked, or its ``reduce``'s result) and ``values[(site, layer)]``."""
+    """A plan's result: ``logits`` (as the plan asked, or its ``reduce``'s result) and ``values[(site, layer)]``;
+    ``kv``: the keys and values of every layer when the plan asked for them (a Hugging Face cache)."""
 
     logits: torch.Tensor | None
     values: dict[tuple[str, int], torch.Tensor]
+    kv: object | None = None
 
     def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
         return self.values[key]
@@ -188,6 +207,11 @@ def check(model, plan: Plan) -> list[Edit]:
         raise ValueError("logits='end' needs the end positions (plan.end)")
     if plan.logit_grad is not None and plan.logits != "end":
         raise ValueError("logit_grad needs logits='end'")
+    if plan.start is not None and plan.start.prefix:
+        if plan.start.kv is None:
+            raise ValueError("a start with a prefix needs the keys and values of the unpatched run (start.kv)")
+        if plan.end is not None and int(plan.end.min()) < plan.start.prefix:
+            raise ValueError(f"end positions must lie at or after the reused prefix ({plan.start.prefix})")
     n_layers = model.adapter.n_layers
     for item in [*edits, *plan.reads]:
         site = SITES.get(item.site)

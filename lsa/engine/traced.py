@@ -10,11 +10,12 @@ same values.
 from __future__ import annotations
 
 import inspect
+from functools import partial
 
 import nnsight
 import torch
 
-from lsa.engine.plan import SITES, Plan, Run, check, point
+from lsa.engine.plan import SITES, Edit, Plan, Run, check, point
 
 
 def _points(model, edits, reads, projections) -> list[tuple]:
@@ -52,9 +53,15 @@ def _points(model, edits, reads, projections) -> list[tuple]:
     return out
 
 
+def _given(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return z
+
+
 def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     """Run ``plan`` on ``tokens`` ``[batch, pos]`` as one trace (see :func:`lsa.engine.run`)."""
     edits = check(model, plan)
+    # given heads' outputs as edits replacing the heads' outputs whole (every layer runs in a trace)
+    edits += [Edit("head", layer, partial(_given, z=z)) for layer, z in sorted(plan.given_heads.items())]
     fns: dict[tuple[str, int], list] = {}
     for e in edits:
         fns.setdefault((e.site, e.layer), []).append(e.fn)

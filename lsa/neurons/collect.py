@@ -1,14 +1,14 @@
 """Collection: texts to token batches, and the model's ``mlp_act`` activations read from them.
 
 :func:`collect_stats` streams texts of each language through the model once
-with plain torch hooks on the ``mlp_act`` modules and keeps, per language,
+(one engine run per batch, :func:`batch_totals`) and keeps, per language,
 layer and neuron, the token count, the count of activations > 0 and the sums of
 activations, absolute activations and squares
 (:class:`~lsa.neurons.stats.NeuronStats`, ``[lang, layer, neuron]``). Memory
 does not grow with the corpus; the stats can be saved every few batches and a
 run resumed. On a remote model (``model.remote``: NDIF, or ``"local"`` for
-nnsight's simulation) each batch is one nnsight trace that reduces inside the
-trace (:func:`activation_totals`, the same code the hooks run), so only
+nnsight's simulation) the run is one nnsight trace that reduces inside the
+trace (:func:`activation_totals`, the same code as locally), so only
 ``[layer, neuron]`` totals come back.
 
 :func:`record_activations` keeps one layer's activations at every token of a
@@ -18,15 +18,17 @@ function of the weights, locally or inside one trace.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from lsa import engine
+from lsa.engine import Plan, Read
 from lsa.neurons.sets import check_neuron
 from lsa.neurons.stats import NeuronStats
 
@@ -130,30 +132,6 @@ def token_batches(
         yield batch
 
 
-def _forward(model, ids: torch.Tensor, mask: torch.Tensor):
-    """Forward with logits only at the last position where the model allows it."""
-    device = model.device
-    kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    try:
-        return model.hf(**kwargs, logits_to_keep=1)
-    except TypeError:
-        return model.hf(**kwargs)
-
-
-def _trace_args(model, ids: torch.Tensor, mask: torch.Tensor, *, last_only: bool = True) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` for ``model.trace``: the forward :func:`_forward` runs, for a remote model.
-
-    Inputs go to ``model.device`` (the CPU for NDIF, whose server places them).
-    ``last_only``: logits at the last position only, where the model's forward
-    takes ``logits_to_keep``.
-    """
-    device = model.device
-    kwargs = {"attention_mask": mask.to(device), "use_cache": False}
-    if last_only and "logits_to_keep" in inspect.signature(model.hf.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    return (ids.to(device),), kwargs
-
-
 def from_weights(model, fn, *args) -> torch.Tensor:
     """``fn(adapter, root, *args)`` computed from the model's weights (a tensor).
 
@@ -165,9 +143,8 @@ def from_weights(model, fn, *args) -> torch.Tensor:
     if not model.remote:
         return fn(cfg, model.hf, *args)
     one = torch.zeros(1, 1, dtype=torch.long)
-    inputs, kwargs = _trace_args(model, one, torch.ones_like(one))
     root = model.nn  # the block names no lsa Model: it would ship the tokenizer with every trace
-    with torch.no_grad(), model.trace(*inputs, **kwargs):
+    with torch.no_grad(), model.trace(one, use_cache=False):
         out = fn(cfg, root, *args).cpu().save()
     return out
 
@@ -191,87 +168,30 @@ def activation_totals(x: torch.Tensor, keep: torch.Tensor | None = None) -> tupl
     return (x > 0).sum(0), x.sum(0), x.abs().sum(0), (x * x).sum(0)
 
 
-def _traced_totals(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """One traced forward reducing every layer's activations inside the trace: ``[4, layer, d_mlp]`` float64.
+def _stacked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """:func:`activation_totals` stacked ``[4, d_mlp]`` float64 (computed where the model runs)."""
+    return torch.stack([t.double() for t in activation_totals(x, keep)])
 
-    Only these totals come back from a remote trace, never the activations.
+
+def batch_totals(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """One batch's totals of every layer's ``mlp_act``: ``([4, layer, d_mlp]`` float64, kept tokens``)``.
+
+    The four rows are :func:`activation_totals`' (count of x > 0, sum, sum of |x|, sum of x^2)
+    over the non-padding tokens (``mask [batch, pos]``). One engine run reads every layer,
+    reduced where the model runs (inside the trace for a remote model, so only the totals
+    come back), and stops after the last layer's activation.
     """
-    inputs, kwargs = _trace_args(model, ids, mask)
-    acts = [model.envoy("mlp_act", layer) for layer in range(model.adapter.n_layers)]
-    with torch.no_grad(), model.trace(*inputs, **kwargs):
-        layers = []
-        for env in acts:
-            layers.append(torch.stack([t.double() for t in activation_totals(env.output, keep)]))
-        totals = torch.stack(layers, dim=1).cpu().save()
-    return totals
-
-
-class _Accumulator:
-    """One batch's totals of every ``mlp_act`` module, in buffers (no per-token Python).
-
-    Local models: forward hooks on the modules; remote models (``model.remote``):
-    one nnsight trace per batch that reduces inside the trace (:func:`_traced_totals`).
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.remote = bool(model.remote)
-        cfg = model.adapter
-        device = torch.device("cpu") if self.remote else model.device
-        self.n_layers, self.d_mlp = cfg.n_layers, cfg.d_mlp
-        self.mask: torch.Tensor | None = None
-        self.handles = []
-        self.calls = [0] * self.n_layers
-        shape = (self.n_layers, self.d_mlp)
-        self.pos = torch.zeros(shape, dtype=torch.long, device=device)
-        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.abs = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.sq = torch.zeros(shape, dtype=torch.float64, device=device)
-
-    def __enter__(self):
-        if not self.remote:
-            for layer in range(self.n_layers):
-                module = self.model.module("mlp_act", layer)
-                self.handles.append(module.register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            pos, total, abs_total, sq = activation_totals(output, self.mask)
-            self.pos[layer] += pos
-            self.sum[layer] += total
-            self.abs[layer] += abs_total
-            self.sq[layer] += sq
-            self.calls[layer] += 1
-
-        return hook
-
-    def reset(self):
-        for t in (self.pos, self.sum, self.abs, self.sq):
-            t.zero_()
-        self.calls = [0] * self.n_layers
-
-    def run(self, ids: torch.Tensor, mask: torch.Tensor) -> int:
-        if self.remote:
-            flat = mask.reshape(-1).bool()
-            totals = _traced_totals(self.model, ids, mask, None if bool(flat.all()) else flat)
-            self.pos, self.sum, self.abs, self.sq = totals[0].long(), totals[1], totals[2], totals[3]
-            return int(flat.sum())
-        flat = mask.reshape(-1).bool().to(self.model.device)
-        self.mask = None if bool(flat.all()) else flat
-        self.reset()
-        _forward(self.model, ids, mask)
-        if self.calls != [1] * self.n_layers:
-            raise RuntimeError(
-                f"mlp_act hooks fired {self.calls} times per layer in one forward; expected once each "
-                "(the adapter's mlp_act module must be called exactly once per block)"
-            )
-        return int(flat.sum())
+    flat = mask.reshape(-1).bool()
+    keep = None if bool(flat.all()) else flat
+    n = model.adapter.n_layers
+    plan = Plan(
+        reads=[Read("mlp_act", layer, partial(_stacked, keep=keep)) for layer in range(n)],
+        logits=None,
+        attention_mask=mask,
+        stop_after=("mlp_act", n - 1),
+    )
+    out = engine.run(model, ids, plan)
+    return torch.stack([out[("mlp_act", layer)].cpu() for layer in range(n)], dim=1), int(flat.sum())
 
 
 def as_language_dict(texts) -> dict[str, Iterable]:
@@ -331,34 +251,33 @@ def collect_stats(
     for lang in texts:
         stats.add_language(lang)
     n_batches = 0
-    with _Accumulator(model) as acc:
-        for lang, source in texts.items():
-            done = int(stats.n_items[stats.lang_index(lang)])
-            total = _len_or_none(source)
-            stream = itertools.islice(iter(source), done, None) if done else source
-            bar = tqdm(
-                total=None if total is None else max(total - done, 0),
-                desc=f"neuron stats [{lang}]",
-                unit="text",
-                disable=not progress,
-                leave=False,
-            )
-            batches = token_batches(
-                model,
-                stream,
-                batch_size=batch_size,
-                max_length=max_length,
-                text_column=text_column,
-                add_special_tokens=add_special_tokens,
-            )
-            for ids, mask, n_items in batches:
-                n_tok = acc.run(ids, mask)
-                stats.update(lang, n_tok, acc.pos, acc.sum, acc.abs, acc.sq, n_items)
-                bar.update(n_items)
-                n_batches += 1
-                if save_path is not None and n_batches % save_every == 0:
-                    stats.save(save_path)
-            bar.close()
+    for lang, source in texts.items():
+        done = int(stats.n_items[stats.lang_index(lang)])
+        total = _len_or_none(source)
+        stream = itertools.islice(iter(source), done, None) if done else source
+        bar = tqdm(
+            total=None if total is None else max(total - done, 0),
+            desc=f"neuron stats [{lang}]",
+            unit="text",
+            disable=not progress,
+            leave=False,
+        )
+        batches = token_batches(
+            model,
+            stream,
+            batch_size=batch_size,
+            max_length=max_length,
+            text_column=text_column,
+            add_special_tokens=add_special_tokens,
+        )
+        for ids, mask, n_items in batches:
+            totals, n_tok = batch_totals(model, ids, mask)
+            stats.update(lang, n_tok, totals[0].long(), totals[1], totals[2], totals[3], n_items)
+            bar.update(n_items)
+            n_batches += 1
+            if save_path is not None and n_batches % save_every == 0:
+                stats.save(save_path)
+        bar.close()
     if save_path is not None:
         stats.save(save_path)
     return stats
@@ -391,15 +310,6 @@ def _kept_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x.detach()[keep.to(x.device)].float().cpu()
 
 
-def _traced_rows(model, layer: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One layer's activations at the non-padding tokens, read and saved inside one trace (remote models)."""
-    inputs, kwargs = _trace_args(model, ids, mask)
-    env, keep = model.envoy("mlp_act", layer), mask.bool()
-    with torch.no_grad(), model.trace(*inputs, **kwargs):
-        rows = _kept_rows(env.output, keep).save()
-    return rows
-
-
 @torch.no_grad()
 def record_activations(
     model,
@@ -412,35 +322,23 @@ def record_activations(
 ) -> LayerActivations:
     """Activations of all neurons of ``layer`` on up to ``max_texts`` texts per language (for top tokens).
 
-    A remote model runs one trace per batch that saves the layer's activations at
-    the non-padding tokens.
+    One engine run per batch keeps the layer's activations at the non-padding tokens
+    (selected where the model runs, inside the trace for a remote model) and stops there.
     """
     check_neuron(model, layer, 0)
     rows, chunks, text_id = [], [], 0
-    store = {}
-    handle = None
-    if not model.remote:
-        keep_rows = lambda m, i, o: store.__setitem__("x", _kept_rows(o, store["keep"]))
-        handle = model.module("mlp_act", layer).register_forward_hook(keep_rows)
-    try:
-        for lang, source in as_language_dict(texts).items():
-            sample = itertools.islice(iter(source), max_texts)
-            for ids, mask, _ in token_batches(model, sample, batch_size=batch_size, max_length=max_length):
-                keep = mask.bool()
-                if model.remote:
-                    chunks.append(_traced_rows(model, layer, ids, mask))
-                else:
-                    store["keep"] = keep
-                    _forward(model, ids, mask)
-                    chunks.append(store["x"])
-                for b in range(ids.shape[0]):
-                    for pos in range(int(keep[b].sum())):
-                        tid = int(ids[b, pos])
-                        rows.append((lang, text_id, pos, tid))
-                    text_id += 1
-    finally:
-        if handle is not None:
-            handle.remove()
+    for lang, source in as_language_dict(texts).items():
+        sample = itertools.islice(iter(source), max_texts)
+        for ids, mask, _ in token_batches(model, sample, batch_size=batch_size, max_length=max_length):
+            keep = mask.bool()
+            read = Read("mlp_act", layer, partial(_kept_rows, keep=keep))
+            plan = Plan(reads=[read], logits=None, attention_mask=mask, stop_after=("mlp_act", layer))
+            chunks.append(engine.run(model, ids, plan)[("mlp_act", layer)].cpu())
+            for b in range(ids.shape[0]):
+                for pos in range(int(keep[b].sum())):
+                    tid = int(ids[b, pos])
+                    rows.append((lang, text_id, pos, tid))
+                text_id += 1
     tok = model.tokenizer
     tokens = pd.DataFrame(rows, columns=["language", "text", "pos", "token_id"])
     tokens["token"] = [tok.decode([t]) if tok is not None else str(t) for t in tokens["token_id"]]

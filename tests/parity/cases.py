@@ -301,7 +301,7 @@ def _forward_edits_reads(c, m):
 
 def _forward_start_stop(c, m):
     """An engine run started at block 1 from the cached residual, stopped after layer 1's MLP write."""
-    hidden = patching.baseline(m, c.prompts, c.prompts.clean)[1][("resid_pre", 1)]
+    hidden = patching.baseline(m, c.prompts, c.prompts.clean)[("resid_pre", 1)]
     plan = engine.Plan(
         reads=[engine.Read("head", 1), engine.Read("mlp_out", 1)],
         start=engine.Start(1, hidden),
@@ -313,7 +313,15 @@ def _forward_start_stop(c, m):
 
 add("forward/edits_reads", _forward_edits_reads, remote=True)
 add("forward/start_stop", _forward_start_stop)
-add("baseline", lambda c, m: patching.baseline(m, c.prompts, c.prompts.corrupt, [("head", 0), ("mlp_out", 1)]))
+
+
+def _baseline(c, m):
+    """``patching.baseline`` as ``(logits, {(site, layer): value})`` (frozen when it returned that pair)."""
+    out = patching.baseline(m, c.prompts, c.prompts.corrupt, [("head", 0), ("mlp_out", 1)])
+    return out.logits, out.values
+
+
+add("baseline", _baseline)
 add(
     "sweep_specs",
     lambda c, m: patching.sweep_specs(m, c.prompts, "neuron", layers=[0], neurons=[1, 2], positions=["mid", 0]),
