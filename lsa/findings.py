@@ -98,7 +98,7 @@ class Key:
     def _check(self, name: str, value) -> None:
         if name in self.values and value not in self.values[name]:
             raise ValueError(
-                f"{name}={value!r} is not a value of key {self.template!r}; it takes {', '.join(self.values[name])}"
+                f"{name}={value!r} is not a value of key {self.template!r}; it takes {', '.join(map(str, self.values[name]))}"
             )
 
     def _text(self, name: str, spec: str, value) -> str:

@@ -69,7 +69,7 @@ def cross_faithfulness(
 ) -> pd.DataFrame:
     """Each circuit's faithfulness in each language, on the model it was found in (loaded by name if not given).
 
-    One row per (circuit, language) as in :func:`faithfulness_table`; a language whose
+    One row per (circuit, language) as in :func:`lsa.circuits.faithfulness_table`; a language whose
     prompts cannot be built for that model's tokenizer gets a row with NaN scores
     and the reason in ``note``.
     """
