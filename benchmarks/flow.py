@@ -188,15 +188,15 @@ def _figures(model: Model, sets, freq, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from lsa import plotting_flow
+    from lsa.plotting import flow as flow_plots
 
     out.mkdir(parents=True, exist_ok=True)
     for lang, prompts in sets.items():
         result = flow.contributions(model, prompts.clean[:1, : int(prompts.lengths[0])], prompts.lengths[:1])
-        plotting_flow.plot_route(flow.route(result, 0)).savefig(out / f"route_ioi_{lang}.png", dpi=110)
-    plotting_flow.plot_head_frequency(freq).savefig(out / "head_frequency_ioi.png", dpi=110)
+        flow_plots.plot_route(flow.route(result, 0)).savefig(out / f"route_ioi_{lang}.png", dpi=110)
+    flow_plots.plot_head_frequency(freq).savefig(out / "head_frequency_ioi.png", dpi=110)
     if len(sets) == 2:
-        plotting_flow.plot_frequency_scatter(freq).savefig(out / "head_frequency_ioi_scatter.png", dpi=110)
+        flow_plots.plot_frequency_scatter(freq).savefig(out / "head_frequency_ioi_scatter.png", dpi=110)
     print(f"figures written to {out}")
 
 

@@ -3,17 +3,31 @@
 The reproduce report is assembled from these files, so a number in the report is
 the number the notebook computed and saved.
 
->>> f = Findings(".")                                                   # doctest: +SKIP
->>> f.add("ioi_accuracy_en", 0.98, "IOI accuracy on English prompts")   # doctest: +SKIP
+Every key is made here: one :class:`Key` per kind of finding (``accuracy("ioi", "en")``
+is ``"ioi_en_accuracy"``) and one constant per fixed key (:data:`FREQUENCY_CORRELATION`).
+Notebooks write with them and :mod:`lsa.reproduce` reads with them (its headline
+patterns are :meth:`Key.pattern` and :func:`exactly`), so a key renamed here is renamed for both, and a
+notebook that writes a key of its own fails ``tests/test_findings.py``.
+
+>>> from lsa import findings as keys
+>>> keys.accuracy("ioi", "en")
+'ioi_en_accuracy'
+>>> f = Findings(".")                                                            # doctest: +SKIP
+>>> f.add(keys.accuracy("ioi", "en"), 0.98, "IOI accuracy on English prompts")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
+from string import Formatter
 
 import numpy as np
 import torch
+
+from lsa.tasks import TASKS
 
 
 def _plain(value):
@@ -49,3 +63,125 @@ class Findings:
         import pandas as pd
 
         return pd.DataFrame([{"finding": k, **v} for k, v in self.items.items()])
+
+
+# ---------------------------------------------------------------- keys
+def word(text: str) -> str:
+    """A field's text as one word of a key: ``"/"`` and ``" "`` become ``"_"`` (``"toy-en/en"`` -> ``"toy-en_en"``)."""
+    return text.replace("/", "_").replace(" ", "_")
+
+
+class Key:
+    """The keys of one kind of finding, made from named fields of a template.
+
+    ``Key("{task}_{language}_accuracy")("ioi", "en") == "ioi_en_accuracy"``: fields are
+    given in template order or by name, each formatted with its format spec (as in
+    ``{strength:g}``) and made one :func:`word`. ``values``: the only values a field
+    may take (a closed vocabulary: any other raises, so a condition renamed in a
+    notebook cannot drop out of the report unseen).
+    """
+
+    def __init__(self, template: str, **values: Iterable):
+        self.template = template
+        self.parts = [(literal, name, spec) for literal, name, spec, _ in Formatter().parse(template)]
+        self.fields = tuple(name for _, name, _ in self.parts if name)
+        if len(set(self.fields)) != len(self.fields) or not all(name.isidentifier() for name in self.fields):
+            raise ValueError(f"key template {template!r} needs distinct named fields")
+        unknown = sorted(set(values) - set(self.fields))
+        if unknown:
+            raise ValueError(f"key template {template!r} has no field {', '.join(unknown)}")
+        self.values = {name: tuple(v) for name, v in values.items()}
+
+    def __repr__(self) -> str:
+        return f"Key({self.template!r})"
+
+    def _check(self, name: str, value) -> None:
+        if name in self.values and value not in self.values[name]:
+            raise ValueError(
+                f"{name}={value!r} is not a value of key {self.template!r}; it takes {', '.join(map(str, self.values[name]))}"
+            )
+
+    def _text(self, name: str, spec: str, value) -> str:
+        self._check(name, value)
+        return word(format(value, spec))
+
+    def __call__(self, *args, **kwargs) -> str:
+        if len(args) > len(self.fields):
+            raise TypeError(f"key {self.template!r} takes {len(self.fields)} fields, got {len(args)}")
+        given = dict(zip(self.fields, args))
+        for name, value in kwargs.items():
+            if name not in self.fields or name in given:
+                raise TypeError(f"key {self.template!r}: unexpected or repeated field {name!r}")
+            given[name] = value
+        missing = [name for name in self.fields if name not in given]
+        if missing:
+            raise TypeError(f"key {self.template!r} needs {', '.join(missing)}")
+        return "".join(
+            literal + (self._text(name, spec, given[name]) if name else "") for literal, name, spec in self.parts
+        )
+
+    def pattern(self, **choices) -> re.Pattern:
+        """The regular expression of these keys: each field one of ``choices[field]`` (one value or several),
+        else one of its declared ``values``, else any non-empty text.
+
+        >>> accuracy.pattern(language=("en", "zh")).pattern
+        '(?:ioi|past_tense)_(?:en|zh)_accuracy'
+        """
+        unknown = sorted(set(choices) - set(self.fields))
+        if unknown:
+            raise ValueError(f"key template {self.template!r} has no field {', '.join(unknown)}")
+        out = []
+        for literal, name, spec in self.parts:
+            out.append(re.escape(literal))
+            if not name:
+                continue
+            options = choices.get(name, self.values.get(name))
+            if options is None:
+                out.append(".+")
+                continue
+            options = (options,) if isinstance(options, (str, int, float)) else tuple(options)
+            out.append("(?:" + "|".join(re.escape(self._text(name, spec, v)) for v in options) + ")")
+        return re.compile("".join(out))
+
+
+def exactly(key: str) -> re.Pattern:
+    """The pattern of one fixed key (a constant here), to stand beside :meth:`Key.pattern` ones."""
+    return re.compile(re.escape(key))
+
+
+# behaviour on clean prompts (00_quickstart; 01_ioi_circuit; 02_past_tense, whose languages are prompt sets)
+accuracy = Key("{task}_{language}_accuracy", task=TASKS)
+top1 = Key("{task}_{language}_top1", task=TASKS)
+logit_diff = Key("{task}_{language}_logit_diff", task=TASKS)
+
+# one discovered circuit (01_ioi_circuit)
+circuit_size = Key("{task}_circuit_{language}_size", task=TASKS)
+circuit_heads = Key("{task}_circuit_{language}_heads", task=TASKS)
+circuit_faithfulness = Key("{task}_circuit_{language}_faithfulness", task=TASKS)
+
+# two circuits compared (03_compare_circuits): a compare() score of circuits labelled a and b,
+# and each circuit's faithfulness on each language's prompts
+COMPARISON_SCORES = ("jaccard", "weighted_overlap", "role_agreement", "shared", "logit_effect_correlation")
+circuit_comparison = Key("{task}_circuit_{score}_{a}_vs_{b}", task=TASKS, score=COMPARISON_SCORES)
+cross_faithfulness = Key("{task}_faithfulness_{circuit}_on_{language}", task=TASKS)
+
+# past-tense routes (02_past_tense): head frequency, and what ablating a set of components leaves
+FREQUENCY_CORRELATION = "frequency_correlation"
+ENGLISH_SPECIFIC_HEADS = "english_specific_heads"
+ABLATE_ENGLISH_HEADS = "English-specific heads"  # the ablated sets, as the notebook labels them
+ABLATE_LATE_FFNS = "late FFNs"
+ablation = Key("ablation_{language}_{ablated}", ablated=(ABLATE_ENGLISH_HEADS, ABLATE_LATE_FFNS))
+
+# language-specific neurons (04_language_neurons)
+NEURON_METHODS = ("lape", "plnd")
+neuron_count = Key("{method}_neurons_{language}", method=NEURON_METHODS)
+neurons_off = Key("{method}_off_{deactivated}_loss_{evaluated}", method=NEURON_METHODS)
+steering_share = Key("{method}_steer_{source}_to_{target}_x{strength:g}", method=NEURON_METHODS)
+
+# activation and attribution patching (05_activation_patching)
+top_head = Key("top_head_{language}")
+top_head_effect = Key("top_head_effect_{language}")
+HEAD_EFFECT_CORRELATION = "head_effect_correlation"
+attribution_correlation = Key("attribution_correlation_{language}_{direction}", direction=("noising", "denoising"))
+
+FIXED_KEYS = (FREQUENCY_CORRELATION, ENGLISH_SPECIFIC_HEADS, HEAD_EFFECT_CORRELATION)

@@ -8,7 +8,9 @@ show against the paper's findings.
 Each notebook writes ``findings.json`` into its run folder: named numbers with a
 one-line statement each. The report (Markdown and HTML, figures embedded by
 relative path) is assembled from those files and the saved figures only, so its
-numbers are the notebooks' saved results.
+numbers are the notebooks' saved results. It reads them by the keys the notebooks
+write them with (:mod:`lsa.findings`): headlines by :meth:`lsa.findings.Key.pattern`,
+single numbers by the same key functions.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import time
 from pathlib import Path
 
+from lsa import findings as keys
 from lsa import runner
 
 QUICK = {"n_prompts": [16], "n_texts": [200]}
@@ -27,36 +30,66 @@ QUICK = {"n_prompts": [16], "n_texts": [200]}
 REAL_MODELS = ("gemma-3-270m", "smollm2-135m")
 NAMES = {"en": "English", "zh": "Chinese"}
 
-# The findings the report leads with: (notebook, model, key pattern).
-HEADLINES: list[tuple[str, str, str]] = [
-    ("00_quickstart", "toy-bilingual", r"(ioi|past_tense)_(en|zh)_accuracy"),
-    ("03_compare_circuits", "toy-bilingual", r"ioi_circuit_(jaccard|weighted_overlap|role_agreement|shared)_.*"),
-    ("03_compare_circuits", "toy-bilingual", r"ioi_faithfulness_.*"),
-    ("03_compare_circuits", "toy-en+toy-zh", r"ioi_circuit_(jaccard|role_agreement|shared)_.*"),
-    ("03_compare_circuits", "toy-en+toy-zh", r"ioi_faithfulness_.*"),
-    ("02_past_tense", "toy-bilingual", r"frequency_correlation|english_specific_heads|ablation_.*"),
+LANGUAGES = tuple(NAMES)  # the two languages of the paper and of the report: en, zh
+COMPARED = ("jaccard", "weighted_overlap", "role_agreement", "shared")  # compare() scores the report leads with
+
+
+def _each(kinds: tuple[keys.Key, ...], **choices) -> tuple[re.Pattern, ...]:
+    """The patterns of each of ``kinds`` with the same field ``choices``."""
+    return tuple(kind.pattern(**choices) for kind in kinds)
+
+
+ONE_CIRCUIT = (keys.circuit_size, keys.circuit_heads, keys.circuit_faithfulness)
+PAST_TENSE_ROUTES = (
+    keys.exactly(keys.FREQUENCY_CORRELATION),
+    keys.exactly(keys.ENGLISH_SPECIFIC_HEADS),
+    keys.ablation.pattern(),
+)
+# the steering shares the paper comparison quotes: LAPE's, at every strength
+PAPER_STEERING = keys.steering_share.pattern(method="lape")
+
+# The findings the report leads with: (notebook, model, key patterns), a finding in any pattern.
+HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
+    ("00_quickstart", "toy-bilingual", (keys.accuracy.pattern(language=LANGUAGES),)),
+    ("03_compare_circuits", "toy-bilingual", (keys.circuit_comparison.pattern(task="ioi", score=COMPARED),)),
+    ("03_compare_circuits", "toy-bilingual", (keys.cross_faithfulness.pattern(task="ioi"),)),
+    (
+        "03_compare_circuits",
+        "toy-en+toy-zh",
+        (keys.circuit_comparison.pattern(task="ioi", score=("jaccard", "role_agreement", "shared")),),
+    ),
+    ("03_compare_circuits", "toy-en+toy-zh", (keys.cross_faithfulness.pattern(task="ioi"),)),
+    ("02_past_tense", "toy-bilingual", PAST_TENSE_ROUTES),
     (
         "04_language_neurons",
         "toy-bilingual",
-        r"(lape|plnd)_neurons_.*|(lape|plnd)_off_(en_loss_en|en_loss_zh)|.*_steer_.*",
+        (
+            keys.neuron_count.pattern(),
+            keys.neurons_off.pattern(deactivated="en", evaluated=LANGUAGES),
+            keys.steering_share.pattern(),
+        ),
     ),
 ]
 
 
-REAL_HEADLINES: list[tuple[str, str, str]] = [
-    ("00_quickstart", REAL_MODELS[0], r"(ioi|past_tense)_(en|zh)_(accuracy|top1)"),
-    ("00_quickstart", REAL_MODELS[1], r"ioi_en_(accuracy|top1)"),
-    ("01_ioi_circuit", REAL_MODELS[0], r"ioi_circuit_(en|zh)_(size|heads|faithfulness)"),
-    ("01_ioi_circuit", REAL_MODELS[1], r"ioi_circuit_en_(size|heads|faithfulness)"),
-    ("03_compare_circuits", REAL_MODELS[0], r"ioi_circuit_(jaccard|weighted_overlap|role_agreement|shared)_.*"),
-    ("03_compare_circuits", REAL_MODELS[0], r"ioi_faithfulness_.*"),
-    ("03_compare_circuits", f"{REAL_MODELS[0]}+{REAL_MODELS[1]}", r"ioi_circuit_(role_agreement|shared)_.*"),
+REAL_HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
+    ("00_quickstart", REAL_MODELS[0], _each((keys.accuracy, keys.top1), language=LANGUAGES)),
+    ("00_quickstart", REAL_MODELS[1], _each((keys.accuracy, keys.top1), task="ioi", language="en")),
+    ("01_ioi_circuit", REAL_MODELS[0], _each(ONE_CIRCUIT, task="ioi", language=LANGUAGES)),
+    ("01_ioi_circuit", REAL_MODELS[1], _each(ONE_CIRCUIT, task="ioi", language="en")),
+    ("03_compare_circuits", REAL_MODELS[0], (keys.circuit_comparison.pattern(task="ioi", score=COMPARED),)),
+    ("03_compare_circuits", REAL_MODELS[0], (keys.cross_faithfulness.pattern(task="ioi"),)),
     (
-        "02_past_tense",
-        REAL_MODELS[0],
-        r"past_tense_.*_accuracy|frequency_correlation|english_specific_heads|ablation_.*",
+        "03_compare_circuits",
+        f"{REAL_MODELS[0]}+{REAL_MODELS[1]}",
+        (keys.circuit_comparison.pattern(task="ioi", score=("role_agreement", "shared")),),
     ),
-    ("04_language_neurons", REAL_MODELS[0], r"lape_neurons_.*|lape_off_.*|lape_steer_.*"),
+    ("02_past_tense", REAL_MODELS[0], (keys.accuracy.pattern(task="past_tense"), *PAST_TENSE_ROUTES)),
+    (
+        "04_language_neurons",
+        REAL_MODELS[0],
+        _each((keys.neuron_count, keys.neurons_off, keys.steering_share), method="lape"),
+    ),
 ]
 
 
@@ -97,12 +130,12 @@ def _runs_of(runs: list[dict], notebook: str, model: str) -> list[dict]:
     ]
 
 
-def _headlines(runs: list[dict], headlines: list[tuple[str, str, str]]) -> list[str]:
+def _headlines(runs: list[dict], headlines: list[tuple[str, str, tuple[re.Pattern, ...]]]) -> list[str]:
     lines = []
-    for notebook, model, pattern in headlines:
+    for notebook, model, patterns in headlines:
         for run in _runs_of(runs, notebook, model):
             for key, item in run["findings"].items():
-                if re.fullmatch(pattern, key):
+                if any(p.fullmatch(key) for p in patterns):
                     lines.append(f"- {model}, {notebook}: {item.get('statement', key)} = **{_fmt(item.get('value'))}**")
     return lines
 
@@ -137,11 +170,12 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
     out = []
     find = lambda nb, model, key: _finding(runs, nb, model, key)  # noqa: E731
     # 1. same process, same circuit (the paper: BLOOM-560M's EN and ZH IOI circuits share most functional heads)
-    j = _num(find("03_compare_circuits", g, "ioi_circuit_jaccard_en_vs_zh"))
-    shared = find("03_compare_circuits", g, "ioi_circuit_shared_en_vs_zh") or []
-    sizes = [find("01_ioi_circuit", g, f"ioi_circuit_{lang}_size") for lang in ("en", "zh")]
+    j = _num(find("03_compare_circuits", g, keys.circuit_comparison("ioi", "jaccard", "en", "zh")))
+    shared = find("03_compare_circuits", g, keys.circuit_comparison("ioi", "shared", "en", "zh")) or []
+    sizes = [find("01_ioi_circuit", g, keys.circuit_size("ioi", lang)) for lang in ("en", "zh")]
     cross = [
-        _num(find("03_compare_circuits", g, f"ioi_faithfulness_{a}_on_{b}")) for a, b in (("en", "zh"), ("zh", "en"))
+        _num(find("03_compare_circuits", g, keys.cross_faithfulness("ioi", a, b)))
+        for a, b in (("en", "zh"), ("zh", "en"))
     ]
     steps = _parameter(runs, "01_ioi_circuit", g, "max_steps")
     if steps is not None:
@@ -164,11 +198,11 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             f"Chinese circuit {_fmt(cross[1])} of its English behaviour (normalised faithfulness, 1 = all of it)."
         )
     # 2. two independently trained models, one task (the paper: GPT-2 vs CPM, largely the same algorithm)
-    pair = f"{g}_en_vs_{s}_en"
-    roles = _num(find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_role_agreement_{pair}"))
-    shared_roles = find("03_compare_circuits", f"{g}+{s}", f"ioi_circuit_shared_{pair}")
-    smol_size = find("01_ioi_circuit", s, "ioi_circuit_en_size")
-    smol_faith = _num(find("01_ioi_circuit", s, "ioi_circuit_en_faithfulness"))
+    pair = (f"{g}/en", f"{s}/en")  # the circuits' labels: lsa.workbook.circuit_labels of two models
+    roles = _num(find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "role_agreement", *pair)))
+    shared_roles = find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "shared", *pair))
+    smol_size = find("01_ioi_circuit", s, keys.circuit_size("ioi", "en"))
+    smol_faith = _num(find("01_ioi_circuit", s, keys.circuit_faithfulness("ioi", "en")))
     if smol_size is not None:
         out.append(
             f"- **Independently trained models, one process?** The paper found GPT-2 and CPM largely using the same "
@@ -183,16 +217,19 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             )
         )
     # 3. different process, different components (the paper: Qwen2's past-tense head and late FFNs only in English)
-    r = _num(find("02_past_tense", g, "frequency_correlation"))
-    heads = find("02_past_tense", g, "english_specific_heads") or []
+    r = _num(find("02_past_tense", g, keys.FREQUENCY_CORRELATION))
+    heads = find("02_past_tense", g, keys.ENGLISH_SPECIFIC_HEADS) or []
     ab = {
-        (lang, part): _num(find("02_past_tense", g, f"ablation_{lang}_{part}"))
+        (lang, part): _num(find("02_past_tense", g, keys.ablation(lang, part)))
         for lang in ("en", "zh")
-        for part in ("English-specific_heads", "late_FFNs")
+        for part in (keys.ABLATE_ENGLISH_HEADS, keys.ABLATE_LATE_FFNS)
     }
     if r is not None:
         words = []
-        for part, name in (("English-specific_heads", "the English-specific heads"), ("late_FFNs", "the late FFNs")):
+        for part, name in (
+            (keys.ABLATE_ENGLISH_HEADS, "the English-specific heads"),
+            (keys.ABLATE_LATE_FFNS, "the late FFNs"),
+        ):
             en, zh = ab["en", part], ab["zh", part]
             if en is None or zh is None:
                 continue
@@ -209,9 +246,9 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             f"{', '.join(map(str, heads)) or 'none'}; " + "; ".join(words) + "."
         )
     # 4. language-specific neurons (LAPE) and steering
-    counts = {lang: find("04_language_neurons", g, f"lape_neurons_{lang}") for lang in ("en", "zh")}
+    counts = {lang: find("04_language_neurons", g, keys.neuron_count("lape", lang)) for lang in ("en", "zh")}
     off = {
-        (a, b): _num(find("04_language_neurons", g, f"lape_off_{a}_loss_{b}"))
+        (a, b): _num(find("04_language_neurons", g, keys.neurons_off("lape", a, b)))
         for a in ("en", "zh")
         for b in ("en", "zh")
     }
@@ -237,7 +274,7 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             k: v
             for run in _runs_of(runs, "04_language_neurons", g)
             for k, v in run["findings"].items()
-            if re.fullmatch(r"lape_steer_.*", k)
+            if PAPER_STEERING.fullmatch(k)
         }
         steered = "; ".join(f"{item.get('statement', k)}: {_fmt(item.get('value'))}" for k, item in steer.items())
         out.append(

@@ -18,7 +18,8 @@ import torch
 from helpers import make_prompts, tiny_model
 
 from lsa import circuits as C
-from lsa import plotting_circuits as PC
+from lsa import workbook
+from lsa.plotting import circuits as PC
 
 PLANTED = [(0, 1), (1, 2)]
 
@@ -388,7 +389,7 @@ def test_draw_overlays_two_circuits_and_marks_shared_components():
 def test_cross_faithfulness_reports_languages_the_tokenizer_cannot_express():
     model = tiny_model("gpt2")  # word tokenizer w0..w96: no English or Chinese names
     circuit = C.Circuit.empty_for(model, "ioi", "en")
-    table = C.cross_faithfulness({"en": circuit}, ["en", "zh"], models={model.name: model}, n_prompts=4)
+    table = workbook.cross_faithfulness({"en": circuit}, ["en", "zh"], models={model.name: model}, n_prompts=4)
     assert table["language"].tolist() == ["en", "zh"]
     assert table["normalized"].isna().all()
     assert table["note"].str.contains("one token").all()

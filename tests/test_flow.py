@@ -323,11 +323,11 @@ def test_route_and_frequency_figures_draw_what_the_results_hold():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lsa import plotting_flow
+    from lsa.plotting import flow as flow_plots
 
     model = _one_head_model()
     graph = flow.route(flow.contributions(model, torch.tensor([[10, 20, 21, 22]])), 0)
-    fig = plotting_flow.plot_route(graph)
+    fig = flow_plots.plot_route(graph)
     ax = fig.axes[0]
     assert len(ax.lines) == graph.number_of_edges()
     assert [t.get_text() for t in ax.get_xticklabels()] == graph.graph["tokens"]
@@ -341,13 +341,13 @@ def test_route_and_frequency_figures_draw_what_the_results_hold():
         ],
         columns=["layer", "head", "language", "frequency", "importance", "n_prompts"],
     )
-    fig = plotting_flow.plot_head_frequency(freq)
+    fig = flow_plots.plot_head_frequency(freq)
     images = [a.images[0].get_array() for a in fig.axes if a.images]
     assert len(images) == 2
     assert images[0][1].tolist() == [0.5, 0.5, 0.5] and images[1][:, 2].tolist() == pytest.approx([2 / 3, 2 / 3])
     panels = [a for a in fig.axes if a.images]  # one layer label, on the first panel (not over its neighbour)
     assert [a.get_ylabel() for a in panels] == ["layer", ""]
-    fig = plotting_flow.plot_frequency_scatter(freq, "en", "zh", n_label=2)
+    fig = flow_plots.plot_frequency_scatter(freq, "en", "zh", n_label=2)
     assert len(fig.axes[0].texts) == 2
     assert f"r = {flow.frequency_correlation(freq):.2f}" in fig.axes[0].get_title()
     plt.close("all")
@@ -416,18 +416,18 @@ def test_a_30_layer_route_figure_is_bounded_and_thins_the_layers_that_only_pass_
     import matplotlib
 
     matplotlib.use("Agg")
-    from lsa import plotting_flow
+    from lsa.plotting import flow as flow_plots
 
     graph = _route_graph_through(30, {12: "attn", 25: "ffn"})
-    fig = plotting_flow.plot_route(graph)
+    fig = flow_plots.plot_route(graph)
     width, height = fig.get_size_inches()
-    assert width <= plotting_flow.MAX_ROUTE_SIZE[0] and height <= plotting_flow.MAX_ROUTE_SIZE[1]
+    assert width <= flow_plots.MAX_ROUTE_SIZE[0] and height <= flow_plots.MAX_ROUTE_SIZE[1]
     assert height < 1.0 + 0.55 * 2.0 * 30  # smaller than the uncompressed layout (2 units a layer)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "L12", "L25", "L29"]
-    bottoms, heights = plotting_flow.layer_bands(graph, 30)
-    assert heights[12] == heights[25] == 2.0 and heights[0] == heights[29] == plotting_flow.QUIET
+    bottoms, heights = flow_plots.layer_bands(graph, 30)
+    assert heights[12] == heights[25] == 2.0 and heights[0] == heights[29] == flow_plots.QUIET
     assert bottoms[13] == pytest.approx(bottoms[12] + 2.0)
     assert len(ax.lines) == graph.number_of_edges()
-    full = plotting_flow.plot_route(graph, compress=False)
-    assert len(full.axes[0].get_yticklabels()) == 31 and full.get_size_inches()[1] <= plotting_flow.MAX_ROUTE_SIZE[1]
+    full = flow_plots.plot_route(graph, compress=False)
+    assert len(full.axes[0].get_yticklabels()) == 31 and full.get_size_inches()[1] <= flow_plots.MAX_ROUTE_SIZE[1]

@@ -155,18 +155,18 @@ def test_projection_and_logit_lens_figures_show_the_tokens():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lsa import plotting_flow
+    from lsa.plotting import lens as lens_plots
 
     model = tiny_model("gpt2")
     tokens = random_tokens(1, 5)
     frame = lens.head_projection(model, tokens, 0, 1, k=3)
-    fig = plotting_flow.plot_projection(frame)
+    fig = lens_plots.plot_projection(frame)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert sorted(labels) == sorted(frame.loc[frame["direction"] == "promoted", "token"])
     assert "head 0.1" in fig._suptitle.get_text()
     result = lens.logit_lens(model, tokens, target=5)
-    fig = plotting_flow.plot_logit_lens(result)
+    fig = lens_plots.plot_logit_lens(result)
     assert fig.axes[0].lines[0].get_ydata().tolist() == pytest.approx(result.target["prob"].tolist())
     with pytest.raises(ValueError, match="target"):
-        plotting_flow.plot_logit_lens(lens.logit_lens(model, tokens))
+        lens_plots.plot_logit_lens(lens.logit_lens(model, tokens))
     plt.close("all")

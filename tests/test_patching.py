@@ -248,9 +248,9 @@ def test_layer_by_position_map_patches_only_prompts_whose_named_positions_coinci
     import matplotlib
 
     matplotlib.use("Agg")
-    from lsa import plotting
+    from lsa.plotting import patching as patching_plots
 
-    fig = plotting.patching_map({"en": res})  # the figure shows those labels and what the map rests on
+    fig = patching_plots.patching_map({"en": res})  # the figure shows those labels and what the map rests on
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == res.meta["pos_labels"]
     assert fig.axes[0].get_title() == "en (3 of 5 prompts)"
     # prompts of different lengths: the largest aligned group too

@@ -745,7 +745,7 @@ def test_builders_raise_no_prompts_for_an_inexpressible_language_and_plain_value
 def test_circuit_prompt_sets_skip_what_the_tokenizer_cannot_express_and_raise_real_errors():
     from types import SimpleNamespace
 
-    from lsa.circuits import prompt_sets
+    from lsa.workbook import prompt_sets
 
     model = SimpleNamespace(tokenizer=gpt2())
     built, skipped = prompt_sets(model, ["en", "zh"], n=6, seed=1)

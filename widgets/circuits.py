@@ -4,7 +4,7 @@ Give it :class:`lsa.circuits.Circuit` objects or the JSON files they were saved
 to (``Circuit.to_json``), e.g. the English and Chinese IOI circuits of one
 model. It shows:
 
-- the circuit diagram (:func:`lsa.plotting_circuits.draw`): circuits of one
+- the circuit diagram (:func:`lsa.plotting.circuits.draw`): circuits of one
   model overlaid, shared components ringed in every circuit's colour (circuits
   of different models side by side);
 - a table of the shown components: which circuits hold each, its role and
@@ -253,7 +253,7 @@ class CircuitViewer(w.VBox):
     def refresh(self) -> None:
         """Redraw the diagram, the table and the selected component's evidence."""
         self.error = ""
-        from lsa.plotting_circuits import draw
+        from lsa.plotting.circuits import draw
 
         circuits = self.current["circuits"]
         key = self.component.value

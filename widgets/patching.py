@@ -24,7 +24,7 @@ import ipywidgets as w
 import pandas as pd
 import torch
 
-from lsa.plotting import ONE, VALUES, axis_labels, diverging_limits, map_dims, map_figure, map_grid
+from lsa.plotting.patching import ONE, VALUES, axis_labels, diverging_limits, map_dims, map_figure, map_grid
 from widgets.common import (
     by_language,
     cell_colour,

@@ -1,48 +1,13 @@
-"""Figures of results (each takes a result table, never a model) and saving them beside the run."""
+"""Figures of patching results: heatmaps of :class:`lsa.patching.PatchResult` grids, one panel per language."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import matplotlib.pyplot as plt
-import pandas as pd
-import seaborn as sns
 import torch
 
 VALUES = ("normalized", "effect", "metric")
 ONE = "all"  # the column label of a one-dimensional patching result
 
 
-def save(fig, output_dir: str | Path, name: str) -> Path:
-    """Write a figure as PNG (for reports) and SVG; returns the PNG path."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    png = output_dir / f"{name}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    fig.savefig(output_dir / f"{name}.svg", bbox_inches="tight")
-    return png
-
-
-def behaviour(frame: pd.DataFrame):
-    """Per-prompt behaviour (from :func:`lsa.behaviour.score`): logit difference by task and language, accuracy above."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [2, 1]})
-    sns.boxplot(data=frame, x="task", y="logit_diff", hue="language", ax=axes[0])
-    axes[0].axhline(0, color="black", lw=0.8)
-    axes[0].set_ylabel("logit(answer) - logit(distractor)")
-    axes[0].set_title("clean prompts")
-    acc = frame.groupby(["task", "language"])[["correct", "top1_correct"]].mean().reset_index()
-    acc = acc.melt(id_vars=["task", "language"], var_name="measure", value_name="share")
-    acc["group"] = acc["task"] + " / " + acc["language"]
-    sns.barplot(data=acc, x="group", y="share", hue="measure", ax=axes[1])
-    axes[1].set_ylim(0, 1.05)
-    axes[1].set_xlabel("")
-    axes[1].tick_params(axis="x", rotation=30)
-    axes[1].set_title("accuracy")
-    fig.tight_layout()
-    return fig
-
-
-# ---------------------------------------------------------------- patching maps
 def diverging_limits(values) -> tuple[float, float]:
     """Symmetric colour limits around 0 for a tensor / array of effects (NaNs ignored; at least +-1e-6)."""
     import numpy as np
@@ -153,47 +118,3 @@ def patching_map(results, value: str = "normalized", extra=None, title: str = ""
         name = f"{lang} ({n} of {given} prompts)".strip() if n is not None and given and n < given else lang
         grids[name] = (grid, axis_labels(res, row_dim, rows), axis_labels(res, col_dim, cols))
     return map_figure(grids, row_dim, col_dim, value, title=title)
-
-
-def attribution_scatter(tables: dict[str, pd.DataFrame]):
-    """Exact vs attribution effects per component (tables from :func:`lsa.attribution.compare`), one panel per language."""
-    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.8), squeeze=False)
-    for ax, (language, table) in zip(axes[0], tables.items()):
-        ax.scatter(table["exact"], table["attribution"], s=14, alpha=0.8)
-        lo = float(min(table["exact"].min(), table["attribution"].min()))
-        hi = float(max(table["exact"].max(), table["attribution"].max()))
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(f"exact patching ({table.attrs.get('value', 'effect')})")
-        ax.set_ylabel("attribution patching")
-        ax.set_title(f"{language}: r = {table.attrs['correlation']:.3f}")
-        top = table.reindex(table["exact"].abs().sort_values(ascending=False).index).head(4)
-        for row in top.itertuples():
-            label = ".".join(str(getattr(row, d)) for d in ("layer", "head", "neuron", "pos") if hasattr(row, d))
-            ax.annotate(label, (row.exact, row.attribution), fontsize=8, xytext=(3, 3), textcoords="offset points")
-    fig.tight_layout()
-    return fig
-
-
-# Fonts with Chinese glyphs, tried after DejaVu Sans (matplotlib falls back per glyph).
-CJK_FONTS = (
-    "WenQuanYi Micro Hei",
-    "Noto Sans CJK SC",
-    "Source Han Sans SC",
-    "SimHei",
-    "Microsoft YaHei",
-    "PingFang SC",
-)
-
-
-def use_cjk_fonts() -> list[str]:
-    """Add the installed CJK fonts to matplotlib's fallback list (so Chinese tokens render); returns them."""
-    from matplotlib import font_manager, rcParams
-
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    found = [name for name in CJK_FONTS if name in installed]
-    if found:
-        rcParams["font.family"] = ["DejaVu Sans", *found]
-    return found
-
-
-use_cjk_fonts()

@@ -1,8 +1,8 @@
-"""Figures of information-flow results: a route, head activation frequency, vocabulary projection, logit lens.
+"""Figures of information-flow results: a route and head activation frequency.
 
 Each function takes a result (a route graph from :func:`lsa.flow.route`, a
-frequency frame from :func:`lsa.flow.head_frequency`, a frame from
-:mod:`lsa.lens`), never a model, and returns the matplotlib figure.
+frequency frame from :func:`lsa.flow.head_frequency`), never a model, and returns
+the matplotlib figure.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import matplotlib.pyplot as plt
 import networkx as nx
 import numpy as np
 import pandas as pd
-
-import lsa.plotting  # noqa: F401  (CJK font fallback for Chinese token labels)
 
 KIND_COLOURS = {"attn": "tab:blue", "attn+residual": "tab:blue", "residual": "0.6", "ffn": "tab:orange"}
 
@@ -152,52 +150,5 @@ def plot_frequency_scatter(freq: pd.DataFrame, a: str = "en", b: str = "zh", *, 
     ax.set_xlim(-0.03, 1.03)
     ax.set_ylim(-0.03, 1.03)
     ax.set_title(f"head activation frequency, r = {wide.attrs['correlation']:.2f}")
-    fig.tight_layout()
-    return fig
-
-
-def plot_projection(frame: pd.DataFrame, *, title: str | None = None):
-    """Bar chart of a vocabulary projection (:func:`lsa.lens.head_projection` and friends): promoted vs suppressed."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 0.3 * frame["rank"].max() + 2))
-    for ax, direction, colour in zip(axes, ("promoted", "suppressed"), ("tab:green", "tab:red")):
-        part = frame[frame["direction"] == direction].sort_values("rank", ascending=False)
-        ax.barh(part["token"].astype(str), part["logit"], color=colour)
-        ax.set_title(direction)
-    first = frame.iloc[0] if len(frame) else None
-    if title is None and first is not None:
-        what = {"head": f"head {first['layer']}.{first['head']}", "ffn": f"FFN {first['layer']}"}.get(
-            first["component"], f"neuron {first['layer']}.{first['neuron']}"
-        )
-        title = f"{what} write at position {first['position']}"
-    fig.suptitle(title or "")
-    fig.tight_layout()
-    return fig
-
-
-def plot_logit_lens(lens) -> plt.Figure:
-    """Target token probability and rank per layer (from :func:`lsa.lens.logit_lens`), top-1 token annotated."""
-    if lens.target is None:
-        raise ValueError("this logit lens has no target token; pass target= to logit_lens")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    t = lens.target
-    ax.plot(t["layer"], t["prob"], marker="o", label=f"p({t['token'].iloc[0]!r})")
-    ax.set_xticks(t["layer"].tolist())
-    ax.set_xlabel("layer (-1 = embedding)")
-    ax.set_ylabel("probability")
-    ax.set_ylim(-0.02, 1.02)
-    top1 = lens.top[lens.top["rank"] == 0]
-    for _, row in top1.iterrows():
-        ax.annotate(
-            str(row["token"]),
-            (row["layer"], row["prob"]),
-            fontsize=7,
-            xytext=(0, 6),
-            textcoords="offset points",
-            ha="center",
-        )
-    rank = ax.twinx()
-    rank.plot(t["layer"], t["rank"], color="tab:red", ls="--", label="rank")
-    rank.set_ylabel("rank of the target")
-    ax.legend(loc="upper left")
     fig.tight_layout()
     return fig

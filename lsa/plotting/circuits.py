@@ -22,7 +22,6 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch
 
-import lsa.plotting  # noqa: F401  (CJK font fallback for Chinese labels)
 from lsa.circuits import LOGITS, Circuit
 
 ROLE_COLOURS = {

@@ -1,0 +1,307 @@
+"""The circuit data model: components, edges and circuits, saved and reloaded as JSON.
+
+A :class:`Circuit` is what a circuit analysis concludes, written down so that it
+can be saved, reloaded, compared and drawn: the model it came from (name and
+shape), the task and language, its components (attention heads ``(layer, head)``,
+MLPs ``layer``, neurons ``(layer, index)``) each with a role ("name mover",
+"S-inhibition", ... or any label), the edges between them (sender -> receiver
+through the receiver's query, key or value, or -> logits, with an effect), and
+the evidence that selected each one (scores, method, parameters).
+
+>>> c = Circuit("toy", 4, 4, "ioi", "en", [Component("head", 3, 0, role="name mover")])   # doctest: +SKIP
+>>> c.to_json("circuit.json"); Circuit.from_json("circuit.json") == c                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lsa.model import Model
+
+KINDS = ("head", "mlp", "neuron")
+EDGE_KINDS = ("logits", "q", "k", "v")
+ROLES = (
+    "name mover",
+    "negative name mover",
+    "S-inhibition",
+    "induction",
+    "duplicate token",
+    "previous token",
+    "copy",
+    "copy suppression",
+    "past tense",
+    "direct (attends S)",
+    "direct",
+    "unclassified",
+)
+LOGITS = "logits"
+
+
+def json_safe(value):
+    """JSON-safe plain Python (tuples -> lists, tensors / numpy -> lists or scalars, NaN -> None)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _key(value) -> tuple:
+    """A component key from a tuple / list / :class:`Component`: ``("head", l, h)``, ``("mlp", l)``, ``("neuron", l, i)``."""
+    if isinstance(value, Component):
+        return value.key
+    if isinstance(value, str):
+        if value == LOGITS:
+            return (LOGITS,)
+        raise ValueError(
+            f"a component is ('head', layer, head), ('mlp', layer) or ('neuron', layer, index); got {value!r}"
+        )
+    value = tuple(value)
+    if value == (LOGITS,):
+        return value
+    if len(value) == 2 and all(isinstance(x, (int, np.integer)) for x in value):
+        value = ("head", *value)  # a bare (layer, head)
+    if not value or value[0] not in KINDS or len(value) != (2 if value[0] == "mlp" else 3):
+        raise ValueError(
+            f"a component is ('head', layer, head), ('mlp', layer) or ('neuron', layer, index); got {value!r}"
+        )
+    return (value[0], *(int(x) for x in value[1:]))
+
+
+def component_name(key) -> str:
+    """Short label: head ``"2.1"``, MLP ``"MLP2"``, neuron ``"N2.17"``, ``"logits"``."""
+    key = _key(key)
+    if key[0] == LOGITS:
+        return LOGITS
+    if key[0] == "head":
+        return f"{key[1]}.{key[2]}"
+    if key[0] == "mlp":
+        return f"MLP{key[1]}"
+    return f"N{key[1]}.{key[2]}"
+
+
+@dataclass
+class Component:
+    """One part of a circuit: ``kind`` ("head", "mlp", "neuron"), ``layer``, ``index`` (head / neuron; None for an MLP).
+
+    ``effect``: the score that selected it (discovery: normalised path-patching
+    effect; negative = it carries the clean behaviour); ``evidence``: how it was
+    found (JSON-safe dict).
+    """
+
+    kind: str
+    layer: int
+    index: int | None = None
+    role: str = ""
+    effect: float | None = None
+    evidence: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        key = _key((self.kind, self.layer) if self.index is None else (self.kind, self.layer, self.index))
+        self.kind, self.layer = key[0], key[1]
+        self.index = key[2] if len(key) == 3 else None
+        self.effect = None if self.effect is None or not math.isfinite(self.effect) else float(self.effect)
+        self.evidence = json_safe(dict(self.evidence))
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, self.layer) if self.index is None else (self.kind, self.layer, self.index)
+
+    @property
+    def name(self) -> str:
+        return component_name(self.key)
+
+
+@dataclass
+class Edge:
+    """``sender`` -> ``receiver`` (a component key, or ``("logits",)``) through ``kind`` ("logits", "q", "k", "v")."""
+
+    sender: tuple
+    receiver: tuple
+    kind: str
+    effect: float | None = None
+    evidence: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.sender, self.receiver = _key(self.sender), _key(self.receiver)
+        if self.kind not in EDGE_KINDS:
+            raise ValueError(f"edge kind must be one of {', '.join(EDGE_KINDS)}, got {self.kind!r}")
+        if (self.kind == LOGITS) != (self.receiver == (LOGITS,)):
+            raise ValueError(
+                f"an edge to the logits has kind 'logits' (got receiver {self.receiver}, kind {self.kind!r})"
+            )
+        self.effect = None if self.effect is None or not math.isfinite(self.effect) else float(self.effect)
+        self.evidence = json_safe(dict(self.evidence))
+
+
+@dataclass
+class Circuit:
+    """A circuit as data (see the module docstring).
+
+    >>> c = Circuit("toy", 4, 4, "ioi", "en", [Component("head", 3, 0, role="name mover")])   # doctest: +SKIP
+    >>> c.validate(model); c.to_json("circuit.json"); Circuit.from_json("circuit.json") == c   # doctest: +SKIP
+    """
+
+    model: str
+    n_layers: int
+    n_heads: int
+    task: str = ""
+    language: str = ""
+    components: list[Component] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+    evidence: dict = field(default_factory=dict)
+    d_mlp: int | None = None
+
+    def __post_init__(self):
+        self.components = [c if isinstance(c, Component) else Component(**c) for c in self.components]
+        self.edges = [e if isinstance(e, Edge) else Edge(**e) for e in self.edges]
+        self.evidence = json_safe(dict(self.evidence))
+        keys = [c.key for c in self.components]
+        if len(set(keys)) != len(keys):
+            dup = sorted({component_name(k) for k in keys if keys.count(k) > 1})
+            raise ValueError(f"circuit lists components more than once: {', '.join(dup)}")
+
+    # ------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def __contains__(self, item) -> bool:
+        return _key(item) in self.keys
+
+    @property
+    def keys(self) -> list[tuple]:
+        return [c.key for c in self.components]
+
+    @property
+    def heads(self) -> list[tuple[int, int]]:
+        """``(layer, head)`` of the circuit's heads."""
+        return [(c.layer, c.index) for c in self.components if c.kind == "head"]
+
+    @property
+    def title(self) -> str:
+        return " / ".join(x for x in (self.model, self.task, self.language) if x)
+
+    def get(self, item) -> Component:
+        key = _key(item)
+        for c in self.components:
+            if c.key == key:
+                return c
+        raise KeyError(f"{component_name(key)} is not in the circuit ({self.title})")
+
+    def steps(self) -> pd.DataFrame:
+        """The discovery steps kept as evidence (one row per candidate head per step; empty if none)."""
+        return pd.DataFrame(self.evidence.get("steps", []))
+
+    def roles(self) -> dict[tuple, str]:
+        return {c.key: c.role for c in self.components}
+
+    def label(self, item, role: str) -> Circuit:
+        """Set a component's role (any label); returns the circuit."""
+        self.get(item).role = str(role)
+        return self
+
+    def add(self, component: Component) -> Circuit:
+        if component.key in self.keys:
+            raise ValueError(f"{component.name} is already in the circuit")
+        self.components.append(component)
+        return self
+
+    def depth(self, item) -> float:
+        """Relative depth ``(layer + 0.5) / n_layers`` (0 = bottom, 1 = top)."""
+        return (self.get(item).layer + 0.5) / self.n_layers
+
+    # ------------------------------------------------------------ tables
+    def table(self) -> pd.DataFrame:
+        """One row per component: ``component``, ``kind``, ``layer``, ``index``, ``role``, ``effect``, ``step``, ``found_via``."""
+        rows = []
+        for c in self.components:
+            rows.append(
+                {
+                    "component": c.name,
+                    "kind": c.kind,
+                    "layer": c.layer,
+                    "index": c.index,
+                    "role": c.role,
+                    "effect": c.effect,
+                    "step": c.evidence.get("step"),
+                    "found_via": c.evidence.get("receiver_input"),
+                }
+            )
+        cols = ["component", "kind", "layer", "index", "role", "effect", "step", "found_via"]
+        return pd.DataFrame(rows, columns=cols)
+
+    def edge_table(self) -> pd.DataFrame:
+        """One row per edge: ``sender``, ``receiver``, ``kind``, ``effect``."""
+        rows = [
+            {
+                "sender": component_name(e.sender),
+                "receiver": component_name(e.receiver),
+                "kind": e.kind,
+                "effect": e.effect,
+            }
+            for e in self.edges
+        ]
+        return pd.DataFrame(rows, columns=["sender", "receiver", "kind", "effect"])
+
+    # ------------------------------------------------------------ checks
+    def validate(self, model: Model) -> Circuit:
+        """Raise IndexError naming any component or edge end the model does not have; returns the circuit."""
+        a = model.adapter
+        for key in self.keys + [k for e in self.edges for k in (e.sender, e.receiver) if k != (LOGITS,)]:
+            try:
+                a.check_layer(key[1])
+                if key[0] == "head":
+                    a.check_head(key[2])
+                elif key[0] == "neuron":
+                    a.check_neuron(key[2])
+            except IndexError as err:
+                raise IndexError(
+                    f"circuit {self.title!r} names {key[0]} {component_name(key)}, which model "
+                    f"{model.name!r} ({a.n_layers} layers x {a.n_heads} heads, {a.d_mlp} neurons per MLP) "
+                    f"does not have: {err}"
+                ) from None
+        return self
+
+    # ------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Circuit:
+        data = dict(data)
+        data["components"] = [Component(**c) for c in data.get("components", [])]
+        data["edges"] = [
+            Edge(**{**e, "sender": tuple(e["sender"]), "receiver": tuple(e["receiver"])}) for e in data.get("edges", [])
+        ]
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False))
+        return path
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Circuit:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def empty_for(cls, model: Model, task: str = "", language: str = "", **evidence) -> Circuit:
+        a = model.adapter
+        return cls(model.name, a.n_layers, a.n_heads, task, language, evidence=evidence, d_mlp=a.d_mlp)
