@@ -10,6 +10,7 @@ from helpers import tiny_model
 from lsa import engine
 from lsa import neurons as N
 from lsa import steering as S
+from lsa.plotting import neurons as neuron_plots
 
 STAT_FAMILIES = ("gpt2", "bloom", "qwen2", "gpt_neox", "mistral")
 
@@ -401,10 +402,10 @@ def test_figures_draw_the_counts_and_overlap_of_a_result():
     result = N.lape(
         _hand_probs(), languages=["en", "zh", "fr"], top_rate=0.3, filter_rate=0.5, activation_bar_ratio=0.5
     )
-    ax = N.plot_neurons_per_layer(result)
+    ax = neuron_plots.plot_neurons_per_layer(result)
     heights = [p.get_height() for p in ax.patches]
     assert heights == [1, 1, 0, 1, 0, 1]  # en L0, L1; zh L0, L1; fr L0, L1 (hand-computed masks above)
-    ax = N.plot_overlap(result)
+    ax = neuron_plots.plot_overlap(result)
     assert ax.images[0].get_array().tolist() == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
 
 

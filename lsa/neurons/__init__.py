@@ -29,7 +29,6 @@ One module per concept (every public name is re-exported here):
 - :mod:`~lsa.neurons.inspect`: inspecting one neuron (profile, top tokens, promoted tokens);
 - :mod:`~lsa.neurons.corpus`: the shipped corpora and the zoo's texts;
 - :mod:`~lsa.neurons.study`: the whole study (:func:`language_report`);
-- :mod:`~lsa.neurons.plots`: figures of a selection.
 
 Cost: one forward pass per batch plus four reductions over the MLP activations
 (a few percent of the forward; see ``benchmarks/neurons.py``).
@@ -46,7 +45,6 @@ from lsa.neurons.collect import (
 )
 from lsa.neurons.corpus import CORPUS_DIR, load_corpus, zoo_texts
 from lsa.neurons.inspect import neuron_profile, promoted_tokens, top_activating
-from lsa.neurons.plots import plot_neurons_per_layer, plot_overlap
 from lsa.neurons.selection import LapeResult, lape, plnd_importance, plnd_neurons
 from lsa.neurons.sets import (
     NeuronSet,
@@ -84,8 +82,6 @@ __all__ = [
     "neuron_profile",
     "plnd_importance",
     "plnd_neurons",
-    "plot_neurons_per_layer",
-    "plot_overlap",
     "promoted_tokens",
     "random_like",
     "record_activations",

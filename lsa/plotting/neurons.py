@@ -1,4 +1,4 @@
-"""Figures of language-specific neuron sets (a :class:`~lsa.neurons.selection.LapeResult`)."""
+"""Figures of language-specific neuron sets (a :class:`lsa.neurons.LapeResult`)."""
 
 from __future__ import annotations
 
