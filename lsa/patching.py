@@ -398,10 +398,9 @@ def run_specs(
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
         n_units, w = units(model, site)
-        start = _start(base_cache, layer, m, attn=site != "resid_pre")
-        p = min(first[i] for i in chunk) if start is not None and base_kv is not None else 0
-        if p:
-            start.prefix, start.kv = p, base_kv
+        p = min(first[i] for i in chunk) if base_kv is not None else 0
+        start = _start(base_cache, layer, m, attn=site != "resid_pre", prefix=p, kv=base_kv)
+        p = start.prefix if start is not None else 0
         mask = _mask(chunk_specs, prompts, width, n_units, model.device)[:, p:]
         donor = donor_cache[(site, layer)][:, p:]
         donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
@@ -423,10 +422,11 @@ def _out_features(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.nf
 
 
-def _start(base_cache: dict, layer: int, m: int, attn: bool = False) -> Start | None:
+def _start(base_cache: dict, layer: int, m: int, attn: bool = False, prefix: int = 0, kv=None) -> Start | None:
     """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached).
 
     ``attn``: also reuse the layer's cached attention (valid when nothing before the heads' outputs changes).
+    ``prefix`` with ``kv`` (the unpatched run's keys and values): recompute positions ``>= prefix`` alone.
     """
     hidden = base_cache.get(("resid_pre", layer))
     if hidden is None:
@@ -434,7 +434,7 @@ def _start(base_cache: dict, layer: int, m: int, attn: bool = False) -> Start | 
     cached = None
     if attn and all((key, layer) in base_cache for key in ATTN_CACHE):
         cached = AttnCache(*(base_cache[(key, layer)].repeat(m, 1, 1) for key in ATTN_CACHE))
-    return Start(layer, hidden.repeat(m, 1, 1), cached)
+    return Start(layer, hidden.repeat(m, 1, 1), cached, prefix if kv is not None else 0, kv)
 
 
 def _layers(model: Model, layers) -> list[int]:
@@ -704,6 +704,47 @@ def sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given:
 
 
 # ============================================================== path patching
+def _frozen_heads(model: Model, base_cache: dict, donor_cache: dict, groups: list, layer: int, where) -> torch.Tensor:
+    """Every head's output at ``layer`` for a chunk of sender groups: the base run's, the senders' from the donor run.
+
+    ``[m * n, pos, n_heads * d_head]``, replica-major (one replica per group); ``where`` ``[n]``: the
+    position patched in each prompt (``None``: every position).
+    """
+    a = model.adapter
+    n, width = base_cache[("head", layer)].shape[:2]
+    z = base_cache[("head", layer)].reshape(n, width, a.n_heads, a.d_head).repeat(len(groups), 1, 1, 1)
+    dz = donor_cache[("head", layer)].reshape(n, width, a.n_heads, a.d_head)
+    rows = torch.arange(n, device=z.device)
+    for j, group in enumerate(groups):
+        for sl, sh in group:
+            if sl == layer and where is None:
+                z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
+            elif sl == layer:
+                pos = where.to(z.device)
+                z[j * n + rows, pos, sh] = dz[rows, pos, sh]
+    return z.reshape(len(groups) * n, width, a.n_heads * a.d_head)
+
+
+def _receiver_projections(model: Model, rsites: dict, seen: dict) -> list[Projection]:
+    """Each receiver layer's q / k / v projections applied to its recorded attention input ``seen[("attn_in", layer)]``.
+
+    Every head's q / k / v comes from the patched input; only the receivers' columns are used.
+    """
+    projections = []
+    for (_, layer), patched_in in sorted(seen.items()):
+        by_module: dict[nn.Module, list[slice]] = {}
+        for kind, heads in rsites[layer].items():
+            for unit in heads:
+                module, cols = model.adapter.qkv_columns(model.hf, kind, layer, unit)
+                by_module.setdefault(module, []).append(cols)
+        for module, cols_list in by_module.items():
+            colmask = torch.zeros(_out_features(module), dtype=torch.bool, device=patched_in.device)
+            for cols in cols_list:
+                colmask[cols] = True
+            projections.append(Projection(module, layer, patched_in, colmask))
+    return projections
+
+
 def _sender_groups(model: Model, senders) -> list[tuple[tuple[int, int], ...]]:
     """Normalise senders: ``(layer, head)`` or a list of them (patched together) per entry."""
     groups = []
@@ -751,7 +792,9 @@ def path_patching(
     batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    positions: str | int | None = None,
     freeze_attention: bool = True,
+    reuse_prefix: bool = True,
 ) -> PatchResult:
     """Path patching (Wang et al. 2022): each sender's effect through its direct path to the receivers.
 
@@ -765,6 +808,13 @@ def path_patching(
             a combination such as ``"kv"``) takes the patched path. Under
             grouped-query attention a key / value receiver is the head's KV group
             (every query head of the group sees the patched keys / values).
+        positions: where the senders' outputs are patched: ``None`` (every position), or one
+            named (``"end"``, a name of ``prompts.positions``) or absolute position. With every
+            other head frozen, a sender reaches the logits only through the end position's
+            residual, so ``positions="end"`` gives the same result as ``None`` for
+            ``receivers="logits"``, and it means "the receivers' queries at the end" for ``"q"``.
+        reuse_prefix: with ``positions``, recompute only the positions from the earliest patched
+            one on (the unpatched run's keys and values before it are reused; exact).
         freeze_attention: frozen layers' attention computes no queries, keys or values
             (its heads' outputs are all given: :class:`lsa.engine.Plan`'s ``given_heads``);
             ``False``: compute them and overwrite the heads' outputs (as before; for comparison).
@@ -796,10 +846,10 @@ def path_patching(
     groups = _sender_groups(model, senders)
 
     base_tokens, donor_tokens = runs(model, prompts, direction)
-    width = base_tokens.shape[1]
     head_sites = {("head", layer) for layer in range(n_layers)}
     attn_in = {("attn_in", layer) for layer in rsites}
-    base = baseline(model, prompts, base_tokens, head_sites | attn_in)
+    where = position_index(prompts, positions)  # [n] or None (every position)
+    base = baseline(model, prompts, base_tokens, head_sites | attn_in, kv=reuse_prefix and where is not None)
     base_logits, base_cache = base.logits, base.values
     donor = baseline(model, prompts, donor_tokens, head_sites)
     donor_logits, donor_cache = donor.logits, donor.values
@@ -807,7 +857,8 @@ def path_patching(
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
     end = prompts.end.to(model.device)
-    H, dh = a.n_heads, a.d_head
+    # positions before the earliest patched one are those of the unpatched run at every layer
+    prefix = min(int(where.min()), int(prompts.end.min())) if base.kv is not None else 0
 
     k = _chunk_size(prompts, batch_size, max_tokens, model)
     order: dict[int, list[int]] = {}
@@ -825,20 +876,13 @@ def path_patching(
         # 2) senders from the donor run, every other head frozen to the base run.
         edits: list[Edit] = []
         given: dict[int, torch.Tensor] = {}
-        stop = last_receiver if not to_logits else n_layers
-        for layer in range(start, min(stop, n_layers)):
-            z = base_cache[("head", layer)].reshape(n, width, H, dh).repeat(m, 1, 1, 1)
-            dz = donor_cache[("head", layer)].reshape(n, width, H, dh)
-            for j, gi in enumerate(chunk):
-                for sl, sh in groups[gi]:
-                    if sl == layer:
-                        z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
-            frozen = z.reshape(m * n, width, H * dh)
+        for layer in range(start, last_receiver):
+            frozen = _frozen_heads(model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where)
             if freeze_attention:
                 given[layer] = frozen
             else:
-                edits.append(Edit("head", layer, lambda x, frozen=frozen: frozen))
-        base_start = _start(base_cache, start, m)
+                edits.append(Edit("head", layer, lambda x, frozen=frozen[:, prefix:]: frozen))
+        base_start = _start(base_cache, start, m, prefix=prefix, kv=base.kv)
         if to_logits:
             plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends)
             logits = engine.run(model, tokens, plan).logits
@@ -858,22 +902,12 @@ def path_patching(
             )
             seen = engine.run(model, tokens, plan).values
             # 3) receivers' q / k / v from the recorded attention inputs; all else recomputed.
-            projections = []
             first = min(layer for _, layer in reads)
-            for _, layer in reads:
-                patched_in = seen[("attn_in", layer)]
-                by_module: dict[nn.Module, list[slice]] = {}
-                for kind, heads in rsites[layer].items():
-                    for unit in heads:
-                        module, cols = a.qkv_columns(model.hf, kind, layer, unit)
-                        by_module.setdefault(module, []).append(cols)
-                for module, cols_list in by_module.items():
-                    # every head's q / k / v from the patched input; only the receivers' columns are used
-                    colmask = torch.zeros(_out_features(module), dtype=torch.bool, device=patched_in.device)
-                    for cols in cols_list:
-                        colmask[cols] = True
-                    projections.append(Projection(module, layer, patched_in, colmask))
-            plan = Plan(projections=projections, start=_start(base_cache, first, m), end=ends)
+            plan = Plan(
+                projections=_receiver_projections(model, rsites, seen),
+                start=_start(base_cache, first, m, prefix=prefix, kv=base.kv),  # the inputs hold positions >= prefix
+                end=ends,
+            )
             logits = engine.run(model, tokens, plan).logits
         for j, gi in enumerate(chunk):
             out[gi] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
@@ -901,5 +935,10 @@ def path_patching(
         axes=axes,
         direction=direction,
         method="path patching",
-        meta={"site": "head", "receivers": receivers, "receiver_input": None if to_logits else receiver_input},
+        meta={
+            "site": "head",
+            "receivers": receivers,
+            "receiver_input": None if to_logits else receiver_input,
+            **({} if positions is None else {"positions": positions}),
+        },
     )

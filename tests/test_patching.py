@@ -350,6 +350,61 @@ def test_path_patching_to_logits_matches_reference_freezing_hooks(family):
     torch.testing.assert_close(res.patched, recomputed.patched, rtol=0, atol=1e-6)
 
 
+def ref_path_at(model, prompts, sender, pos, receivers=None, kinds="q"):
+    """Plain-hook path patching with the sender's output patched at ``pos`` [n] alone (to logits or receivers)."""
+    a = model.adapter
+    rows = torch.arange(len(prompts))
+    cols = slice(sender[1] * a.d_head, (sender[1] + 1) * a.d_head)
+    hooks, seen = [], {}
+    for layer in range(a.n_layers):
+        value = ref_read(model, prompts.clean, "head", layer).clone()
+        if layer == sender[0]:
+            corrupt = ref_read(model, prompts.corrupt, "head", layer)
+            value[rows, pos, cols] = corrupt[rows, pos, cols]
+        hooks.append((model.module("o_proj", layer), "in", lambda x, v=value: v))
+    if receivers is None:
+        return logit_diff(ref_run(model, prompts.clean, hooks), prompts)
+    for layer in {r[0] for r in receivers}:
+        hooks.append((model.module("ln1", layer), "out", lambda x, layer=layer: seen.setdefault(layer, x.clone())))
+    ref_run(model, prompts.clean, hooks)
+    handles = []
+    for layer, head in receivers:
+        for kind in kinds:
+            module, rcols = a.qkv_columns(model.hf, kind, layer, head if kind == "q" else a.kv_head(head))
+            with torch.no_grad():
+                patched = module(seen[layer])
+
+            def swap(m, i, out, patched=patched, rcols=rcols):
+                out = out.clone()
+                out[..., rcols] = patched[..., rcols]
+                return out
+
+            handles.append(module.register_forward_hook(swap))
+    try:
+        return logit_diff(ref_run(model, prompts.clean), prompts)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_patching_at_a_position_matches_reference_hooks_and_equals_all_positions_into_logits(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=7, lengths=[7, 6, 6], seed=8)
+    to_logits = path_patching(model, prompts, receivers="logits", progress=False)
+    at_end = path_patching(model, prompts, receivers="logits", positions="end", progress=False)
+    # every other head frozen: a sender reaches the logits only through the end position's residual
+    torch.testing.assert_close(at_end.patched, to_logits.patched, rtol=0, atol=1e-5)
+    last = model.adapter.n_layers - 1
+    receivers = [(last, 0), (last, 1)]
+    got = path_patching(
+        model, prompts, [(0, 0), (0, 1)], receivers, receiver_input="q", positions="mid", progress=False
+    )
+    for (layer, head), patched in zip([(0, 0), (0, 1)], got.patched):
+        ref = ref_path_at(model, prompts, (layer, head), prompts.positions["mid"], receivers, "q")
+        assert (patched - ref).abs().max() <= TOL, (family, layer, head)
+
+
 def test_path_patching_last_layer_sender_equals_activation_patching_its_head():
     # With nothing downstream of the last layer's heads but the unembedding, freezing
     # the other heads changes nothing: path patching = activation patching there.

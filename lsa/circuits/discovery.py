@@ -12,6 +12,16 @@
    candidates, or no spread, only the floor decides;
 4) stop when no new head is selected or after ``max_steps``.
 
+Positions (``positions="auto"``, the default): a sender's output is patched at the
+end position alone for the logits and for receivers' queries, and at every
+position for receivers' keys and values. With every other head frozen a sender
+reaches the logits only through the end position's residual, so for step 1 this
+equals patching every position; into queries it reads "the receivers' queries at
+the end", where the IOI heads read; keys and values are read at every position a
+receiver attends to. Patching at the end lets each run recompute that position
+alone (:func:`lsa.patching.path_patching`'s prefix reuse). ``positions="all"``
+patches every position at every step (the variant before this rule).
+
 Roles of the heads found are then suggested by :mod:`lsa.circuits.ioi_roles`.
 
 Cost: discovery runs one path-patching sweep for the logits and three per later
@@ -73,6 +83,7 @@ def path_step(
     metric=None,
     batch_size: int | None = None,
     progress: bool = False,
+    positions: str = "auto",
 ) -> pd.DataFrame:
     """One discovery step: path patching every candidate head -> ``receivers`` and the selection rule.
 
@@ -104,6 +115,7 @@ def path_step(
         metric=metric,
         batch_size=batch_size,
         progress=progress,
+        positions=sender_positions(kind, positions),
     )
     frame = res.frame
     span = float(res.clean.mean() - res.corrupt.mean())
@@ -126,6 +138,20 @@ def path_step(
     )
     out.attrs.update(clean=float(res.clean.mean()), corrupt=float(res.corrupt.mean()))
     return out[cols]
+
+
+POSITIONS = ("auto", "all")
+
+
+def sender_positions(receiver_input: str, positions: str = "auto") -> str | None:
+    """Where senders are patched for a receiver input under the discovery's position rule (module docstring).
+
+    >>> sender_positions("logits"), sender_positions("q"), sender_positions("k"), sender_positions("q", "all")
+    ('end', 'end', None, None)
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    return "end" if positions == "auto" and receiver_input in (LOGITS, "q") else None
 
 
 @dataclass
@@ -154,7 +180,7 @@ class Discovery:
         return self.steps[self.steps["selected"]].reset_index(drop=True)
 
 
-def _edge_effects(model, prompts, senders, receivers, kind, *, per_receiver, direction, metric, batch_size):
+def _edge_effects(model, prompts, senders, receivers, kind, *, per_receiver, direction, metric, batch_size, positions):
     """``{(sender, receiver): normalised effect}`` for selected senders into receivers' ``kind`` input."""
     from lsa import patching
 
@@ -174,6 +200,7 @@ def _edge_effects(model, prompts, senders, receivers, kind, *, per_receiver, dir
             metric=metric,
             batch_size=batch_size,
             progress=False,
+            positions=sender_positions(kind, positions),
         )
         span = float(res.clean.mean() - res.corrupt.mean())
         for s, v in zip(usable, (res.effect / span).tolist()):
@@ -197,7 +224,8 @@ def discover(
     roles: bool = True,
     attention: float = 0.3,
     batch_size: int | None = None,
-    progress: bool = False,
+    progress: bool = True,
+    positions: str = "auto",
 ) -> Discovery:
     """Discover a circuit of heads by iterated path patching from the logits backwards (module docstring).
 
@@ -210,6 +238,9 @@ def discover(
             path-patching run per receiver and input); else every edge of a step gets
             the effect into the whole receiver set.
         roles: suggest roles (:func:`suggest_roles`; one captured forward).
+        positions: ``"auto"`` (senders at the end for the logits and queries, at every
+            position for keys and values: module docstring) or ``"all"`` (every position).
+        progress: a line per step and receiver input, and each sweep's progress bar.
 
     Returns a :class:`Discovery` (``.circuit``, ``.steps``, ``.scores``). A model in
     which no head passes the rule gives an empty circuit, not an error.
@@ -219,7 +250,16 @@ def discover(
     kinds = list(dict.fromkeys(receiver_input))
     if not kinds or any(x not in "qkv" for x in kinds):
         raise ValueError(f"receiver_input must be letters from 'qkv', got {receiver_input!r}")
-    kw = dict(k=k, floor=floor, direction=direction, metric=metric, batch_size=batch_size, progress=progress)
+    sender_positions(LOGITS, positions)  # checks the rule's name
+    kw = dict(
+        k=k,
+        floor=floor,
+        direction=direction,
+        metric=metric,
+        batch_size=batch_size,
+        progress=progress,
+        positions=positions,
+    )
     params = dict(
         k=k,
         floor=floor,
@@ -227,17 +267,24 @@ def discover(
         receiver_input=receiver_input,
         direction=direction,
         n_prompts=len(prompts),
+        positions=positions,
     )
     params["metric"] = getattr(metric, "__name__", "logit_diff") if metric is not None else "logit_diff"
     circuit = Circuit.empty_for(
         model, prompts.task, prompts.language, method="iterated path patching", parameters=params
     )
     tables, frontier = [], None
+    say = print if progress else (lambda *args: None)
     for step in range(1, max_steps + 1):
         if step == 1:
+            say(f"step 1: every head -> logits (senders at {sender_positions(LOGITS, positions) or 'every position'})")
             frames = [path_step(model, prompts, LOGITS, **kw)]
         else:
-            frames = [path_step(model, prompts, frontier, kind, **kw) for kind in kinds]
+            frames = []
+            for kind in kinds:
+                where = sender_positions(kind, positions) or "every position"
+                say(f"step {step}: earlier heads -> {kind} of {len(frontier)} new head(s) (senders at {where})")
+                frames.append(path_step(model, prompts, frontier, kind, **kw))
         new: list[tuple[int, int]] = []
         for frame in frames:
             if not len(frame):
@@ -286,6 +333,7 @@ def discover(
                     direction=direction,
                     metric=metric,
                     batch_size=batch_size,
+                    positions=positions,
                 )
             if kind != LOGITS and senders:
                 for (s, r), v in effects.items():
@@ -293,6 +341,7 @@ def discover(
                         Edge(("head", *s), ("head", *r), kind, v, evidence={"per_receiver": per_receiver_edges})
                     )
             tables.append(frame)
+        say(f"step {step}: {len(new)} new head(s): {', '.join(component_name(h) for h in new) or 'none'}")
         if not new:
             break
         frontier = sorted(new)

@@ -465,11 +465,11 @@ add("behaviour/score", lambda c, m: behaviour.score(m, c.prompts), remote=True)
 add("behaviour/summarize", lambda c, m: behaviour.summarize(behaviour.score(m, c.other)))
 
 # ----------------------------------------------------------------- circuits
-DISCOVER = dict(k=1.0, floor=0.02, max_steps=3)
+DISCOVER = dict(k=1.0, floor=0.02, max_steps=3, positions="all", progress=False)  # the rule frozen before "auto"
 add("circuits/path_step/logits", lambda c, m: circuits.path_step(m, c.prompts, k=1.0, floor=0.02), remote=True)
 add(
     "circuits/path_step/q",
-    lambda c, m: circuits.path_step(m, c.prompts, [(1, 0), (1, 3)], "q", k=1.0, floor=0.02),
+    lambda c, m: circuits.path_step(m, c.prompts, [(1, 0), (1, 3)], "q", k=1.0, floor=0.02, positions="all"),
     remote=True,
 )
 add("circuits/discover", lambda c, m: circuits.discover(m, c.prompts, **DISCOVER))
