@@ -54,6 +54,7 @@ def test_every_notebook_runs_with_its_defaults_under_nbval_and_writes_only_its_o
             "-q",
             "--nbval-lax",
             "--nbval-current-env",
+            "--nbval-cell-timeout=600",  # a hung kernel fails this cell in minutes
             f"--junitxml={junit}",
             "notebooks",
         ],

@@ -267,7 +267,7 @@ def test_a_notebook_with_remote_local_saves_the_same_findings(notebook, tmp_path
     for remote in (False, "local"):
         params = {**REMOTE_NOTEBOOKS[notebook], "remote": [remote]}
         cells = runner.plan([notebook], ["toy-bilingual"], ["en"], params, tmp_path / str(remote))
-        result = runner.run_grid(cells, progress=False)
+        result = runner.run_grid(cells, progress=False, cell_timeout=300)  # a hung kernel fails in minutes
         assert [(c.label, c.error) for c in result.failed] == []
         (path,) = (tmp_path / str(remote)).rglob("findings.json")
         found[remote] = {k: v["value"] for k, v in json.loads(path.read_text()).items()}

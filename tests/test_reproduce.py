@@ -32,7 +32,7 @@ def _same(text: str, value) -> bool:
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
-    code = reproduce.main(output=out, quick=True, real=False, jobs=2)  # 03 waits for the 01 runs it reads
+    code = reproduce.main(output=out, quick=True, real=False, jobs=2, cell_timeout=300)  # 03 waits for 01
     return code, out
 
 
@@ -139,7 +139,7 @@ def test_paper_preset_runs_offline_on_random_models_with_the_papers_layer_and_he
         "random-narrow:openai-community/gpt2",
         "random-narrow:mymusise/CPM-Generate-distill",
     }
-    result = runner.run_grid(cells, progress=False)
+    result = runner.run_grid(cells, progress=False, cell_timeout=300)  # a hung kernel fails in minutes
     assert [(c.label, c.error) for c in result.failed] == []
     shapes = {json.loads(p.read_text())["model"]: p.parent for p in tmp_path.glob("01_ioi_circuit/*/*/provenance.json")}
     assert len(shapes) == 3  # BLOOM (en, zh), GPT-2 (en), CPM (zh): every IOI circuit run finished
