@@ -264,7 +264,12 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     if start is not None and start.prefix:
         tokens, end, kwargs = _suffix(model, tokens, end, kwargs, start)
     logits, kv = None, None
-    with attached(hooks), _stubbed(stubs), torch.set_grad_enabled(torch.is_grad_enabled() or grad):
+    with (
+        attached(hooks),
+        _stubbed(stubs),
+        _attention(model, plan),
+        torch.set_grad_enabled(torch.is_grad_enabled() or grad),
+    ):
         try:
             if plan.logits in ("end", None):
                 out = model.hf.base_model(input_ids=tokens, **kwargs)
@@ -293,6 +298,24 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     if plan.reduce is not None and logits is not None:
         logits = plan.reduce(logits, tokens, mask if mask is not None else torch.ones_like(tokens))
     return Run(logits, values, kv)
+
+
+@contextlib.contextmanager
+def _attention(model, plan: Plan):
+    """The plan's attention implementation for the run (see :class:`~lsa.engine.plan.Plan`), restored after it."""
+    config = model.hf.config
+    wanted = plan.attention
+    if wanted is None and model.device.type == "cuda" and not any(r.site == "pattern" for r in plan.reads):
+        wanted = "sdpa"
+    old = getattr(config, "_attn_implementation", None)
+    if wanted is None or wanted == old or (wanted == "sdpa" and not getattr(model.hf, "_supports_sdpa", False)):
+        yield
+        return
+    config._attn_implementation = wanted
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):

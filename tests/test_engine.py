@@ -1,0 +1,67 @@
+"""The intervention engine's own contract: plan checks, the two executors, attention implementations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import FAMILIES, make_prompts, tiny_model
+
+from lsa import engine
+from lsa import steering as S
+from lsa.engine import Edit, Plan, Read
+
+
+def test_bad_plans_are_refused_with_the_reason():
+    model = tiny_model("gpt2")
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    end = torch.tensor([3])
+    bad = [
+        (Plan(reads=[Read("nowhere", 0)], end=end), "unknown site 'nowhere'"),
+        (Plan(edits=[Edit("pattern", 0, lambda x: x)], end=end), "can be read, not edited"),
+        (Plan(reads=[Read("embed", 1)], end=end), "exists at layer 0 only"),
+        (Plan(reads=[Read("resid_final", 0)], end=end), "exists at layer 1 only"),
+        (Plan(logits="end"), "needs the end positions"),
+        (Plan(logits="some"), "logits must be one of"),
+        (Plan(reads=[Read("pattern", 0)], attention="sdpa", end=end), "eager implementation"),
+        (Plan(start=engine.Start(1, torch.zeros(1, 4, 32), prefix=2), end=end), "needs the keys and values"),
+    ]
+    for plan, message in bad:
+        with pytest.raises(ValueError, match=message):
+            engine.run(model, tokens, plan)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sdpa_and_eager_runs_agree_and_patterns_come_from_eager(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=6, seed=1)
+    reads = [Read("head", 1), Read("mlp_out", 0)]
+    eager = engine.run(model, prompts.clean, Plan(reads=reads, end=prompts.end, attention="eager"))
+    sdpa = engine.run(model, prompts.clean, Plan(reads=reads, end=prompts.end, attention="sdpa"))
+    torch.testing.assert_close(sdpa.logits, eager.logits, rtol=0, atol=1e-4)
+    for key in eager.values:
+        torch.testing.assert_close(sdpa[key], eager[key], rtol=0, atol=1e-4)
+    assert model.hf.config._attn_implementation == "eager"  # restored after the run
+    pattern = engine.run(model, prompts.clean, Plan(reads=[Read("pattern", 0)], logits=None))[("pattern", 0)]
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(pattern.shape[:-1]), rtol=0, atol=1e-5)
+
+
+def test_both_executors_run_the_same_plan_with_steering_active():
+    local = tiny_model("qwen2")
+    remote = dataclasses.replace(local, remote="local")
+    prompts = make_prompts(n=2, pos=5, seed=3)
+    plan = Plan(
+        edits=[Edit("neuron", 0, lambda x: 0.5 * x)], reads=[Read("mlp_act", 1), Read("attn_out", 0)], end=prompts.end
+    )
+    edit = S.scale({0: [1, 2], 1: [0]}, 3.0)
+    with S.steer(local, edit):
+        want = engine.run(local, prompts.clean, plan)
+    with S.steer(remote, edit):
+        got = engine.run(remote, prompts.clean, plan)
+    unsteered = engine.run(local, prompts.clean, plan)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-4)
+    for key in want.values:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4)
+    assert (want.logits - unsteered.logits).abs().max() > 1e-3
+    assert local.steering == [] and remote.steering == []
