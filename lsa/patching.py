@@ -377,19 +377,17 @@ def run_specs(
     (the block input ``[n, pos, d_model]``) for every patched layer, and where
     present ``("attn_full" | "head" | "attn_proj", layer)``, which let the patched
     layer's attention skip its queries, keys and values (sites after them only).
-    ``base_kv``: that run's keys and values (``baseline(..., kv=True).kv``); with them an
-    expanded forward whose specs all patch positions ``>= p`` recomputes only those
-    positions (a chunk holds specs of one layer, site and first position).
+    ``base_kv``: that run's keys and values (``baseline(..., kv=True).kv``); with them the
+    prompts of a chunk whose specs patch positions ``>= p`` in them run together and
+    recompute only positions ``p`` up to their last end (a chunk holds specs of one layer,
+    site and position; the positions after a prompt's end are padding, never read).
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
     k = _chunk_size(prompts, batch_size, max_tokens, model)
-    end = prompts.end.to(model.device)
-    last = int(prompts.end.min())
-    first = [0 if (pos := position_index(prompts, s.pos)) is None else min(int(pos.min()), last) for s in specs]
-    order: dict[tuple[int, str, int], list[int]] = {}
-    for i, spec in enumerate(specs):
-        order.setdefault((spec.layer, spec.site, first[i] if base_kv is not None else 0), []).append(i)
+    order: dict[tuple[int, str, str], list[int]] = {}
+    for i, spec in enumerate(specs):  # with a prefix to reuse, a chunk patches one position (name)
+        order.setdefault((spec.layer, spec.site, repr(spec.pos) if base_kv is not None else ""), []).append(i)
     groups = [chunk for key in sorted(order) for chunk in _chunks(order[key], k)]
     bar = _progress(len(specs), desc, progress)
 
@@ -398,17 +396,29 @@ def run_specs(
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
         n_units, w = units(model, site)
-        p = min(first[i] for i in chunk) if base_kv is not None else 0
-        start = _start(base_cache, layer, m, attn=site != "resid_pre", prefix=p, kv=base_kv)
-        p = start.prefix if start is not None else 0
-        mask = _mask(chunk_specs, prompts, width, n_units, model.device)[:, p:]
-        donor = donor_cache[(site, layer)][:, p:]
-        donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
-        edits = [Edit(site, layer, replace_units(mask, donor, n_units, w))]
-        tokens = base_tokens.repeat(m, 1)
-        logits = engine.run(model, tokens, Plan(edits=edits, start=start, end=end.repeat(m))).logits
-        for j, i in enumerate(chunk):
-            out[i] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
+        mask = _mask(chunk_specs, prompts, width, n_units, model.device)  # [m * n, pos, units]
+        first = None
+        if base_kv is not None and ("resid_pre", layer) in base_cache:
+            starts = [position_index(prompts, s.pos) for s in chunk_specs]
+            first = None if any(x is None for x in starts) else torch.stack(starts).min(0).values
+        # rows that share their first patched position run together, from that position to their last end
+        for rows, p in _row_groups(prompts, first):
+            sub = prompts if rows is None else prompts.subset(rows)
+            r, wd = len(sub), sub.clean.shape[1]
+            index = torch.arange(m * n) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
+            start = _start(base_cache, layer, m, site != "resid_pre", p, base_kv, rows, wd)
+            donor = donor_cache[(site, layer)][slice(None) if rows is None else rows, p:wd]
+            donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
+            edits = [Edit(site, layer, replace_units(mask[index.to(mask.device), p:wd], donor, n_units, w))]
+            tokens = base_tokens[slice(None) if rows is None else rows.to(base_tokens.device), :wd].repeat(m, 1)
+            plan = Plan(edits=edits, start=start, end=sub.end.repeat(m))
+            logits = engine.run(model, tokens, plan).logits
+            for j, i in enumerate(chunk):
+                values = run_metric(metric, logits[j * r : (j + 1) * r], sub).cpu()
+                if rows is None:
+                    out[i] = values
+                else:
+                    out[i, rows] = values
         bar.update(m)
 
     for chunk in groups:
@@ -422,19 +432,41 @@ def _out_features(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.nf
 
 
-def _start(base_cache: dict, layer: int, m: int, attn: bool = False, prefix: int = 0, kv=None) -> Start | None:
+def _start(
+    base_cache: dict, layer: int, m: int, attn: bool = False, prefix: int = 0, kv=None, rows=None, width=None
+) -> Start | None:
     """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached).
 
     ``attn``: also reuse the layer's cached attention (valid when nothing before the heads' outputs changes).
     ``prefix`` with ``kv`` (the unpatched run's keys and values): recompute positions ``>= prefix`` alone.
+    ``rows`` / ``width``: the cached run's rows and first positions this forward runs (default: all).
     """
     hidden = base_cache.get(("resid_pre", layer))
     if hidden is None:
         return None
+    rows = slice(None) if rows is None else rows
+    width = hidden.shape[1] if width is None else width
+
+    def take(x):
+        return x[rows, :width].repeat(m, *([1] * (x.ndim - 1)))
+
     cached = None
     if attn and all((key, layer) in base_cache for key in ATTN_CACHE):
-        cached = AttnCache(*(base_cache[(key, layer)].repeat(m, 1, 1) for key in ATTN_CACHE))
-    return Start(layer, hidden.repeat(m, 1, 1), cached, prefix if kv is not None else 0, kv)
+        cached = AttnCache(*(take(base_cache[(key, layer)]) for key in ATTN_CACHE))
+    if kv is None or not prefix:
+        return Start(layer, take(hidden), cached)
+    return Start(layer, take(hidden), cached, prefix, [(k[rows, :, :prefix], v[rows, :, :prefix]) for k, v in kv])
+
+
+def _row_groups(prompts: PromptSet, first: torch.Tensor | None) -> list[tuple[torch.Tensor | None, int]]:
+    """Rows that share their first patched position ``first`` ``[n]`` (clipped to each row's end), with it.
+
+    ``[(None, 0)]`` (all rows, every position recomputed) when ``first`` is None.
+    """
+    if first is None:
+        return [(None, 0)]
+    first = torch.minimum(first.cpu(), prompts.end.cpu())
+    return [((first == p).nonzero().flatten(), int(p)) for p in first.unique().tolist()]
 
 
 def _layers(model: Model, layers) -> list[int]:
@@ -856,9 +888,6 @@ def path_patching(
     base_metric = run_metric(metric, base_logits, prompts).cpu()
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
-    end = prompts.end.to(model.device)
-    # positions before the earliest patched one are those of the unpatched run at every layer
-    prefix = min(int(where.min()), int(prompts.end.min())) if base.kv is not None else 0
 
     k = _chunk_size(prompts, batch_size, max_tokens, model)
     order: dict[int, list[int]] = {}
@@ -871,46 +900,58 @@ def path_patching(
     def run(chunk: list[int]) -> None:
         m = len(chunk)
         start = min(layer for layer, _ in groups[chunk[0]])
-        tokens = base_tokens.repeat(m, 1)
-        ends = end.repeat(m)
-        # 2) senders from the donor run, every other head frozen to the base run.
-        edits: list[Edit] = []
-        given: dict[int, torch.Tensor] = {}
-        for layer in range(start, last_receiver):
-            frozen = _frozen_heads(model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where)
-            if freeze_attention:
-                given[layer] = frozen
+        reads = [("attn_in", layer) for layer in rsites if layer > start]
+        if not to_logits and not reads:  # no receiver after the senders: no path, the base run's metric
+            out[chunk] = base_metric
+            bar.update(m)
+            return
+        frozen = {
+            layer: _frozen_heads(model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where)
+            for layer in range(start, last_receiver)
+        }
+        # rows that share the patched position run together, from it to their last end (prefix reuse)
+        for rows, p in _row_groups(prompts, where if base.kv is not None else None):
+            sub = prompts if rows is None else prompts.subset(rows)
+            r, wd = len(sub), sub.clean.shape[1]
+            index = slice(None) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
+            tokens = base_tokens[slice(None) if rows is None else rows, :wd].repeat(m, 1)
+            ends = sub.end.repeat(m)
+            # 2) senders from the donor run, every other head frozen to the base run.
+            edits: list[Edit] = []
+            given: dict[int, torch.Tensor] = {}
+            for layer, z in frozen.items():
+                z = z[index, :wd]
+                if freeze_attention:
+                    given[layer] = z
+                else:
+                    edits.append(Edit("head", layer, lambda x, z=z[:, p:]: z))
+            base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=wd)
+            if to_logits:
+                plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends)
             else:
-                edits.append(Edit("head", layer, lambda x, frozen=frozen[:, prefix:]: frozen))
-        base_start = _start(base_cache, start, m, prefix=prefix, kv=base.kv)
-        if to_logits:
-            plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends)
+                plan = Plan(
+                    edits=edits,
+                    given_heads=given,
+                    reads=[Read(*key) for key in reads],
+                    start=base_start,
+                    stop_after=max(reads),
+                    logits=None,
+                )
+                seen = engine.run(model, tokens, plan).values
+                # 3) receivers' q / k / v from the recorded attention inputs (positions >= p); all else recomputed.
+                first = min(layer for _, layer in reads)
+                plan = Plan(
+                    projections=_receiver_projections(model, rsites, seen),
+                    start=_start(base_cache, first, m, prefix=p, kv=base.kv, rows=rows, width=wd),
+                    end=ends,
+                )
             logits = engine.run(model, tokens, plan).logits
-        else:
-            reads = [("attn_in", layer) for layer in rsites if layer > start]
-            if not reads:  # no receiver after the senders: no path, the base run's metric
-                out[chunk] = base_metric
-                bar.update(m)
-                return
-            plan = Plan(
-                edits=edits,
-                given_heads=given,
-                reads=[Read(*key) for key in reads],
-                start=base_start,
-                stop_after=max(reads),
-                logits=None,
-            )
-            seen = engine.run(model, tokens, plan).values
-            # 3) receivers' q / k / v from the recorded attention inputs; all else recomputed.
-            first = min(layer for _, layer in reads)
-            plan = Plan(
-                projections=_receiver_projections(model, rsites, seen),
-                start=_start(base_cache, first, m, prefix=prefix, kv=base.kv),  # the inputs hold positions >= prefix
-                end=ends,
-            )
-            logits = engine.run(model, tokens, plan).logits
-        for j, gi in enumerate(chunk):
-            out[gi] = run_metric(metric, logits[j * n : (j + 1) * n], prompts).cpu()
+            for j, gi in enumerate(chunk):
+                values = run_metric(metric, logits[j * r : (j + 1) * r], sub).cpu()
+                if rows is None:
+                    out[gi] = values
+                else:
+                    out[gi, rows] = values
         bar.update(m)
 
     for chunk in chunks:

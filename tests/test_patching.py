@@ -189,9 +189,11 @@ def test_patching_at_later_positions_recomputes_only_them_and_matches_reference_
     finally:
         handle.remove()
     old = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False, reuse_prefix=False)
-    # the two unpatched runs see all 8 positions; every patched run only those from its first patched position on
-    first = {"mid": int(prompts.positions["mid"].min()), "end": int(prompts.end.min())}
-    assert widths[:2] == [8, 8] and sorted(set(widths[2:])) == sorted({8 - p for p in first.values()})
+    # the two unpatched runs see all 8 positions; a patched run, prompts whose patched position is p,
+    # and recomputes p up to their end only (what follows is padding)
+    where = {"mid": prompts.positions["mid"], "end": prompts.end}
+    recomputed = {int(n - p) for pos in where.values() for n, p in zip(prompts.lengths, pos)}
+    assert widths[:2] == [8, 8] and set(widths[2:]) == recomputed == {1, 4}
     torch.testing.assert_close(res.patched, old.patched, rtol=0, atol=1e-5)
     for row, patched in zip(res.components.to_dict("records"), res.patched):
         pos = {"mid": prompts.positions["mid"], "end": prompts.end}[row["pos"]]

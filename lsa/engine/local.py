@@ -274,7 +274,8 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
             if plan.logits in ("end", None):
                 out = model.hf.base_model(input_ids=tokens, **kwargs)
                 hidden = out[0]
-                kv = kwargs[_cache_argument(model)] if plan.kv else None  # filled in place by the forward
+                if plan.kv:  # the cache was filled in place by the forward
+                    kv = [(layer.keys, layer.values) for layer in kwargs[_cache_argument(model)].layers]
                 if plan.logits == "end":
                     rows = torch.arange(hidden.shape[0], device=hidden.device)
                     logits = model.module("unembed")(hidden[rows, end.to(hidden.device)])
@@ -331,12 +332,10 @@ def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):
     p = start.prefix
     if kwargs.get("attention_mask") is not None:
         raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
-    layers = start.kv.layers
-    reps = tokens.shape[0] // layers[0].keys.shape[0]
+    reps = tokens.shape[0] // start.kv[0][0].shape[0]
     cache = DynamicCache()  # full layers: the model masks sliding-window layers itself
-    for i, layer in enumerate(layers):
-        keys, values = layer.keys[:, :, :p], layer.values[:, :, :p]
-        cache.update(keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1), i)
+    for i, (keys, values) in enumerate(start.kv):
+        cache.update(keys[:, :, :p].repeat(reps, 1, 1, 1), values[:, :, :p].repeat(reps, 1, 1, 1), i)
     return tokens[:, p:], None if end is None else end - p, {**kwargs, _cache_argument(model): cache, "use_cache": True}
 
 

@@ -116,8 +116,8 @@ class Start:
     """Feed ``hidden`` ``[batch, pos, d_model]`` to block ``layer`` and pass the blocks before it through.
 
     ``prefix`` > 0 with ``kv`` (the keys and values of a run whose positions ``< prefix`` are the
-    same as this one's at every layer: :attr:`Run.kv` of the unpatched run, batch ``n`` with this
-    run's batch ``m * n`` made of ``m`` replicas): only positions ``>= prefix`` are recomputed,
+    same as this one's at every layer: :attr:`Run.kv` of the unpatched run, or some of its rows;
+    batch ``n`` with this run's batch ``m * n`` made of ``m`` replicas): only positions ``>= prefix`` are recomputed,
     attending to the cached keys and values before them. Every site then holds those positions
     alone (edits see and return ``[batch, pos - prefix, ...]``, reads return them), and
     ``logits="end"`` still takes the plan's ``end`` as absolute positions (all ``>= prefix``).
@@ -127,7 +127,7 @@ class Start:
     hidden: torch.Tensor
     attn: AttnCache | None = None
     prefix: int = 0
-    kv: object | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -185,11 +185,11 @@ class Plan:
 @dataclass
 class Run:
     """A plan's result: ``logits`` (as the plan asked, or its ``reduce``'s result) and ``values[(site, layer)]``;
-    ``kv``: the keys and values of every layer when the plan asked for them (a Hugging Face cache)."""
+    ``kv``: when the plan asked for them, every layer's ``(keys, values)``, each ``[batch, n_kv_heads, pos, d_head]``."""
 
     logits: torch.Tensor | None
     values: dict[tuple[str, int], torch.Tensor]
-    kv: object | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
         return self.values[key]
