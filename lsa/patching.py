@@ -293,10 +293,17 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _chunk_size(prompts: PromptSet, batch_size: int | None, max_tokens: int | None, model: Model | None = None) -> int:
+def _chunk_size(
+    prompts: PromptSet,
+    batch_size: int | None,
+    max_tokens: int | None,
+    model: Model | None = None,
+    tokens: int | None = None,
+) -> int:
     """Interventions per expanded forward: ``batch_size``, else as many as fit ``max_tokens`` rows x positions.
 
-    Default budget: :func:`auto_max_tokens` for the model's device.
+    ``tokens``: the positions one intervention recomputes over all prompts (default: every position of
+    every prompt; fewer where a reused prefix spares the rest). Default budget: :func:`auto_max_tokens`.
     """
     if batch_size is not None:
         if batch_size < 1:
@@ -305,7 +312,7 @@ def _chunk_size(prompts: PromptSet, batch_size: int | None, max_tokens: int | No
     width = prompts.clean.shape[1]
     if max_tokens is None:
         max_tokens = auto_max_tokens(model, width) if model is not None else DEFAULT_MAX_TOKENS["cpu"]
-    return max(1, max_tokens // (len(prompts) * width))
+    return max(1, max_tokens // (tokens or len(prompts) * width))
 
 
 def auto_max_tokens(model: Model, width: int) -> int:
@@ -384,11 +391,14 @@ def run_specs(
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
-    k = _chunk_size(prompts, batch_size, max_tokens, model)
     order: dict[tuple[int, str, str], list[int]] = {}
     for i, spec in enumerate(specs):  # with a prefix to reuse, a chunk patches one position (name)
         order.setdefault((spec.layer, spec.site, repr(spec.pos) if base_kv is not None else ""), []).append(i)
-    groups = [chunk for key in sorted(order) for chunk in _chunks(order[key], k)]
+    groups = []
+    for key in sorted(order):
+        first = position_index(prompts, specs[order[key][0]].pos) if key[2] else None
+        recomputed = None if first is None else int((prompts.lengths - torch.minimum(first, prompts.end)).sum())
+        groups += _chunks(order[key], _chunk_size(prompts, batch_size, max_tokens, model, recomputed))
     bar = _progress(len(specs), desc, progress)
 
     def run(chunk: list[int]) -> None:
@@ -889,7 +899,10 @@ def path_patching(
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
 
-    k = _chunk_size(prompts, batch_size, max_tokens, model)
+    recomputed = None
+    if base.kv is not None:  # each replica recomputes its prompts from the patched position to their end
+        recomputed = int((prompts.lengths - torch.minimum(where.cpu(), prompts.end.cpu())).sum())
+    k = _chunk_size(prompts, batch_size, max_tokens, model, recomputed)
     order: dict[int, list[int]] = {}
     for i, group in enumerate(groups):
         order.setdefault(min(layer for layer, _ in group), []).append(i)
