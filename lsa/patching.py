@@ -424,11 +424,9 @@ def run_specs(
             plan = Plan(edits=edits, start=start, end=sub.end.repeat(m))
             logits = engine.run(model, tokens, plan).logits
             for j, i in enumerate(chunk):
-                values = run_metric(metric, logits[j * r : (j + 1) * r], sub).cpu()
-                if rows is None:
-                    out[i] = values
-                else:
-                    out[i, rows] = values
+                out[i, slice(None) if rows is None else rows] = run_metric(
+                    metric, logits[j * r : (j + 1) * r], sub
+                ).cpu()
         bar.update(m)
 
     for chunk in groups:
@@ -960,11 +958,9 @@ def path_patching(
                 )
             logits = engine.run(model, tokens, plan).logits
             for j, gi in enumerate(chunk):
-                values = run_metric(metric, logits[j * r : (j + 1) * r], sub).cpu()
-                if rows is None:
-                    out[gi] = values
-                else:
-                    out[gi, rows] = values
+                out[gi, slice(None) if rows is None else rows] = run_metric(
+                    metric, logits[j * r : (j + 1) * r], sub
+                ).cpu()
         bar.update(m)
 
     for chunk in chunks:

@@ -352,43 +352,6 @@ def test_path_patching_to_logits_matches_reference_freezing_hooks(family):
     torch.testing.assert_close(res.patched, recomputed.patched, rtol=0, atol=1e-6)
 
 
-def ref_path_at(model, prompts, sender, pos, receivers=None, kinds="q"):
-    """Plain-hook path patching with the sender's output patched at ``pos`` [n] alone (to logits or receivers)."""
-    a = model.adapter
-    rows = torch.arange(len(prompts))
-    cols = slice(sender[1] * a.d_head, (sender[1] + 1) * a.d_head)
-    hooks, seen = [], {}
-    for layer in range(a.n_layers):
-        value = ref_read(model, prompts.clean, "head", layer).clone()
-        if layer == sender[0]:
-            corrupt = ref_read(model, prompts.corrupt, "head", layer)
-            value[rows, pos, cols] = corrupt[rows, pos, cols]
-        hooks.append((model.module("o_proj", layer), "in", lambda x, v=value: v))
-    if receivers is None:
-        return logit_diff(ref_run(model, prompts.clean, hooks), prompts)
-    for layer in {r[0] for r in receivers}:
-        hooks.append((model.module("ln1", layer), "out", lambda x, layer=layer: seen.setdefault(layer, x.clone())))
-    ref_run(model, prompts.clean, hooks)
-    handles = []
-    for layer, head in receivers:
-        for kind in kinds:
-            module, rcols = a.qkv_columns(model.hf, kind, layer, head if kind == "q" else a.kv_head(head))
-            with torch.no_grad():
-                patched = module(seen[layer])
-
-            def swap(m, i, out, patched=patched, rcols=rcols):
-                out = out.clone()
-                out[..., rcols] = patched[..., rcols]
-                return out
-
-            handles.append(module.register_forward_hook(swap))
-    try:
-        return logit_diff(ref_run(model, prompts.clean), prompts)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_path_patching_at_a_position_matches_reference_hooks_and_equals_all_positions_into_logits(family):
     model = tiny_model(family)
@@ -403,7 +366,7 @@ def test_path_patching_at_a_position_matches_reference_hooks_and_equals_all_posi
         model, prompts, [(0, 0), (0, 1)], receivers, receiver_input="q", positions="mid", progress=False
     )
     for (layer, head), patched in zip([(0, 0), (0, 1)], got.patched):
-        ref = ref_path_at(model, prompts, (layer, head), prompts.positions["mid"], receivers, "q")
+        ref = ref_path_to_receivers(model, prompts, (layer, head), receivers, "q", pos=prompts.positions["mid"])
         assert (patched - ref).abs().max() <= TOL, (family, layer, head)
 
 
@@ -446,8 +409,8 @@ def test_qkv_columns_touch_only_their_head(family):
         assert changed == expected, (family, kind, changed, expected)
 
 
-def ref_path_to_receivers(model, prompts, sender, receivers, kinds):
-    """Wang et al. steps 2-3 with plain hooks, one sender at a time."""
+def ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=None):
+    """Wang et al. steps 2-3 with plain hooks, one sender at a time (patched at ``pos`` [n] alone if given)."""
     a = model.adapter
     n_layers = a.n_layers
     # step 2: sender from the counterfactual run, every other head frozen; record each receiver layer's ln1 output
@@ -456,7 +419,8 @@ def ref_path_to_receivers(model, prompts, sender, receivers, kinds):
         value = ref_read(model, prompts.clean, "head", layer).clone()
         if layer == sender[0]:
             cols = slice(sender[1] * a.d_head, (sender[1] + 1) * a.d_head)
-            value[:, :, cols] = ref_read(model, prompts.corrupt, "head", layer)[:, :, cols]
+            at = (slice(None), slice(None), cols) if pos is None else (torch.arange(len(prompts)), pos, cols)
+            value[at] = ref_read(model, prompts.corrupt, "head", layer)[at]
         hooks.append((model.module("o_proj", layer), "in", lambda x, v=value: v))
     seen = {}
     for layer in {r[0] for r in receivers}:
