@@ -43,10 +43,13 @@ from lsa.patching import (
     PatchResult,
     baseline,
     check_prompts,
+    position_index,
+    position_map_prompts,
     replace_units,
     run_metric,
     run_specs,
     specs_frame,
+    sweep_meta,
     sweep_specs,
     units,
 )
@@ -162,17 +165,25 @@ def ablation_values(
     return out
 
 
-def _edits(model: Model, prompts: PromptSet, targets: dict[tuple[str, int], list[int] | None], values) -> list[Edit]:
-    """Edits putting ``values`` into the listed units (None = the whole site) of each site."""
+def _edits(
+    model: Model, prompts: PromptSet, targets: dict[tuple[str, int], list[int] | None], values, where=None
+) -> list[Edit]:
+    """Edits putting ``values`` into the listed units (None = the whole site) of each site.
+
+    ``where``: one position per prompt ``[n]`` (default: every position).
+    """
     n, width = prompts.clean.shape
+    rows = torch.ones(n, width, dtype=torch.bool, device=model.device)
+    if where is not None:
+        rows = torch.arange(width, device=model.device)[None, :] == where.to(model.device)[:, None]
     edits = []
     for (site, layer), units_sel in targets.items():
         n_units, w = units(model, site)
         mask = torch.zeros(n, width, n_units, dtype=torch.bool, device=model.device)
         if units_sel is None:
-            mask[:] = True
+            mask[rows] = True
         else:
-            mask[:, :, units_sel] = True
+            mask[..., units_sel] = rows[..., None]
         edits.append(Edit(site, layer, replace_units(mask, values[(site, layer)], n_units, w)))
     return edits
 
@@ -200,8 +211,13 @@ def ablate(
     per_position: bool = True,
     index: torch.Tensor | None = None,
     seed: int = 0,
+    positions: str | int | None = None,
 ) -> torch.Tensor:
-    """The metric ``[n]`` on the clean prompts with ``components`` ablated together."""
+    """The metric ``[n]`` on the clean prompts with ``components`` ablated together.
+
+    ``positions``: ablate at one position only, a name of ``prompts.positions``, ``"end"``
+    or an absolute position (default: every position).
+    """
     check_prompts(prompts)
     metric = metric or lsa_metrics.logit_diff
     components = parse_components(model, components)
@@ -209,7 +225,7 @@ def ablate(
     values = ablation_values(
         model, prompts, targets, method, reference=reference, per_position=per_position, index=index, seed=seed
     )
-    edits = _edits(model, prompts, targets, values)
+    edits = _edits(model, prompts, targets, values, position_index(prompts, positions))
     logits = engine.run(model, prompts.clean, Plan(edits=edits, end=prompts.end)).logits
     return run_metric(metric, logits, prompts).cpu()
 
@@ -324,24 +340,33 @@ def ablation_sweep(
     metric: Metric | None = None,
     per_position: bool = True,
     seed: int = 0,
+    positions=None,
     batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    reuse_prefix: bool = True,
 ) -> PatchResult:
     """Ablate one component at a time (``site`` ``"head"``, ``"mlp_out"`` or ``"neuron"``), batched.
 
-    Returns a :class:`lsa.patching.PatchResult` on the clean prompts (``corrupt``
-    holds the counterfactual run's metric, so ``normalized`` reads as in patching).
+    ``positions`` and ``reuse_prefix`` as in :func:`lsa.patching.activation_patching`: an
+    ablation at a position ``p`` recomputes positions ``>= p`` alone (exact: nothing
+    before ``p`` changes). Returns a :class:`lsa.patching.PatchResult` on the clean prompts
+    (``corrupt`` holds the counterfactual run's metric, so ``normalized`` reads as in patching).
     """
     check_prompts(prompts)
     if site not in ("head", "mlp_out", "neuron"):
         raise ValueError(f"ablation_sweep ablates 'head', 'mlp_out' or 'neuron', got {site!r}")
     metric = metric or lsa_metrics.logit_diff
-    specs, dims, axes = sweep_specs(model, prompts, site, layers=layers, heads=heads, neurons=neurons)
+    n_given = len(prompts)
+    if positions == "each":
+        prompts = position_map_prompts(prompts)
+    specs, dims, axes = sweep_specs(
+        model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
+    )
     sites = {(s.site, s.layer) for s in specs}
     values = ablation_values(model, prompts, sites, method, reference=reference, per_position=per_position, seed=seed)
     tokens = prompts.clean.to(model.device)
-    base = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs})
+    base = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs}, kv=reuse_prefix)
     logits, cache = base.logits, base.values
     corrupt_logits = engine.run(model, prompts.corrupt, Plan(end=prompts.end)).logits
     patched = run_specs(
@@ -356,6 +381,7 @@ def ablation_sweep(
         max_tokens=max_tokens,
         progress=progress,
         desc=f"{method}-ablating {site}",
+        base_kv=base.kv,
     )
     return PatchResult(
         components=specs_frame(specs, dims),
@@ -366,5 +392,5 @@ def ablation_sweep(
         axes=axes,
         direction="noising",
         method=f"{method} ablation",
-        meta={"site": site},
+        meta=sweep_meta(model, prompts, site, axes, n_given),
     )

@@ -252,7 +252,7 @@ class Adapter:
     d_mlp: int
     d_vocab: int
     parallel_residual: bool = False
-    # what the engine has probed of this model's forward ("blocks" / "attn" -> returns a tuple)
+    # what the engine has probed of this model's forward ("blocks" / "attn" -> returns a tuple; "cache" -> its argument name)
     probed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod

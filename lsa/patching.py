@@ -54,6 +54,7 @@ from torch import nn
 from lsa import engine
 from lsa import metrics as lsa_metrics
 from lsa.engine import AttnCache, Edit, Plan, Projection, Read, Start
+from lsa.engine.plan import check_defined
 from lsa.model import Model
 from lsa.tasks import PromptSet
 
@@ -102,11 +103,7 @@ def check_prompts(prompts: PromptSet) -> None:
 
 def _check_site_for_model(model: Model, site: str) -> None:
     check_site(site)
-    if site == "resid_mid" and model.adapter.parallel_residual:
-        raise ValueError(
-            "resid_mid is undefined for a parallel-residual model (attention and MLP read the same "
-            "residual stream); patch resid_pre, resid_post, attn_out or mlp_out instead"
-        )
+    check_defined(model, site)
 
 
 def units(model: Model, site: str) -> tuple[int, int]:
@@ -398,19 +395,18 @@ def run_specs(
     for key in sorted(order):
         first = position_index(prompts, specs[order[key][0]].pos) if key[2] else None
         recomputed = None if first is None else int((prompts.lengths - torch.minimum(first, prompts.end)).sum())
-        groups += _chunks(order[key], _chunk_size(prompts, batch_size, max_tokens, model, recomputed))
+        size = _chunk_size(prompts, batch_size, max_tokens, model, recomputed)
+        groups += [(chunk, first) for chunk in _chunks(order[key], size)]
     bar = _progress(len(specs), desc, progress)
 
-    def run(chunk: list[int]) -> None:
+    def run(chunk: list[int], first: torch.Tensor | None) -> None:
         chunk_specs = [specs[i] for i in chunk]
         site, layer = chunk_specs[0].site, chunk_specs[0].layer
         m = len(chunk)
         n_units, w = units(model, site)
         mask = _mask(chunk_specs, prompts, width, n_units, model.device)  # [m * n, pos, units]
-        first = None
-        if base_kv is not None and ("resid_pre", layer) in base_cache:
-            starts = [position_index(prompts, s.pos) for s in chunk_specs]
-            first = None if any(x is None for x in starts) else torch.stack(starts).min(0).values
+        if ("resid_pre", layer) not in base_cache:
+            first = None
         # rows that share their first patched position run together, from that position to their last end
         for rows, p in _row_groups(prompts, first):
             sub = prompts if rows is None else prompts.subset(rows)
@@ -429,8 +425,8 @@ def run_specs(
                 ).cpu()
         bar.update(m)
 
-    for chunk in groups:
-        _halving(run, chunk)
+    for chunk, first in groups:
+        _halving(lambda c, first=first: run(c, first), chunk)
     bar.close()
     return out
 

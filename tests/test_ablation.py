@@ -25,9 +25,16 @@ def _acts(model, tokens, module, kind):
 
 
 @torch.no_grad()
-def ref_ablate(model, prompts, components, values):
-    """Clean run with each component overwritten by ``values[component]`` ([n, pos, width] or broadcastable)."""
+def ref_ablate(model, prompts, components, values, where=None):
+    """Clean run with each component overwritten by ``values[component]`` ([n, pos, width] or broadcastable).
+
+    ``where``: overwrite only each prompt's position ``where[b]`` (default: every position).
+    """
     a = model.adapter
+    n, width = prompts.clean.shape
+    keep = torch.ones(n, width, 1, dtype=torch.bool)
+    if where is not None:
+        keep = (torch.arange(width)[None, :] == where[:, None])[..., None]
     handles = []
     for comp, value in zip(components, values):
         kind, layer = comp[0], comp[1]
@@ -36,7 +43,7 @@ def ref_ablate(model, prompts, components, values):
 
             def pre(m, args, cols=cols, value=value):
                 x = args[0].clone()
-                x[..., cols] = value
+                x[..., cols] = torch.where(keep, value, x[..., cols])
                 return (x, *args[1:])
 
             handles.append(model.module("o_proj", layer).register_forward_pre_hook(pre))
@@ -44,14 +51,14 @@ def ref_ablate(model, prompts, components, values):
 
             def pre(m, args, i=comp[2], value=value):
                 x = args[0].clone()
-                x[..., i] = value
+                x[..., i] = torch.where(keep[..., 0], value, x[..., i])
                 return (x, *args[1:])
 
             handles.append(model.module("mlp_out", layer).register_forward_pre_hook(pre))
         else:  # the MLP's write: what joins the residual (a sandwich norm's output in Gemma 3)
             handles.append(
                 model.module("mlp_write", layer).register_forward_hook(
-                    lambda m, args, out, value=value: torch.zeros_like(out) + value
+                    lambda m, args, out, value=value: torch.where(keep, torch.zeros_like(out) + value, out)
                 )
             )
     try:
@@ -161,6 +168,40 @@ def test_ablation_sweep_matches_one_hook_per_head(family):
     for row, patched in zip(res.components.to_dict("records"), res.patched):
         ref = ref_ablate(model, prompts, [("head", row["layer"], row["head"])], [0.0])
         assert (patched - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_at_positions_recomputes_only_them_and_matches_reference_hooks(family):
+    model = tiny_model(family)
+    a = model.adapter
+    prompts = make_prompts(n=3, pos=8, lengths=[8, 7, 7], seed=29)
+    reference = random_tokens(batch=4, pos=8, seed=30)
+    where = {"mid": prompts.positions["mid"], "end": prompts.end}
+    got = ablate(model, prompts, COMPONENTS, method="mean", reference=reference, positions="mid")
+    ref = ref_ablate(model, prompts, COMPONENTS, _ref_values(model, reference), where=where["mid"])
+    assert (got - ref).abs().max() <= TOL
+    widths = []
+    last = a.blocks(model.hf)[-1]
+    handle = last.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append((args[0] if args else kwargs["hidden_states"]).shape[1]),
+        with_kwargs=True,
+    )
+    kw = dict(method="mean", reference=reference, positions=["mid", "end"], progress=False)
+    try:
+        res = ablation_sweep(model, prompts, "head", **kw)
+    finally:
+        handle.remove()
+    old = ablation_sweep(model, prompts, "head", reuse_prefix=False, **kw)
+    assert res.array.shape == (a.n_layers, a.n_heads, 2)
+    # after the reference, clean and counterfactual runs, each ablated run recomputes from its position on
+    recomputed = {int(n - p) for pos in where.values() for n, p in zip(prompts.lengths, pos)}
+    assert set(widths[3:]) == recomputed == {1, 4}
+    torch.testing.assert_close(res.patched, old.patched, rtol=0, atol=1e-5)
+    for row, patched in zip(res.components.to_dict("records"), res.patched):
+        o_in = _acts(model, reference, model.module("o_proj", row["layer"]), "in")
+        value = o_in[..., row["head"] * a.d_head : (row["head"] + 1) * a.d_head].mean(0)
+        ref = ref_ablate(model, prompts, [("head", row["layer"], row["head"])], [value], where=where[row["pos"]])
+        assert (patched - ref).abs().max() <= TOL, (family, row)
 
 
 def test_bad_components_and_methods_give_clear_errors():

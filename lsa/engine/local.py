@@ -341,5 +341,8 @@ def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):
 
 def _cache_argument(model) -> str:
     """The name under which this model's forward takes a key / value cache (``cache`` in newer releases)."""
-    params = inspect.signature(model.hf.base_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    seen = model.adapter.probed
+    if "cache" not in seen:
+        params = inspect.signature(model.hf.base_model.forward).parameters
+        seen["cache"] = "cache" if "cache" in params else "past_key_values"
+    return seen["cache"]

@@ -231,11 +231,19 @@ def check(model, plan: Plan) -> list[Edit]:
             raise ValueError(f"site {item.site!r} exists at layer {wanted} only, got {item.layer}")
         if isinstance(item, Edit) and not site.editable:
             raise ValueError(f"site {item.site!r} can be read, not edited")
-        if item.site == "resid_mid" and model.adapter.parallel_residual:
-            raise ValueError("resid_mid is undefined for parallel-residual models")
+        check_defined(model, item.site)
         if plan.start is not None and item.layer < plan.start.layer:
             raise ValueError(f"{item.site} at layer {item.layer} lies before the start layer {plan.start.layer}")
     return edits
+
+
+def check_defined(model, site: str) -> None:
+    """Raise where ``site`` does not exist in this model's architecture."""
+    if site == "resid_mid" and model.adapter.parallel_residual:
+        raise ValueError(
+            "resid_mid is undefined for a parallel-residual model (attention and MLP read the same "
+            "residual stream); patch resid_pre, resid_post, attn_out or mlp_out instead"
+        )
 
 
 def point(model, site: str) -> tuple[str, str, float]:
