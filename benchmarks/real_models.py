@@ -24,19 +24,20 @@ count waiting for a core that other jobs hold; on a GPU read the wall column).
    (c) the nnsight loop (``naive_nnsight`` of ``benchmarks/patching.py``: one trace per
        head, full logits).
    Every column's per-head mean metric is checked against lsa's (max |difference|).
-2. End-only vs all-position: the same sweep with ``positions=["end"]``, timed with
-   prefix reuse off (``reuse_prefix=False``, where ``activation_patching`` has that
-   keyword) and by default, and checked against the hooked loop patching the end
+2. End-only vs all-position: the same sweep with ``positions=["end"]``, timed the old
+   way (prefix reuse off, ``reuse_prefix=False``, and the whole vocabulary unembedded in
+   every patched run: ``full_vocabulary``, the metric without its mark), with the whole
+   vocabulary alone, and by default (two columns of the unembedding), and checked against the hooked loop patching the end
    position alone. Target: end-only <= 0.2 x all-position.
 3. Path patching to the logits (``lsa.patching.path_patching(model, prompts, senders=
    the swept heads, receivers="logits")``) vs the activation sweep of the same heads;
-   with ``freeze_attention=False`` (frozen heads' attention recomputed) as well where
-   ``path_patching`` has that keyword.
+   with ``freeze_attention=False`` (frozen heads' attention recomputed) and the whole
+   vocabulary as well where ``path_patching`` has that keyword.
 4. ``--discovery``: notebook 01's circuit discovery (``lsa.circuits.discover(model,
    prompts, k=1.5, floor=0.05, max_steps=3)`` on ``build_sets("ioi", "en", ...,
    n=100, seed=0)``; ``--discovery-n``, ``--max-steps``). Minutes on a CPU. Timed the
    old way (``positions="all"``: senders at every position, and path patching with
-   ``reuse_prefix=False, freeze_attention=False``) and with the defaults; target:
+   ``reuse_prefix=False, freeze_attention=False`` and the whole vocabulary) and with the defaults; target:
    after <= 1/4 before.
 
 A markdown summary of the ratios and issue 16's targets ends the output.
@@ -76,6 +77,12 @@ NOTEBOOK_01 = {"n_prompts": 100, "seed": 0, "k": 1.5, "floor": 0.05, "max_steps"
 # discovery's old way: senders patched at every position, through path patching's old way
 OLD_WAY = {"reuse_prefix": False, "freeze_attention": False}
 OLD_DISCOVERY = {"positions": "all"}
+
+
+def full_vocabulary(logits, prompts):
+    """``logit_diff`` without its mark (``lsa.metrics.reads_answer_columns``): a sweep given it unembeds the
+    whole vocabulary in every patched run, the old way."""
+    return logit_diff(logits, prompts)
 
 
 def switches(fn, wanted: dict) -> dict:
@@ -279,15 +286,31 @@ def main() -> None:
     if reuse:
         res, t_end_old = clocked(
             lambda: activation_patching(
-                model, prompts, "head", layers=layers, positions=["end"], progress=False, **reuse
+                model,
+                prompts,
+                "head",
+                layers=layers,
+                positions=["end"],
+                progress=False,
+                metric=full_vocabulary,
+                **reuse,
             ),
             device,
         )
         row(
-            "lsa end-only, reuse_prefix=False", t_end_old, f"max |diff| vs (a) {max_diff(end_ref, head_means(res)):.2e}"
+            "lsa end-only, reuse_prefix=False, full vocab",
+            t_end_old,
+            f"max |diff| vs (a) {max_diff(end_ref, head_means(res)):.2e}",
         )
     else:
         print("  reuse_prefix not available in this lsa")
+    res, t_end_vocab = clocked(
+        lambda: activation_patching(
+            model, prompts, "head", layers=layers, positions=["end"], progress=False, metric=full_vocabulary
+        ),
+        device,
+    )
+    row("lsa end-only, full vocabulary", t_end_vocab, f"max |diff| vs (a) {max_diff(end_ref, head_means(res)):.2e}")
     res, t_end = clocked(
         lambda: activation_patching(model, prompts, "head", layers=layers, positions=["end"], progress=False), device
     )
@@ -305,9 +328,16 @@ def main() -> None:
     t_path_old = None
     if freeze:
         _, t_path_old = clocked(
-            lambda: path_patching(model, prompts, senders=heads, receivers="logits", progress=False, **freeze), device
+            lambda: path_patching(
+                model, prompts, senders=heads, receivers="logits", progress=False, metric=full_vocabulary, **freeze
+            ),
+            device,
         )
-        row("lsa path_patching, freeze_attention=False", t_path_old, f"{fmt_ratio(t_path_old / t_lsa)} x activation")
+        row(
+            "lsa path_patching, freeze_attention=False, full vocab",
+            t_path_old,
+            f"{fmt_ratio(t_path_old / t_lsa)} x activation",
+        )
     else:
         print("  freeze_attention not available in this lsa")
 
@@ -325,9 +355,11 @@ def main() -> None:
         if old:
             # discovery calls lsa.patching.path_patching by name: for this run it takes the old-way switches
             with mock.patch.object(patching, "path_patching", functools.partial(path_patching, **old_path)):
-                found_old, t_disc_old = clocked(lambda: circuits.discover(model, dprompts, **kw, **old), device)
+                found_old, t_disc_old = clocked(
+                    lambda: circuits.discover(model, dprompts, **kw, **old, metric=full_vocabulary), device
+                )
             row(
-                f"discover, {', '.join(f'{k}={v}' for k, v in {**old, **old_path}.items())}",
+                f"discover, {', '.join(f'{k}={v}' for k, v in {**old, **old_path}.items())}, full vocab",
                 t_disc_old,
                 f"{found_old.n_steps} step(s), {len(found_old.circuit)} heads",
             )
@@ -357,8 +389,9 @@ def main() -> None:
         print(f"| {name} | {r[0]:.3f} | {r[1]:.3f} | {goal} | {v} |")
 
     line("end-only (default) / all-position", r_end, 0.2)
+    line("end-only, full vocabulary / all-position", t_end_vocab / t_lsa)
     if t_end_old is not None:
-        line("end-only, reuse_prefix=False / all-position", t_end_old / t_lsa)
+        line("end-only, reuse_prefix=False, full vocabulary / all-position", t_end_old / t_lsa)
     line("end-only lsa / end-only hooked loop", t_end / t_end_hooked)
     line("all-position lsa / hooked loop", t_lsa / t_hooked, 0.6)
     if t_tl is not None:
@@ -367,7 +400,7 @@ def main() -> None:
         line("all-position lsa / nnsight loop", t_lsa / t_nn)
     line("path patching to logits / activation sweep", t_path / t_lsa)
     if t_path_old is not None:
-        line("path patching, freeze_attention=False / activation sweep", t_path_old / t_lsa)
+        line("path patching, freeze_attention=False, full vocabulary / activation sweep", t_path_old / t_lsa)
     if t_disc_old is not None:
         line("discovery after / before", t_disc / t_disc_old, 0.25)
     if t_disc is not None:

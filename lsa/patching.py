@@ -388,6 +388,7 @@ def run_specs(
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
+    ids, scored = _scored(metric, prompts)
     order: dict[tuple[int, str, str], list[int]] = {}
     for i, spec in enumerate(specs):  # with a prefix to reuse, a chunk patches one position (name)
         order.setdefault((spec.layer, spec.site, repr(spec.pos) if base_kv is not None else ""), []).append(i)
@@ -409,7 +410,7 @@ def run_specs(
             first = None
         # rows that share their first patched position run together, from that position to their last end
         for rows, p in _row_groups(prompts, first):
-            sub = prompts if rows is None else prompts.subset(rows)
+            sub = scored if rows is None else scored.subset(rows)
             r, wd = len(sub), sub.clean.shape[1]
             index = torch.arange(m * n) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
             start = _start(base_cache, layer, m, site != "resid_pre", p, base_kv, rows, wd)
@@ -417,7 +418,7 @@ def run_specs(
             donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
             edits = [Edit(site, layer, replace_units(mask[index.to(mask.device), p:wd], donor, n_units, w))]
             tokens = base_tokens[slice(None) if rows is None else rows.to(base_tokens.device), :wd].repeat(m, 1)
-            plan = Plan(edits=edits, start=start, end=sub.end.repeat(m))
+            plan = Plan(edits=edits, start=start, end=sub.end.repeat(m), columns=ids)
             logits = engine.run(model, tokens, plan).logits
             for j, i in enumerate(chunk):
                 out[i, slice(None) if rows is None else rows] = run_metric(
@@ -429,6 +430,12 @@ def run_specs(
         _halving(lambda c, first=first: run(c, first), chunk)
     bar.close()
     return out
+
+
+def _scored(metric: Metric, prompts: PromptSet) -> tuple[torch.Tensor | None, PromptSet]:
+    """The vocabulary ids patched runs compute (None: all) and the prompts their metric reads them with."""
+    columns = lsa_metrics.answer_columns(metric, prompts)
+    return (None, prompts) if columns is None else columns
 
 
 def _out_features(module: nn.Module) -> int:
@@ -902,6 +909,7 @@ def path_patching(
         order.setdefault(min(layer for layer, _ in group), []).append(i)
     chunks = [c for layer in sorted(order) for c in _chunks(order[layer], k)]
     out = torch.empty(len(groups), n)
+    ids, scored = _scored(metric, prompts)
     bar = _progress(len(groups), "path patching", progress)
 
     def run(chunk: list[int]) -> None:
@@ -918,7 +926,7 @@ def path_patching(
         }
         # rows that share the patched position run together, from it to their last end (prefix reuse)
         for rows, p in _row_groups(prompts, where if base.kv is not None else None):
-            sub = prompts if rows is None else prompts.subset(rows)
+            sub = scored if rows is None else scored.subset(rows)
             r, wd = len(sub), sub.clean.shape[1]
             index = slice(None) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
             tokens = base_tokens[slice(None) if rows is None else rows, :wd].repeat(m, 1)
@@ -934,7 +942,7 @@ def path_patching(
                     edits.append(Edit("head", layer, lambda x, z=z[:, p:]: z))
             base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=wd)
             if to_logits:
-                plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends)
+                plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends, columns=ids)
             else:
                 plan = Plan(
                     edits=edits,
@@ -951,6 +959,7 @@ def path_patching(
                     projections=_receiver_projections(model, rsites, seen),
                     start=_start(base_cache, first, m, prefix=p, kv=base.kv, rows=rows, width=wd),
                     end=ends,
+                    columns=ids,
                 )
             logits = engine.run(model, tokens, plan).logits
             for j, gi in enumerate(chunk):

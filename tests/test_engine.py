@@ -26,6 +26,7 @@ def test_bad_plans_are_refused_with_the_reason():
         (Plan(logits="some"), "logits must be one of"),
         (Plan(reads=[Read("pattern", 0)], attention="sdpa", end=end), "eager implementation"),
         (Plan(start=engine.Start(1, torch.zeros(1, 4, 32), prefix=2), end=end), "needs the keys and values"),
+        (Plan(logits="all", columns=torch.tensor([3, 4])), "columns"),
     ]
     for plan, message in bad:
         with pytest.raises(ValueError, match=message):
@@ -65,3 +66,19 @@ def test_both_executors_run_the_same_plan_with_steering_active():
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-4)
     assert (want.logits - unsteered.logits).abs().max() > 1e-3
     assert local.steering == [] and remote.steering == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vocabulary_columns_equal_those_columns_of_the_full_logits(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=6, lengths=[6, 5, 4], seed=3)
+    ids = torch.tensor([90, 4, 17, 5])
+    full = engine.run(model, prompts.clean, Plan(end=prompts.end)).logits
+    some = engine.run(model, prompts.clean, Plan(end=prompts.end, columns=ids)).logits
+    assert some.shape == (3, 4)
+    torch.testing.assert_close(some, full[:, ids], rtol=0, atol=1e-6)
+    if family in ("gpt2", "llama"):  # the traced executor takes the same columns
+        traced = engine.run(
+            dataclasses.replace(model, remote="local"), prompts.clean, Plan(end=prompts.end, columns=ids)
+        ).logits
+        torch.testing.assert_close(traced, full[:, ids], rtol=0, atol=1e-5)

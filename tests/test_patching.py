@@ -515,3 +515,28 @@ def test_bad_input_gives_clear_errors():
     model.remote = True  # a model built here cannot go to NDIF
     with pytest.raises(ValueError, match="NDIF cannot run it"):
         activation_patching(model, prompts, "head", progress=False)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_sweeps_unembed_only_the_metrics_columns_with_the_same_results(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=4, pos=6, lengths=[6, 5, 6, 4], seed=8)
+    calls = []
+    handle = model.module("unembed").register_forward_hook(lambda m, args, out: calls.append(out.shape[-1]))
+    try:
+        marked = activation_patching(model, prompts, "head", positions=["mid"], progress=False)
+        n_marked = len(calls)
+        path = path_patching(model, prompts, receivers="logits", progress=False)
+        n_path = len(calls) - n_marked
+        calls.clear()
+        plain = activation_patching(
+            model, prompts, "head", positions=["mid"], metric=lambda lg, p: logit_diff(lg, p), progress=False
+        )
+        plain_path = path_patching(model, prompts, receivers="logits", metric=lambda lg, p: logit_diff(lg, p))
+    finally:
+        handle.remove()
+    # logit_diff reads two columns: the whole unembedding runs in the two unpatched runs alone;
+    # an unmarked metric gets the full vocabulary in every patched run too
+    assert n_marked == 2 and n_path == 2 and len(calls) > 4 and set(calls) == {model.adapter.d_vocab}
+    torch.testing.assert_close(marked.patched, plain.patched, rtol=0, atol=1e-6)
+    torch.testing.assert_close(path.patched, plain_path.patched, rtol=0, atol=1e-6)

@@ -278,7 +278,13 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
                     kv = [(layer.keys, layer.values) for layer in kwargs[_cache_argument(model)].layers]
                 if plan.logits == "end":
                     rows = torch.arange(hidden.shape[0], device=hidden.device)
-                    logits = model.module("unembed")(hidden[rows, end.to(hidden.device)])
+                    last, unembed = hidden[rows, end.to(hidden.device)], model.module("unembed")
+                    if plan.columns is None:
+                        logits = unembed(last)
+                    else:  # those rows of the unembedding alone (a 262k vocabulary costs more than a layer)
+                        ids = plan.columns.to(last.device)
+                        bias = None if unembed.bias is None else unembed.bias[ids]
+                        logits = nn.functional.linear(last, unembed.weight[ids], bias)
             elif plan.logits == "last":
                 try:
                     logits = model.hf(input_ids=tokens, **kwargs, logits_to_keep=1).logits[:, -1:]

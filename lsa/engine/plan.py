@@ -146,7 +146,9 @@ class Plan:
     """One forward: edits, reads, and what comes back.
 
     ``logits``: ``"end"`` (``[batch, d_vocab]`` at each row's ``end`` position: the
-    final norm and unembedding run on those rows alone), ``"all"`` (``[batch, pos, d_vocab]``),
+    final norm and unembedding run on those rows alone; with ``columns``, vocabulary ids
+    ``[k]``, only those columns are computed: ``[batch, k]``, equal to the same columns of the
+    full logits), ``"all"`` (``[batch, pos, d_vocab]``),
     ``"last"`` (``[batch, 1, d_vocab]``, the last position) or ``None``. ``attention_mask``
     ``[batch, pos]`` is passed to the model (without one, prompts must be right-padded:
     no real position then attends to padding). ``reduce(logits, tokens, attention_mask)``
@@ -180,6 +182,7 @@ class Plan:
     kv: bool = False
     given_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: str | None = None
+    columns: torch.Tensor | None = None
 
 
 @dataclass
@@ -211,6 +214,8 @@ def check(model, plan: Plan) -> list[Edit]:
         raise ValueError("logits='end' needs the end positions (plan.end)")
     if plan.logit_grad is not None and plan.logits != "end":
         raise ValueError("logit_grad needs logits='end'")
+    if plan.columns is not None and (plan.logits != "end" or plan.logit_grad is not None or plan.columns.ndim != 1):
+        raise ValueError("columns (vocabulary ids [k]) go with logits='end' and no logit_grad")
     if plan.attention not in (None, "eager", "sdpa"):
         raise ValueError(f"attention must be None, 'eager' or 'sdpa', got {plan.attention!r}")
     if plan.attention == "sdpa" and any(r.site == "pattern" for r in plan.reads):

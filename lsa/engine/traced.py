@@ -126,6 +126,8 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
         if plan.logits is not None and plan.stop_after is None and weights is None:
             logits = unembed.output
             logits = logits[rows, end] if plan.logits == "end" else logits[:, -1:] if plan.logits == "last" else logits
+            if plan.columns is not None:
+                logits = logits[:, plan.columns.cpu()]
             if reduce is not None:
                 logits = reduce(logits, ids, mask if mask is not None else torch.ones_like(ids))
             out = logits.save()

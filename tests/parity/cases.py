@@ -43,7 +43,10 @@ from lsa import steering as S  # noqa: E402
 FROZEN_DIR = Path(__file__).resolve().parent / "frozen"
 FORMAT = "lsa.parity/1"
 REMOTE_FAMILIES = ("gpt2", "qwen2")  # full attention + Conv1D / grouped-query + separate q, k, v projections
-RTOL = ATOL = 1e-6
+# Float32 results move with the CPU they run on (accumulation order of its kernels): on a second
+# machine (avx512 with AMX) 164 of 1164 cases moved beyond 1e-6, median 2.6e-6, at most 4.2e-4 (a
+# normalised faithfulness 5.3 whose denominator is small on a random model: 7.9e-5 relative).
+RTOL = ATOL = 1e-4
 STEERED_TOL = 1e-4
 
 
