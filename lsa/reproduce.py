@@ -185,7 +185,8 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
                 " (the heads whose direct path to the logits carries the answer; what feeds them is not searched, "
                 "to keep the run to minutes: `-p max_steps=3` in notebook 01 searches further)."
                 if steps == 1
-                else "."
+                else " (the heads whose direct path to the logits carries the answer, then at each further step the "
+                "heads that feed the queries, keys or values of the heads found before)."
             )
         )
     if j is not None:

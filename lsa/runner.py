@@ -55,7 +55,7 @@ DEFAULT_CELL_TIMEOUT = 1800
 # need internet or NDIF; ``random=True`` swaps in random models of the same shapes);
 # "real" runs the main study on the real pretrained models lsa converts offline
 # (``make models``: Gemma 3 270M, SmolLM2-135M), sized for a few minutes on a CPU.
-_REAL_IOI = {"n_prompts": 12, "max_steps": 1}
+_REAL_IOI = {"n_prompts": 12, "max_steps": 3}
 PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     "zoo": [
         ("00_quickstart", ["toy-bilingual"], ["en+zh"], {}),
