@@ -158,8 +158,9 @@ def activation_totals(x: torch.Tensor, keep: torch.Tensor | None = None) -> tupl
     ``keep``: a boolean mask over the flattened positions (``None``: all). Returns
     ``(count of x > 0, sum, sum of |x|, sum of x^2)``, each ``[d_mlp]``, summed in float64:
     the standard deviation is ``sqrt(E[x^2] - E[x]^2)``, and float32 sums left a neuron held
-    constant (by steering) a std of 3e-4 from rounding alone. The hooks of :func:`collect_stats` call it on a local model, and its
-    trace calls it inside the trace on a remote one.
+    constant by steering a std of up to 1e-3 from rounding alone. The hooks of
+    :func:`collect_stats` call it on a local model, and its trace calls it inside the trace
+    on a remote one.
     """
     x = x.detach()
     x = x.reshape(-1, x.shape[-1])
@@ -171,7 +172,7 @@ def activation_totals(x: torch.Tensor, keep: torch.Tensor | None = None) -> tupl
 
 def _stacked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """:func:`activation_totals` stacked ``[4, d_mlp]`` float64 (computed where the model runs)."""
-    return torch.stack([t.double() for t in activation_totals(x, keep)])  # the count too
+    return torch.stack([t.double() for t in activation_totals(x, keep)])  # the count is an integer
 
 
 def batch_totals(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
