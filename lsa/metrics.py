@@ -33,14 +33,14 @@ def reads_answer_columns(metric):
     return metric
 
 
-def answer_columns(metric, prompts: PromptSet) -> tuple[torch.Tensor, PromptSet] | None:
+def answer_columns(metric, prompts: PromptSet) -> tuple[torch.Tensor | None, PromptSet]:
     """For a metric marked by :func:`reads_answer_columns`: the vocabulary ids it reads ``[k]`` and
     the prompts with answer and distractor renumbered into them (the metric then reads logits ``[n, k]``).
 
-    None for any other metric (it gets the full vocabulary).
+    ``(None, prompts)`` for any other metric (it gets the full vocabulary).
     """
     if not getattr(metric, "answer_columns", False):
-        return None
+        return None, prompts
     n = len(prompts)
     ids, inverse = torch.unique(torch.cat([prompts.answer.cpu(), prompts.distractor.cpu()]), return_inverse=True)
     return ids, dataclasses.replace(prompts, answer=inverse[:n], distractor=inverse[n:])

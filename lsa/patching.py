@@ -388,7 +388,7 @@ def run_specs(
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
-    ids, scored = _scored(metric, prompts)
+    ids, scored = lsa_metrics.answer_columns(metric, prompts)  # vocabulary ids patched runs compute
     order: dict[tuple[int, str, str], list[int]] = {}
     for i, spec in enumerate(specs):  # with a prefix to reuse, a chunk patches one position (name)
         order.setdefault((spec.layer, spec.site, repr(spec.pos) if base_kv is not None else ""), []).append(i)
@@ -430,12 +430,6 @@ def run_specs(
         _halving(lambda c, first=first: run(c, first), chunk)
     bar.close()
     return out
-
-
-def _scored(metric: Metric, prompts: PromptSet) -> tuple[torch.Tensor | None, PromptSet]:
-    """The vocabulary ids patched runs compute (None: all) and the prompts their metric reads them with."""
-    columns = lsa_metrics.answer_columns(metric, prompts)
-    return (None, prompts) if columns is None else columns
 
 
 def _out_features(module: nn.Module) -> int:
@@ -909,7 +903,7 @@ def path_patching(
         order.setdefault(min(layer for layer, _ in group), []).append(i)
     chunks = [c for layer in sorted(order) for c in _chunks(order[layer], k)]
     out = torch.empty(len(groups), n)
-    ids, scored = _scored(metric, prompts)
+    ids, scored = lsa_metrics.answer_columns(metric, prompts)  # vocabulary ids patched runs compute
     bar = _progress(len(groups), "path patching", progress)
 
     def run(chunk: list[int]) -> None:
