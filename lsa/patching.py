@@ -43,9 +43,10 @@ each forward; results equal a hook-by-hook reference (see ``tests/test_patching.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -241,17 +242,30 @@ class _Spec:
 
 
 def position_index(prompts: PromptSet, pos: str | int | None) -> torch.Tensor | None:
-    """Per-prompt position ``[n]`` of a spec (None = every position)."""
+    """Per-prompt position ``[n]`` of a spec (None = every position).
+
+    ``pos``: an absolute position, ``"end"``, a name of ``prompts.positions``, or a name with an
+    offset (``"S1+1"``: the token after S1 in each prompt; it must lie within every prompt).
+    """
     if pos is None:
         return None
     if isinstance(pos, str):
-        if pos == "end":
-            return prompts.end
-        if pos not in prompts.positions:
+        name, sign, offset = re.fullmatch(r"(.+?)(?:([+-])(\d+))?", pos).groups()
+        if name == "end":
+            base = prompts.end
+        elif name in prompts.positions:
+            base = prompts.positions[name]
+        else:
             raise ValueError(
-                f"unknown position name {pos!r}; this prompt set has {sorted(prompts.positions)} and 'end'"
+                f"unknown position name {pos!r}; this prompt set has {sorted(prompts.positions)} and 'end' "
+                "(a name may take an offset: 'S1+1')"
             )
-        return prompts.positions[pos]
+        if sign is None:
+            return base
+        index = base + (int(offset) if sign == "+" else -int(offset))
+        if bool((index < 0).any()) or bool((index > prompts.end.to(index.device)).any()):
+            raise IndexError(f"position {pos!r} lies outside some prompts (before 0 or after their end)")
+        return index
     width = prompts.clean.shape[1]
     if not isinstance(pos, int) or not 0 <= pos < width:
         raise IndexError(f"position {pos!r} out of range: prompts are {width} tokens wide (0..{width - 1})")
@@ -782,6 +796,84 @@ def _receiver_projections(model: Model, rsites: dict, seen: dict) -> list[Projec
     return projections
 
 
+def _receiver_heads(model: Model, rsites: dict, layer: int) -> torch.Tensor:
+    """The query heads whose outputs the receivers' patched inputs reach at ``layer`` ``[n_heads]`` (bool):
+    a query receiver's head, every head of a key / value receiver's KV group."""
+    a = model.adapter
+    mask = torch.zeros(a.n_heads, dtype=torch.bool)
+    for kind, units in rsites[layer].items():
+        for h in range(a.n_heads):
+            mask[h] |= (h if kind == "q" else a.kv_head(h)) in units
+    return mask
+
+
+def _receivers_at_end(model: Model, base_cache: dict, rsites: dict, layers, m: int, rows, p: int, ends) -> list[Edit]:
+    """Edits that give the receivers' heads at ``layers`` the base run's output at every position but each row's end."""
+    a = model.adapter
+    edits = []
+    for layer in layers:
+        heads = _receiver_heads(model, rsites, layer)
+        z = base_cache[("head", layer)][slice(None) if rows is None else rows].repeat(m, 1, 1)
+
+        def keep_end(x, z=z, heads=heads):
+            width = x.shape[1]
+            other = torch.arange(p, p + width, device=x.device)[None, :] != ends.to(x.device)[:, None]
+            cols = heads.to(x.device).repeat_interleave(a.d_head)
+            return torch.where(other[:, :, None] & cols, z[:, p : p + width].to(x), x).contiguous()
+
+        edits.append(Edit("head", layer, keep_end))
+    return edits
+
+
+def _end_only_plan(model, base, rsites, seen, tokens, first, m, rows, p, e, ends, ids) -> Plan:
+    """Step 3 with the receivers read at their ends ``ends`` alone and the senders patched at ``p`` alone,
+    ``p < e`` (``e``: the rows' first end).
+
+    Every position but the end is then the base run's at every layer, except the receivers' keys and
+    values at ``p``: one run of position ``p`` through the receiver layers (receivers' projections
+    from the recorded inputs, every head's output kept to the base run's, so the residual stays the
+    base run's) gives them, and the run of positions ``>= e`` reads them from its cache (edits keep
+    the receivers' outputs before a row's end to the base run's).
+    """
+    last = max(rsites)
+    cache = base.values
+
+    def rep(x):
+        return x[rows].repeat(m, *([1] * (x.ndim - 1)))
+
+    kept = {layer: rep(cache[("head", layer)][:, p : p + 1]) for layer in range(first, last + 1)}
+    edits = [Edit("head", layer, lambda x, z=z: z.to(x)) for layer, z in kept.items()]
+    at_p = {key: x[:, :1].contiguous() for key, x in seen.items()}  # seen holds positions >= p
+    plan = Plan(
+        projections=_receiver_projections(model, rsites, at_p),
+        edits=edits,
+        start=_start(cache, first, m, prefix=p, kv=base.kv, rows=rows, width=p + 1),
+        stop_after=("head", last),
+        logits=None,
+        kv=True,
+    )
+    patched = engine.run(model, tokens[:, : p + 1], plan).kv
+    kv = []
+    read = {layer for _, layer in seen}  # the receiver layers after the senders
+    for layer, (keys, values) in enumerate(base.kv):
+        if layer < first:  # skipped by the run: its length alone is read
+            kv.append((keys[:1, :, :e], values[:1, :, :e]))
+            continue
+        keys, values = rep(keys[:, :, :e]), rep(values[:, :, :e])
+        for kind, store, new in (("k", keys, patched[layer][0]), ("v", values, patched[layer][1])):
+            for unit in rsites[layer].get(kind, []) if layer in read else []:
+                store[:, unit, p] = new[:, unit, p]
+        kv.append((keys, values))
+    later = bool((ends > e).any())
+    return Plan(
+        projections=_receiver_projections(model, rsites, {key: x[:, e - p :].contiguous() for key, x in seen.items()}),
+        edits=_receivers_at_end(model, cache, rsites, sorted(read), m, rows, e, ends) if later else [],
+        start=Start(first, rep(cache[("resid_pre", first)][:, : tokens.shape[1]]), None, e, kv),
+        end=ends,
+        columns=ids,
+    )
+
+
 def _sender_groups(model: Model, senders) -> list[tuple[tuple[int, int], ...]]:
     """Normalise senders: ``(layer, head)`` or a list of them (patched together) per entry."""
     groups = []
@@ -816,6 +908,36 @@ def _receiver_sites(model: Model, receivers, receiver_input: str) -> dict[int, d
     return sites
 
 
+@dataclass
+class PathRuns:
+    """Path patching's two unpatched runs of ``prompts`` (:func:`path_runs`), shared by several calls.
+
+    ``base``: every head's output and attention input, keys and values (locally); ``donor``: every
+    head's output. Valid for the same ``prompts`` object and ``direction`` alone.
+    """
+
+    prompts: PromptSet
+    direction: str
+    base: engine.Run
+    donor: engine.Run
+
+
+@torch.no_grad()
+def path_runs(model: Model, prompts: PromptSet, direction: str = "noising") -> PathRuns:
+    """The unpatched runs that :func:`path_patching` calls on the same prompts can share (``unpatched=``).
+
+    Iterated path patching calls it once per receiver set and input; sharing spares two forwards
+    of the prompts per call.
+    """
+    check_prompts(prompts)
+    check_direction(direction)
+    base_tokens, donor_tokens = runs(model, prompts, direction)
+    n_layers = model.adapter.n_layers
+    heads = {("head", layer) for layer in range(n_layers)}
+    base = baseline(model, prompts, base_tokens, heads | {("attn_in", layer) for layer in range(n_layers)}, kv=True)
+    return PathRuns(prompts, direction, base, baseline(model, prompts, donor_tokens, heads))
+
+
 @torch.no_grad()
 def path_patching(
     model: Model,
@@ -832,6 +954,8 @@ def path_patching(
     positions: str | int | None = None,
     freeze_attention: bool = True,
     reuse_prefix: bool = True,
+    unpatched: PathRuns | None = None,
+    receivers_at: str | None = None,
 ) -> PatchResult:
     """Path patching (Wang et al. 2022): each sender's effect through its direct path to the receivers.
 
@@ -855,6 +979,14 @@ def path_patching(
         freeze_attention: frozen layers' attention computes no queries, keys or values
             (its heads' outputs are all given: :class:`lsa.engine.Plan`'s ``given_heads``);
             ``False``: compute them and overwrite the heads' outputs (as before; for comparison).
+        unpatched: the two unpatched runs from :func:`path_runs` of these ``prompts`` and this
+            ``direction`` (default: run them here).
+        receivers_at: where the receivers' outputs take the patched path: ``None`` (wherever their
+            patched inputs reach them, Wang et al.'s step 3) or ``"end"`` (at the end position
+            alone; at every other position they give the base run's output, so that position is
+            the base run's at every layer). With senders at one position ``p`` before the end,
+            only the end is then recomputed: one run of position ``p`` through the receiver layers
+            gives the receivers' keys and values there, the base run's the rest.
 
     Steps (noising; denoising swaps the two runs):
       1) run clean and counterfactual prompts, caching every head's output;
@@ -877,25 +1009,39 @@ def path_patching(
     if to_logits and receivers != "logits":
         raise ValueError(f"receivers must be 'logits' or a list of (layer, head), got {receivers!r}")
     rsites = {} if to_logits else _receiver_sites(model, receivers, receiver_input)
+    if receivers_at not in (None, "end") or (receivers_at and to_logits):
+        raise ValueError(f"receivers_at must be None or 'end' (for head receivers), got {receivers_at!r}")
     last_receiver = n_layers if to_logits else max(rsites)
     if senders is None:
         senders = [(layer, h) for layer in range(last_receiver) for h in range(a.n_heads)]
     groups = _sender_groups(model, senders)
 
     base_tokens, donor_tokens = runs(model, prompts, direction)
-    head_sites = {("head", layer) for layer in range(n_layers)}
-    attn_in = {("attn_in", layer) for layer in rsites}
     where = position_index(prompts, positions)  # [n] or None (every position)
-    base = baseline(model, prompts, base_tokens, head_sites | attn_in, kv=reuse_prefix and where is not None)
+    if unpatched is None:
+        head_sites = {("head", layer) for layer in range(n_layers)}
+        attn_in = {("attn_in", layer) for layer in rsites}
+        base = baseline(model, prompts, base_tokens, head_sites | attn_in, kv=reuse_prefix and where is not None)
+        donor = baseline(model, prompts, donor_tokens, head_sites)
+    elif unpatched.prompts is not prompts or unpatched.direction != direction:
+        raise ValueError(
+            "unpatched runs are for the prompts and direction they were made from "
+            f"(path_runs(model, prompts, {direction!r}))"
+        )
+    else:
+        base, donor = unpatched.base, unpatched.donor
+        if not (reuse_prefix and where is not None):
+            base = replace(base, kv=None)
     base_logits, base_cache = base.logits, base.values
-    donor = baseline(model, prompts, donor_tokens, head_sites)
     donor_logits, donor_cache = donor.logits, donor.values
     base_metric = run_metric(metric, base_logits, prompts).cpu()
     donor_metric = run_metric(metric, donor_logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
 
     recomputed = None
-    if base.kv is not None:  # each replica recomputes its prompts from the patched position to their end
+    if base.kv is not None and receivers_at:  # each run recomputes one position per prompt
+        recomputed = n
+    elif base.kv is not None:  # each replica recomputes its prompts from the patched position to their end
         recomputed = int((prompts.lengths - torch.minimum(where.cpu(), prompts.end.cpu())).sum())
     k = _chunk_size(prompts, batch_size, max_tokens, model, recomputed)
     order: dict[int, list[int]] = {}
@@ -920,21 +1066,27 @@ def path_patching(
         }
         # rows that share the patched position run together, from it to their last end (prefix reuse)
         for rows, p in _row_groups(prompts, where if base.kv is not None else None):
+            # receivers read at the end, senders before every end: from the rows' first end on alone
+            e = int(prompts.end[rows].min()) if receivers_at and base.kv is not None else None
+            e = None if e == p else e
             sub = scored if rows is None else scored.subset(rows)
             r, wd = len(sub), sub.clean.shape[1]
             index = slice(None) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
             tokens = base_tokens[slice(None) if rows is None else rows, :wd].repeat(m, 1)
             ends = sub.end.repeat(m)
-            # 2) senders from the donor run, every other head frozen to the base run.
+            # 2) senders from the donor run, every other head frozen to the base run. With every head
+            # frozen nothing moves between positions, so a run into receivers, whose senders are patched
+            # at p alone, changes position p alone: it runs p by itself (the base run gives the rest).
+            upto = p + 1 if base.kv is not None and not to_logits else wd
             edits: list[Edit] = []
             given: dict[int, torch.Tensor] = {}
             for layer, z in frozen.items():
-                z = z[index, :wd]
+                z = z[index, :upto]
                 if freeze_attention:
                     given[layer] = z
                 else:
                     edits.append(Edit("head", layer, lambda x, z=z[:, p:]: z))
-            base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=wd)
+            base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=upto)
             if to_logits:
                 plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends, columns=ids)
             else:
@@ -946,15 +1098,26 @@ def path_patching(
                     stop_after=max(reads),
                     logits=None,
                 )
-                seen = engine.run(model, tokens, plan).values
+                seen = engine.run(model, tokens[:, :upto], plan).values
+                if upto < wd:  # the positions after p as in the base run
+                    seen = {
+                        key: torch.cat([x, base_cache[key][rows, upto:wd].repeat(m, 1, 1).to(x)], 1)
+                        for key, x in seen.items()
+                    }
                 # 3) receivers' q / k / v from the recorded attention inputs (positions >= p); all else recomputed.
                 first = min(layer for _, layer in reads)
-                plan = Plan(
-                    projections=_receiver_projections(model, rsites, seen),
-                    start=_start(base_cache, first, m, prefix=p, kv=base.kv, rows=rows, width=wd),
-                    end=ends,
-                    columns=ids,
-                )
+                if e is not None:
+                    plan = _end_only_plan(model, base, rsites, seen, tokens, first, m, rows, p, e, ends, ids)
+                else:
+                    plan = Plan(
+                        projections=_receiver_projections(model, rsites, seen),
+                        edits=_receivers_at_end(model, base_cache, rsites, [la for _, la in reads], m, rows, p, ends)
+                        if receivers_at
+                        else [],
+                        start=_start(base_cache, first, m, prefix=p, kv=base.kv, rows=rows, width=wd),
+                        end=ends,
+                        columns=ids,
+                    )
             logits = engine.run(model, tokens, plan).logits
             for j, gi in enumerate(chunk):
                 out[gi, slice(None) if rows is None else rows] = run_metric(

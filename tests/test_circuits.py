@@ -92,16 +92,19 @@ def _reference_direct_effect(model, prompts, sender):
     return float((patched - clean) / (clean - corrupt))
 
 
-def _reference_value_path_effect(model, prompts, sender, receiver):
-    """Normalised effect of sender -> receiver's value only: the receiver's v from a run with the sender corrupted."""
+def _reference_value_path_effect(model, prompts, sender, receiver, pos=None):
+    """Normalised effect of sender -> receiver's value only: the receiver's v from a run with the sender corrupted
+    (at every position, or at ``pos`` ``[n]`` alone)."""
     a = model.adapter
     corrupt_z = _head_inputs(model, prompts.corrupt)
     block = model.adapter.block(model.hf, receiver[0])
     seen = {}
+    at = slice(None) if pos is None else pos
 
     def swap(m, args):
         z = args[0].clone().reshape(*args[0].shape[:2], a.n_heads, a.d_head)
-        z[:, :, sender[1]] = corrupt_z[sender[0]].reshape(*z.shape)[:, :, sender[1]]
+        rows = slice(None) if pos is None else torch.arange(len(pos))
+        z[rows, at, sender[1]] = corrupt_z[sender[0]].reshape(*z.shape)[rows, at, sender[1]]
         return (z.reshape(args[0].shape),)
 
     hooks = [
@@ -149,7 +152,20 @@ def test_discovery_recovers_planted_heads_and_nothing_else(tmp_path):
     assert found.circuit.get((1, 2)).evidence["receiver_input"] == "logits"
     via = found.circuit.get((0, 1)).evidence["receiver_input"]
     assert via == "v"
+    # ... patched where 1.2 attends most from the end: the named positions and the token after each, by hand
+    with torch.no_grad():
+        att = model.hf(prompts.clean, output_attentions=True).attentions[1][:, 2]  # [n, q, k]
+    rows = torch.arange(len(prompts))
+    named = {"first": prompts.positions["first"], "mid": prompts.positions["mid"], "end": prompts.end}
+    named.update({f"{k}+1": v + 1 for k, v in list(named.items()) if k != "end"})
+    best = max(named, key=lambda k: float(att[rows, prompts.end, named[k]].mean()))
+    assert found.circuit.get((0, 1)).evidence["position"] == best
     assert found.circuit.get((0, 1)).effect == pytest.approx(
+        _reference_value_path_effect(model, prompts, (0, 1), (1, 2), pos=named[best]), abs=1e-4
+    )
+    every = C.discover(model, prompts, k=1.0, floor=0.01, max_steps=3, roles=False, positions="all", progress=False)
+    assert sorted(every.circuit.heads) == PLANTED and set(every.steps["position"]) == {"all"}
+    assert every.circuit.get((0, 1)).effect == pytest.approx(
         _reference_value_path_effect(model, prompts, (0, 1), (1, 2)), abs=1e-4
     )
     # the only head-to-head edge runs between the planted heads, 0.1 -> 1.2

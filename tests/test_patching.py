@@ -14,7 +14,7 @@ from helpers import FAMILIES, gpt2_tokenizer, make_prompts, oriented, tiny_model
 from lsa.configs import TINY, random_hf_model
 from lsa.metrics import logit_diff
 from lsa.model import wrap
-from lsa.patching import activation_patching, path_patching
+from lsa.patching import activation_patching, path_patching, path_runs, position_index
 
 TOL = 1e-4
 
@@ -409,8 +409,12 @@ def test_qkv_columns_touch_only_their_head(family):
         assert changed == expected, (family, kind, changed, expected)
 
 
-def ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=None):
-    """Wang et al. steps 2-3 with plain hooks, one sender at a time (patched at ``pos`` [n] alone if given)."""
+def ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=None, at_end=False):
+    """Wang et al. steps 2-3 with plain hooks, one sender at a time (patched at ``pos`` [n] alone if given).
+
+    ``at_end``: the receivers' heads (every head of a key / value receiver's KV group) give the
+    clean run's output at every position but the end.
+    """
     a = model.adapter
     n_layers = a.n_layers
     # step 2: sender from the counterfactual run, every other head frozen; record each receiver layer's ln1 output
@@ -432,6 +436,7 @@ def ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=None):
         hooks.append((model.module("ln1", layer), "out", keep))
     ref_run(model, prompts.clean, hooks)
     # step 3: clean run, only the receivers' q / k / v recomputed from the recorded input
+    clean_z = {layer: ref_read(model, prompts.clean, "head", layer) for layer in seen} if at_end else {}
     handles = []
     for layer, head in receivers:
         if layer <= sender[0]:
@@ -448,6 +453,27 @@ def ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=None):
                 return out
 
             handles.append(module.register_forward_hook(swap))
+    if at_end:
+        for layer in {r[0] for r in receivers if r[0] > sender[0]}:
+            heads = {
+                h
+                for rl, rh in receivers
+                if rl == layer
+                for kind in kinds
+                for h in range(a.n_heads)
+                if (h == rh if kind == "q" else a.kv_head(h) == a.kv_head(rh))
+            }
+
+            def keep_end(m, args, clean_z=clean_z[layer], heads=heads):
+                z = args[0].clone()
+                for i in range(len(prompts)):
+                    other = torch.arange(z.shape[1]) != prompts.end[i]
+                    for h in heads:
+                        cols = slice(h * a.d_head, (h + 1) * a.d_head)
+                        z[i, other, cols] = clean_z[i, other, cols]
+                return (z, *args[1:])
+
+            handles.append(model.module("o_proj", layer).register_forward_pre_hook(keep_end))
     try:
         return logit_diff(ref_run(model, prompts.clean), prompts)
     finally:
@@ -466,6 +492,84 @@ def test_path_patching_to_receiver_qkv_matches_reference_hooks(family):
         for sender, patched in zip([(0, 0), (0, 2), (1, 3)], res.patched):
             ref = ref_path_to_receivers(model, prompts, sender, receivers, kinds)
             assert (patched - ref).abs().max() <= TOL, (family, kinds, sender)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_patching_into_keys_and_values_at_a_position_matches_reference_hooks(family):
+    """Senders at one position (per prompt, a name with an offset included) into receivers' keys / values.
+
+    The run with every head frozen computes that position alone (nothing else moves); the result
+    must still equal plain hooks that patch the senders there and recompute every position.
+    """
+    model = _deeper(family)
+    prompts = make_prompts(n=3, pos=7, lengths=[7, 6, 6], seed=11)
+    receivers = [(2, 0), (2, 3), (1, 1)]
+    senders = [(0, 0), (0, 2), (1, 3)]
+    for kinds, pos in (("kv", "mid"), ("k", "mid+1"), ("v", "first+1"), ("qkv", "end")):
+        res = path_patching(model, prompts, senders, receivers, receiver_input=kinds, positions=pos, progress=False)
+        where = position_index(prompts, pos)
+        for sender, patched in zip(senders, res.patched):
+            ref = ref_path_to_receivers(model, prompts, sender, receivers, kinds, pos=where)
+            assert (patched - ref).abs().max() <= TOL, (family, kinds, pos, sender)
+    assert position_index(prompts, "mid+1").tolist() == [4, 4, 4]
+    with pytest.raises(IndexError, match="outside some prompts"):
+        position_index(prompts, "end+1")
+    with pytest.raises(ValueError, match="unknown position name"):
+        position_index(prompts, "S1+1")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_patching_with_receivers_read_at_the_end_matches_reference_hooks(family):
+    """``receivers_at="end"``: senders at a position before the end recompute the end alone
+    (the receivers' keys and values at the senders' position from one run of it); at every
+    position, or with the prefix recomputed, edits keep the receivers' other positions."""
+    model = _deeper(family)
+    prompts = make_prompts(n=4, pos=7, lengths=[7, 6, 6, 7], seed=14)
+    receivers = [(2, 0), (2, 3), (1, 1)]
+    senders = [(0, 0), (0, 2), (1, 3)]
+    cases = [("kv", "mid"), ("k", "first+1"), ("v", "first"), ("qkv", "mid"), ("q", "end"), ("kv", None)]
+    for kinds, pos in cases:
+        where = None if pos is None else position_index(prompts, pos)
+        refs = [ref_path_to_receivers(model, prompts, s, receivers, kinds, pos=where, at_end=True) for s in senders]
+        for reuse in (True, False):
+            res = path_patching(
+                model, prompts, senders, receivers, receiver_input=kinds, positions=pos, receivers_at="end",
+                reuse_prefix=reuse, progress=False,
+            )  # fmt: skip
+            for sender, patched, ref in zip(senders, res.patched, refs):
+                assert (patched - ref).abs().max() <= TOL, (family, kinds, pos, reuse, sender)
+    with pytest.raises(ValueError, match="receivers_at"):
+        path_patching(model, prompts, receivers="logits", receivers_at="end", progress=False)
+
+
+def test_receivers_read_at_the_end_pass_on_less_than_receivers_read_everywhere():
+    """A receiver before the last layer (1.1) passes its changed outputs at mid..end-1 on to layer 2's end;
+    read at the end alone it does not (8.4e-4 apart on this model)."""
+    model = _deeper("llama")
+    prompts = make_prompts(n=4, pos=7, lengths=[7, 6, 6, 7], seed=14)
+    kw = dict(receiver_input="kv", positions="mid", progress=False)
+    every = path_patching(model, prompts, [(0, 0), (0, 2)], [(2, 0), (1, 1)], **kw)
+    at_end = path_patching(model, prompts, [(0, 0), (0, 2)], [(2, 0), (1, 1)], receivers_at="end", **kw)
+    assert (every.patched - at_end.patched).abs().max() > 1e-4
+
+
+def test_path_patching_from_shared_unpatched_runs_equals_its_own_and_refuses_other_prompts():
+    model = _deeper("llama")
+    prompts = make_prompts(n=3, pos=7, lengths=[7, 6, 6], seed=12)
+    shared = path_runs(model, prompts)
+    for kw in (
+        dict(receivers="logits"),
+        dict(receivers="logits", positions="end"),
+        dict(receivers=[(2, 0), (1, 1)], receiver_input="v"),
+        dict(receivers=[(2, 0), (1, 1)], receiver_input="k", positions="mid"),
+    ):
+        own = path_patching(model, prompts, progress=False, **kw)
+        from_shared = path_patching(model, prompts, progress=False, unpatched=shared, **kw)
+        torch.testing.assert_close(from_shared.patched, own.patched, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="unpatched runs are for"):
+        path_patching(model, make_prompts(n=3, pos=7, seed=13), unpatched=shared, progress=False)
+    with pytest.raises(ValueError, match="unpatched runs are for"):
+        path_patching(model, prompts, direction="denoising", unpatched=shared, progress=False)
 
 
 def _deeper(family):

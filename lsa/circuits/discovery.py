@@ -12,21 +12,41 @@
    candidates, or no spread, only the floor decides;
 4) stop when no new head is selected or after ``max_steps``.
 
-Positions (``positions="auto"``, the default): a sender's output is patched at the
-end position alone for the logits and for receivers' queries, and at every
-position for receivers' keys and values. With every other head frozen a sender
-reaches the logits only through the end position's residual, so for step 1 this
-equals patching every position; into queries it reads "the receivers' queries at
-the end", where the IOI heads read; keys and values are read at every position a
-receiver attends to. Patching at the end lets each run recompute that position
-alone (:func:`lsa.patching.path_patching`'s prefix reuse). ``positions="all"``
-patches every position at every step (the variant before this rule).
+Positions (``positions="auto"``, the default; Wang et al. patch senders at END, S2 and
+S1+1). Every head of the circuit has a *query position*, where its output was found to
+matter: the end for heads found through the logits, and otherwise the position its
+output was patched at. A step patches senders
+
+- into the logits, and into receivers' queries, at the receivers' query position (the end
+  for the logits): with every other head frozen a sender reaches the logits only through the
+  end position's residual, so for step 1 this equals patching every position;
+- into receivers' keys and values, at the position the receivers attend to most from their
+  query position: of the prompt set's named positions and the token after each (``IO``,
+  ``S1``, ``S1+1``, ``S2``, ``end``, ...), the one with the highest attention averaged over
+  the prompts and the receivers (:func:`attended_position`, one forward reading the patterns).
+
+Receivers whose query position is the end are read there: into their keys and values, a
+sender's path runs through their output at the end alone (at every other position they keep
+the base run's output; :func:`lsa.patching.path_patching`'s ``receivers_at="end"``), as
+their effect was found at the end. Each such run then recomputes two positions per prompt:
+the senders' one, and the end. Receivers of
+another query position pass on their output wherever the patched keys and values reach it.
+Receivers of one query position are patched together; one sweep per receiver input and
+query position. A head found through keys or values at ``S2`` thus has ``S2`` as its query
+position: the next step looks for what its query reads at ``S2`` and what its keys and values
+hold where it attends from there (an induction head at S2 -> previous-token heads at S1+1).
+Patching one position lets each run recompute that position and the ones after it alone
+(:func:`lsa.patching.path_patching`'s prefix reuse). ``positions="all"`` patches every
+position at every step (the variant before this rule): it also finds heads whose effect is
+spread over positions, at many times the cost.
 
 Roles of the heads found are then suggested by :mod:`lsa.circuits.ioi_roles`.
 
-Cost: discovery runs one path-patching sweep for the logits and three per later
-step (one forward per sender from its layer on), plus one per receiver and
-input for per-receiver edges, plus the role scores (:func:`lsa.circuits.ioi_roles.head_scores`).
+Cost: two unpatched runs of the prompts (:func:`lsa.patching.path_runs`), shared by
+every sweep; one path-patching sweep for the logits and three per later step and query
+position (one forward per sender from its layer on, of the positions above), plus one per
+receiver and input for per-receiver edges; one forward reading attention patterns per
+key / value group; and the role scores (:func:`lsa.circuits.ioi_roles.head_scores`).
 
 >>> found = discover(model, prompts, k=1.5, floor=0.05)       # doctest: +SKIP
 >>> found.circuit.table()                                      # doctest: +SKIP
@@ -39,6 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
@@ -83,13 +104,24 @@ def path_step(
     metric=None,
     batch_size: int | None = None,
     progress: bool = False,
-    positions: str = "auto",
+    positions: str | int = "auto",
+    query: str = "end",
+    receivers_at: str | None = "auto",
+    unpatched=None,
 ) -> pd.DataFrame:
     """One discovery step: path patching every candidate head -> ``receivers`` and the selection rule.
 
     ``receivers``: ``"logits"`` or a list of ``(layer, head)``; candidates are the heads
-    in layers before the last receiver. Returns one row per candidate: ``layer``,
+    in layers before the last receiver. ``positions``: where senders are patched: ``"auto"``
+    (the rule of the module docstring, for receivers whose query position is ``query``),
+    ``"all"`` (every position) or a position (a name such as ``"S2"`` or ``"S1+1"``, or an
+    index). ``receivers_at``: where the receivers' outputs take the patched path
+    (:func:`lsa.patching.path_patching`): ``"auto"`` (:func:`receivers_read_at`), ``"end"`` or
+    ``None`` (every position). ``unpatched``: :func:`lsa.patching.path_runs` of these prompts,
+    shared between steps. Returns one row per candidate: ``layer``,
     ``head``, ``receiver_input`` ("logits", "q", "k" or "v"), ``receivers`` (names),
+    ``position`` (where the senders were patched; "all" = every position), ``receivers_at``
+    ("end", or "all": every position),
     ``metric``, ``raw_effect`` (metric change), ``effect`` (the change over ``clean - corrupt``:
     noising, the usual normalised effect, negative = the head carries the behaviour;
     denoising, positive = it does), ``z``, ``selected``.
@@ -102,9 +134,15 @@ def path_step(
     a = model.adapter
     last = a.n_layers if to_logits else max(layer for layer, _ in receivers)
     senders = [(layer, h) for layer in range(last) for h in range(a.n_heads)]
-    cols = ["layer", "head", "receiver_input", "receivers", "metric", "raw_effect", "effect", "z", "selected"]
+    cols = [
+        "layer", "head", "receiver_input", "receivers", "position", "receivers_at", "metric", "raw_effect", "effect",
+        "z", "selected",
+    ]  # fmt: skip
     if not senders:
         return pd.DataFrame(columns=cols)
+    at = sender_position(model, prompts, receivers, kind, positions, query=query, direction=direction)
+    if receivers_at == "auto":
+        receivers_at = receivers_read_at(kind, at, query)
     res = patching.path_patching(
         model,
         prompts,
@@ -115,7 +153,9 @@ def path_step(
         metric=metric,
         batch_size=batch_size,
         progress=progress,
-        positions=sender_positions(kind, positions),
+        positions=at,
+        receivers_at=receivers_at,
+        unpatched=unpatched,
     )
     frame = res.frame
     span = float(res.clean.mean() - res.corrupt.mean())
@@ -129,6 +169,8 @@ def path_step(
             "head": frame["head"].astype(int),
             "receiver_input": kind,
             "receivers": names,
+            "position": "all" if at is None else str(at),
+            "receivers_at": receivers_at or "all",
             "metric": frame["metric"],
             "raw_effect": frame["effect"],
             "effect": sel["effect"],
@@ -143,15 +185,100 @@ def path_step(
 POSITIONS = ("auto", "all")
 
 
-def sender_positions(receiver_input: str, positions: str = "auto") -> str | None:
-    """Where senders are patched for a receiver input under the discovery's position rule (module docstring).
+def sender_position(
+    model: Model,
+    prompts: PromptSet,
+    receivers,
+    receiver_input: str,
+    positions: str | int = "auto",
+    *,
+    query: str = "end",
+    direction: str = "noising",
+) -> str | int | None:
+    """Where senders are patched into ``receivers``' ``receiver_input`` (None = every position).
 
-    >>> sender_positions("logits"), sender_positions("q"), sender_positions("k"), sender_positions("q", "all")
-    ('end', 'end', None, None)
+    ``positions="auto"``: the rule of the module docstring for receivers whose query position is
+    ``query``: there for the logits and queries; for keys and values, :func:`attended_position`.
+    ``"all"``: every position. Any other value is a position and is returned as it is.
     """
-    if positions not in POSITIONS:
-        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    return "end" if positions == "auto" and receiver_input in (LOGITS, "q") else None
+    if positions == "all":
+        return None
+    if positions != "auto":
+        return positions
+    if receiver_input in (LOGITS, "q") or isinstance(receivers, str):
+        return query
+    return attended_position(model, prompts, receivers, query, direction=direction)
+
+
+def receivers_read_at(receiver_input: str, at, query: str = "end") -> str | None:
+    """Where receivers' outputs take the patched path under the rule: ``"end"`` for keys and values of
+    receivers whose query position is the end, with the senders at one position; else every position (None).
+
+    >>> receivers_read_at("v", "S2"), receivers_read_at("q", "end"), receivers_read_at("k", None)
+    ('end', None, None)
+    """
+    return "end" if receiver_input in ("k", "v") and at is not None and query == "end" else None
+
+
+def candidate_positions(prompts: PromptSet) -> list[str]:
+    """The positions a key / value step may patch at: every named position and ``"end"``, then the token after each."""
+    from lsa.patching import position_index
+
+    names = [*prompts.positions, *([] if "end" in prompts.positions else ["end"])]
+    out = list(names)
+    for name in names:
+        try:
+            position_index(prompts, f"{name}+1")
+        except IndexError:  # after the end in some prompt
+            continue
+        out.append(f"{name}+1")
+    return out
+
+
+@torch.no_grad()
+def attention_from(
+    model: Model, prompts: PromptSet, heads, query: str = "end", *, direction: str = "noising", chunk: int = 32
+) -> torch.Tensor:
+    """Each head's attention from ``query`` (a position name) in the base run: ``[n, len(heads), pos]``.
+
+    The base run is the clean prompts for noising, the counterfactual ones for denoising.
+    """
+    from lsa import engine
+    from lsa.engine import Plan, Read
+    from lsa.patching import position_index, runs
+
+    heads = list(heads)
+    tokens = runs(model, prompts, direction)[0]
+    where = position_index(prompts, query)
+    layers = sorted({layer for layer, _ in heads})
+    out = []
+    for lo in range(0, len(prompts), chunk):
+        q = where[lo : lo + chunk].to(model.device)
+        rows = torch.arange(len(q), device=model.device)
+        reads = [Read("pattern", layer, fn=lambda p, q=q, rows=rows: p[rows, :, q]) for layer in layers]
+        plan = Plan(reads=reads, logits=None, stop_after=("pattern", layers[-1]))
+        seen = engine.run(model, tokens[lo : lo + chunk].to(model.device), plan).values
+        out.append(torch.stack([seen[("pattern", layer)][:, head].float().cpu() for layer, head in heads], 1))
+    return torch.cat(out)
+
+
+def attended_position(
+    model: Model, prompts: PromptSet, receivers, query: str = "end", *, direction: str = "noising"
+) -> str:
+    """The candidate position (:func:`candidate_positions`) the receivers attend to most from ``query``.
+
+    Attention averaged over the prompts and the receivers; ties go to the earlier candidate.
+    """
+    from lsa.patching import position_index
+
+    att = attention_from(model, prompts, receivers, query, direction=direction)  # [n, r, pos]
+    rows = torch.arange(len(prompts))
+    best, best_score = None, -1.0
+    for name in candidate_positions(prompts):
+        score = float(att[rows, :, position_index(prompts, name).cpu()].mean())
+        if score > best_score:
+            best, best_score = name, score
+    return best
 
 
 @dataclass
@@ -180,7 +307,9 @@ class Discovery:
         return self.steps[self.steps["selected"]].reset_index(drop=True)
 
 
-def _edge_effects(model, prompts, senders, receivers, kind, *, per_receiver, direction, metric, batch_size, positions):
+def _edge_effects(
+    model, prompts, senders, receivers, kind, *, per_receiver, direction, metric, batch_size, at, read_at, unpatched
+):
     """``{(sender, receiver): normalised effect}`` for selected senders into receivers' ``kind`` input."""
     from lsa import patching
 
@@ -200,7 +329,9 @@ def _edge_effects(model, prompts, senders, receivers, kind, *, per_receiver, dir
             metric=metric,
             batch_size=batch_size,
             progress=False,
-            positions=sender_positions(kind, positions),
+            positions=at,
+            receivers_at=read_at,
+            unpatched=unpatched,
         )
         span = float(res.clean.mean() - res.corrupt.mean())
         for s, v in zip(usable, (res.effect / span).tolist()):
@@ -238,8 +369,10 @@ def discover(
             path-patching run per receiver and input); else every edge of a step gets
             the effect into the whole receiver set.
         roles: suggest roles (:func:`suggest_roles`; one captured forward).
-        positions: ``"auto"`` (senders at the end for the logits and queries, at every
-            position for keys and values: module docstring) or ``"all"`` (every position).
+        positions: ``"auto"`` (each head's query position for the logits and queries, the
+            position the receivers attend to most for keys and values: module docstring) or
+            ``"all"`` (every position at every step). ``steps["position"]`` says where each
+            sweep patched its senders.
         progress: a line per step and receiver input, and each sweep's progress bar.
 
     Returns a :class:`Discovery` (``.circuit``, ``.steps``, ``.scores``). A model in
@@ -250,15 +383,18 @@ def discover(
     kinds = list(dict.fromkeys(receiver_input))
     if not kinds or any(x not in "qkv" for x in kinds):
         raise ValueError(f"receiver_input must be letters from 'qkv', got {receiver_input!r}")
-    sender_positions(LOGITS, positions)  # checks the rule's name
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    from lsa.patching import path_runs
+
     kw = dict(
+        unpatched=path_runs(model, prompts, direction),  # every sweep starts from the same two runs
         k=k,
         floor=floor,
         direction=direction,
         metric=metric,
         batch_size=batch_size,
         progress=progress,
-        positions=positions,
     )
     params = dict(
         k=k,
@@ -274,19 +410,43 @@ def discover(
         model, prompts.task, prompts.language, method="iterated path patching", parameters=params
     )
     tables, frontier = [], None
+    query_at: dict[tuple[int, int], str] = {}  # each head's query position (module docstring)
     say = print if progress else (lambda *args: None)
     for step in range(1, max_steps + 1):
+        calls = []  # (receivers, input, where senders are patched, the receivers' query position)
         if step == 1:
-            say(f"step 1: every head -> logits (senders at {sender_positions(LOGITS, positions) or 'every position'})")
-            frames = [path_step(model, prompts, LOGITS, **kw)]
+            calls.append((LOGITS, "q", sender_position(model, prompts, LOGITS, LOGITS, positions), "end"))
         else:
-            frames = []
-            for kind in kinds:
-                where = sender_positions(kind, positions) or "every position"
-                say(f"step {step}: earlier heads -> {kind} of {len(frontier)} new head(s) (senders at {where})")
-                frames.append(path_step(model, prompts, frontier, kind, **kw))
+            groups: dict[str, list[tuple[int, int]]] = {}
+            for head in frontier:  # one group per query position ("all": one group)
+                groups.setdefault("all" if positions == "all" else query_at[head], []).append(head)
+            for query, group in groups.items():
+                attended = None
+                for kind in kinds:
+                    if positions == "all":
+                        at = None
+                    elif kind == "q":
+                        at = query
+                    else:  # keys and values: one reading of the patterns per group
+                        attended = attended or attended_position(model, prompts, group, query, direction=direction)
+                        at = attended
+                    calls.append((group, kind, at, query))
+        frames = []
+        for receivers, kind, at, query in calls:
+            read_at = receivers_read_at(kind, at, query)
+            where = "every position" if at is None else at
+            if isinstance(receivers, str):
+                say(f"step 1: every head -> logits (senders at {where})")
+            else:
+                says = f"{len(receivers)} new head(s)" + ("" if positions == "all" else f" at {query}")
+                read = ", read at the end" if read_at else ""
+                say(f"step {step}: earlier heads -> {kind} of {says} (senders at {where}{read})")
+            frame = path_step(
+                model, prompts, receivers, kind, positions="all" if at is None else at, receivers_at=read_at, **kw
+            )
+            frames.append((receivers, at, read_at, frame))
         new: list[tuple[int, int]] = []
-        for frame in frames:
+        for receivers, at, read_at, frame in frames:
             if not len(frame):
                 continue
             if step == 1:
@@ -299,6 +459,7 @@ def discover(
                 head = (int(r.layer), int(r.head))
                 if head not in circuit and head not in new:
                     new.append(head)
+                    query_at[head] = "end" if kind == LOGITS or at is None else str(at)
                     frame.loc[r.Index, "new"] = True
                     circuit.add(
                         Component(
@@ -310,6 +471,7 @@ def discover(
                                 step=step,
                                 receiver_input=kind,
                                 receivers=r.receivers,
+                                position=r.position,
                                 effect=float(r.effect),
                                 raw_effect=float(r.raw_effect),
                                 z=float(r.z),
@@ -320,20 +482,22 @@ def discover(
             if kind == LOGITS:
                 for r in chosen.itertuples():
                     circuit.edges.append(Edge(("head", int(r.layer), int(r.head)), (LOGITS,), LOGITS, float(r.effect)))
-            elif senders and len(frontier) == 1:  # one receiver: the step's own effects are the edges
-                effects = {(s, frontier[0]): float(r.effect) for s, r in zip(senders, chosen.itertuples())}
+            elif senders and len(receivers) == 1:  # one receiver: the step's own effects are the edges
+                effects = {(s, receivers[0]): float(r.effect) for s, r in zip(senders, chosen.itertuples())}
             elif senders:
                 effects = _edge_effects(
                     model,
                     prompts,
                     senders,
-                    frontier,
+                    receivers,
                     kind,
                     per_receiver=per_receiver_edges,
                     direction=direction,
                     metric=metric,
                     batch_size=batch_size,
-                    positions=positions,
+                    at=at,
+                    read_at=read_at,
+                    unpatched=kw["unpatched"],
                 )
             if kind != LOGITS and senders:
                 for (s, r), v in effects.items():

@@ -292,8 +292,10 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
                     logits = model.hf(input_ids=tokens, **kwargs).logits[:, -1:]
             else:
                 logits = model.hf(input_ids=tokens, **kwargs).logits
-        except _Stop:
-            return Run(None, values)
+        except _Stop:  # with kv: the layers up to the stop hold this run's keys and values, the rest the prefix's
+            if plan.kv:
+                kv = [(layer.keys, layer.values) for layer in kwargs[_cache_argument(model)].layers]
+            return Run(None, values, kv)
     if plan.kv and kv is None:
         raise ValueError("kv=True needs logits='end' or None")
     if grad:
@@ -338,10 +340,15 @@ def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):
     p = start.prefix
     if kwargs.get("attention_mask") is not None:
         raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
-    reps = tokens.shape[0] // start.kv[0][0].shape[0]
+    reps = tokens.shape[0] // start.kv[start.layer][0].shape[0]
     cache = DynamicCache()  # full layers: the model masks sliding-window layers itself
     for i, (keys, values) in enumerate(start.kv):
-        cache.update(keys[:, :, :p].repeat(reps, 1, 1, 1), values[:, :, :p].repeat(reps, 1, 1, 1), i)
+        keys, values = keys[:, :, :p], values[:, :, :p]
+        if i < start.layer:  # a skipped layer's cache is never read: one row gives its length
+            keys, values = keys[:1], values[:1]
+        elif reps > 1:  # else as given: the cache copies it
+            keys, values = keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1)
+        cache.update(keys, values, i)
     return tokens[:, p:], None if end is None else end - p, {**kwargs, _cache_argument(model): cache, "use_cache": True}
 
 

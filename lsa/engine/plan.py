@@ -117,7 +117,8 @@ class Start:
 
     ``prefix`` > 0 with ``kv`` (the keys and values of a run whose positions ``< prefix`` are the
     same as this one's at every layer: :attr:`Run.kv` of the unpatched run, or some of its rows;
-    batch ``n`` with this run's batch ``m * n`` made of ``m`` replicas): only positions ``>= prefix`` are recomputed,
+    batch ``n`` with this run's batch ``m * n`` made of ``m`` replicas, read at ``layer``; the layers
+    before it are never read, so any batch will do there): only positions ``>= prefix`` are recomputed,
     attending to the cached keys and values before them. Every site then holds those positions
     alone (edits see and return ``[batch, pos - prefix, ...]``, reads return them), and
     ``logits="end"`` still takes the plan's ``end`` as absolute positions (all ``>= prefix``).
@@ -155,7 +156,8 @@ class Plan:
     replaces the logits by its result, computed where the model runs. ``logit_grad``
     ``[batch, d_vocab]`` (with ``logits="end"``): the values of the reads become their
     gradients of ``sum(end logits * logit_grad)``. ``kv``: also keep every layer's keys and
-    values (:attr:`Run.kv`, local executor only) for a later :class:`Start` with a prefix.
+    values (:attr:`Run.kv`, local executor only) for a later :class:`Start` with a prefix
+    (with ``stop_after``: this run's up to the stop, the start's prefix after it).
     ``given_heads[layer]`` ``[batch, pos, n_heads * d_head]``: every head's output at that
     layer, as an edit of ``head`` replacing it whole would give; locally the attention module
     then computes no queries, keys, values or pattern, only ``o_proj`` of them (path
