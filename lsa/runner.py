@@ -80,14 +80,13 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes: `make reproduce` from a fresh clone took 17 min 5 s with them on two cores (two
-    # jobs, one thread each; 15 minutes is the aim), most of it path-patching discovery (step 1: 150-190 s per
-    # Gemma 3 circuit on 16 prompts with two kernels sharing the cores). The longest cells come
+    # Sizes: with the install and the models in place, `make reproduce` runs its 21 notebooks in
+    # 3 min 58 s on two cores (two jobs, one thread each; 15 minutes from a fresh clone is the aim),
+    # most of it path-patching discovery (three steps: 71-87 s per circuit). The longest cells come
     # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
-    # its circuits on 12 (discovery stops after step 1: heads -> logits, the heads that write the
-    # answer; each further step costs three sweeps of every earlier head, minutes each here) and
-    # compared on 16; SmolLM2, the side comparison, on 8 (circuit) and 50 (behaviour); past tense on
-    # 12; language neurons on 40 shipped sentences per language.
+    # its circuits on 12 (_REAL_IOI) and compared on 16; SmolLM2, the side comparison, on 8
+    # (circuit) and 50 (behaviour); past tense on 12; language neurons on 40 shipped sentences
+    # per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (

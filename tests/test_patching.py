@@ -636,7 +636,9 @@ def test_sweeps_unembed_only_the_metrics_columns_with_the_same_results(family):
         plain = activation_patching(
             model, prompts, "head", positions=["mid"], metric=lambda lg, p: logit_diff(lg, p), progress=False
         )
-        plain_path = path_patching(model, prompts, receivers="logits", metric=lambda lg, p: logit_diff(lg, p))
+        plain_path = path_patching(
+            model, prompts, receivers="logits", metric=lambda lg, p: logit_diff(lg, p), progress=False
+        )
     finally:
         handle.remove()
     # logit_diff reads two columns: the whole unembedding runs in the two unpatched runs alone;
