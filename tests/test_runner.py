@@ -270,3 +270,19 @@ def test_reproduce_passes_its_cell_timeout_to_the_grid(tmp_path, monkeypatch):
     assert cli.main(["reproduce", "--cell-timeout", "7", "-j", "3", "--no-real", "-o", str(tmp_path)]) == 0
     assert seen["cell_timeout"] == 7 and seen["jobs"] == 3 and seen["n"] == len(runner.plan_preset("zoo", tmp_path))
     assert cli.build_parser().parse_args(["run", "x"]).cell_timeout == runner.DEFAULT_CELL_TIMEOUT
+
+
+def test_parallel_jobs_share_the_cores_unless_the_environment_sets_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 8)
+    with runner.threads_per_job(2):
+        assert runner.os.environ["OMP_NUM_THREADS"] == "4"
+    assert "OMP_NUM_THREADS" not in runner.os.environ
+    with runner.threads_per_job(16):
+        assert runner.os.environ["OMP_NUM_THREADS"] == "1"
+    with runner.threads_per_job(1):
+        assert "OMP_NUM_THREADS" not in runner.os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with runner.threads_per_job(2):
+        assert runner.os.environ["OMP_NUM_THREADS"] == "3"
+    assert runner.os.environ["OMP_NUM_THREADS"] == "3"
