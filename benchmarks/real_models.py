@@ -37,8 +37,9 @@ count waiting for a core that other jobs hold; on a GPU read the wall column).
    prompts, k=1.5, floor=0.05, max_steps=3)`` on ``build_sets("ioi", "en", ...,
    n=100, seed=0)``; ``--discovery-n``, ``--max-steps``). Minutes on a CPU. Timed the
    old way (``positions="all"``: senders at every position, and path patching with
-   ``reuse_prefix=False, freeze_attention=False``, the whole vocabulary, and its own two
-   unpatched runs in every call) and with the defaults; target: after <= 1/4 before.
+   ``reuse_prefix=False, freeze_attention=False``, the whole vocabulary, its own two
+   unpatched runs in every call, and one call per receiver input) and with the defaults;
+   target: after <= 1/4 before.
 
 A markdown summary of the ratios and issue 16's targets ends the output.
 
@@ -356,7 +357,11 @@ def main() -> None:
         if old:
             # discovery calls lsa.patching.path_patching by name: for this run it takes the old-way switches
             def old_path_patching(*args, **kwargs):  # the old-way switches over discovery's own arguments
-                return path_patching(*args, **{**kwargs, **old_path})
+                inputs = kwargs.get("receiver_input", "q")
+                if isinstance(inputs, str):
+                    return path_patching(*args, **{**kwargs, **old_path})
+                # several receiver inputs sharing one senders' run: the old way runs one call per input
+                return {ix: path_patching(*args, **{**kwargs, **old_path, "receiver_input": ix}) for ix in inputs}
 
             with mock.patch.object(patching, "path_patching", old_path_patching):
                 found_old, t_disc_old = clocked(

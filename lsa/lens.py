@@ -119,6 +119,34 @@ def write_logits(
     return _normed(model, write.to(w_u.device), None if resid is None else resid.to(w_u.device), norm) @ w_u.T
 
 
+@torch.no_grad()
+def write_logit_z(
+    model: Model, write: torch.Tensor, resid: torch.Tensor, targets: torch.Tensor, *, gram=None
+) -> torch.Tensor:
+    """``(logits[target] - logits.mean()) / logits.std()`` of :func:`write_logits` (frozen norm) per row ``[b]``,
+    without the ``[b, d_vocab]`` logits: the mean and the (unbiased) variance over the vocabulary come
+    from ``W_U``'s column means and Gram matrix ``W_U^T W_U``, in float64.
+
+    ``write``, ``resid`` ``[b, d_model]``; ``targets`` ``[b]`` vocabulary ids; ``gram``: :func:`unembed_gram`'s
+    result, to share between calls (default: computed here).
+    """
+    w_u = model.adapter.unembed_weight(model.hf)
+    mean_row, g = unembed_gram(model) if gram is None else gram
+    x = _normed(model, write.to(w_u.device), resid.to(w_u.device), "frozen").double()
+    v = w_u.shape[0]
+    at = (x * w_u[targets.to(w_u.device)].double()).sum(-1)
+    mean = x @ mean_row
+    var = (((x @ g) * x).sum(-1) - v * mean**2) / (v - 1)
+    return ((at - mean) / var.clamp(min=0).sqrt().clamp(min=1e-12)).float()
+
+
+@torch.no_grad()
+def unembed_gram(model: Model) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W_U``'s mean row ``[d_model]`` and Gram matrix ``W_U^T W_U`` ``[d_model, d_model]``, float64 (:func:`write_logit_z`)."""
+    w_u = model.adapter.unembed_weight(model.hf).double()
+    return w_u.mean(0), w_u.T @ w_u
+
+
 def _decode(model: Model, ids: list[int]) -> list[str]:
     if model.tokenizer is None:
         return [str(i) for i in ids]

@@ -398,7 +398,9 @@ def run_specs(
     ``base_kv``: that run's keys and values (``baseline(..., kv=True).kv``); with them the
     prompts of a chunk whose specs patch positions ``>= p`` in them run together and
     recompute only positions ``p`` up to their last end (a chunk holds specs of one layer,
-    site and position; the positions after a prompt's end are padding, never read).
+    site and position; the positions after a prompt's end are padding, never read). Specs at
+    the end (or after it) recompute each prompt's end alone, every prompt in one forward
+    (:class:`lsa.engine.Start` with a prefix per row).
     """
     n, width = base_tokens.shape
     out = torch.empty(len(specs), n)
@@ -422,6 +424,23 @@ def run_specs(
         mask = _mask(chunk_specs, prompts, width, n_units, model.device)  # [m * n, pos, units]
         if ("resid_pre", layer) not in base_cache:
             first = None
+        if first is not None and bool((first.cpu() >= prompts.end.cpu()).all()):  # the ends alone, all prompts together
+            end = prompts.end.cpu()
+            ends = end.repeat(m).to(model.device)
+            attn = site != "resid_pre" and all((key, layer) in base_cache for key in ATTN_CACHE)
+            cached = (
+                AttnCache(*(_at_positions(base_cache[(key, layer)], end, m) for key in ATTN_CACHE)) if attn else None
+            )
+            start = Start(layer, _at_positions(base_cache[("resid_pre", layer)], end, m), cached, ends, base_kv)
+            donor = _at_positions(donor_cache[(site, layer)], end, m)
+            at_end = mask[torch.arange(m * n, device=mask.device), ends.to(mask.device)][:, None]
+            edits = [Edit(site, layer, replace_units(at_end, donor, n_units, w))]
+            plan = Plan(edits=edits, start=start, end=ends, columns=ids)
+            logits = engine.run(model, base_tokens.repeat(m, 1), plan).logits
+            for j, i in enumerate(chunk):
+                out[i] = run_metric(metric, logits[j * n : (j + 1) * n], scored).cpu()
+            bar.update(m)
+            return
         # rows that share their first patched position run together, from that position to their last end
         for rows, p in _row_groups(prompts, first):
             sub = scored if rows is None else scored.subset(rows)
@@ -446,6 +465,12 @@ def run_specs(
     return out
 
 
+def _at_positions(x: torch.Tensor, pos: torch.Tensor, m: int) -> torch.Tensor:
+    """Each row of ``x`` ``[n, pos, ...]`` at its position ``pos`` ``[n]``, for ``m`` replicas: ``[m * n, 1, ...]``."""
+    x = x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)][:, None]
+    return x.repeat(m, *([1] * (x.ndim - 1)))
+
+
 def _out_features(module: nn.Module) -> int:
     """Output width of a linear layer (``nn.Linear``, or GPT-2's transposed ``Conv1D``)."""
     return module.out_features if hasattr(module, "out_features") else module.nf
@@ -465,16 +490,17 @@ def _start(
         return None
     rows = slice(None) if rows is None else rows
     width = hidden.shape[1] if width is None else width
+    lo = prefix if kv is not None else 0  # with a reused prefix, the positions the run computes alone
 
     def take(x):
-        return x[rows, :width].repeat(m, *([1] * (x.ndim - 1)))
+        return x[rows, lo:width].repeat(m, *([1] * (x.ndim - 1)))
 
     cached = None
     if attn and all((key, layer) in base_cache for key in ATTN_CACHE):
         cached = AttnCache(*(take(base_cache[(key, layer)]) for key in ATTN_CACHE))
     if kv is None or not prefix:
         return Start(layer, take(hidden), cached)
-    return Start(layer, take(hidden), cached, prefix, [(k[rows, :, :prefix], v[rows, :, :prefix]) for k, v in kv])
+    return Start(layer, take(hidden), cached, prefix, kv, None if isinstance(rows, slice) else rows)
 
 
 def _row_groups(prompts: PromptSet, first: torch.Tensor | None) -> list[tuple[torch.Tensor | None, int]]:
@@ -755,25 +781,45 @@ def sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given:
 
 
 # ============================================================== path patching
-def _frozen_heads(model: Model, base_cache: dict, donor_cache: dict, groups: list, layer: int, where) -> torch.Tensor:
+def _frozen_heads(
+    model: Model, base_cache: dict, donor_cache: dict, groups: list, layer: int, where, rows, lo: int, hi: int
+) -> torch.Tensor:
     """Every head's output at ``layer`` for a chunk of sender groups: the base run's, the senders' from the donor run.
 
-    ``[m * n, pos, n_heads * d_head]``, replica-major (one replica per group); ``where`` ``[n]``: the
-    position patched in each prompt (``None``: every position).
+    ``[m * r, hi - lo, n_heads * d_head]``, replica-major (one replica per group): positions ``lo`` to
+    ``hi - 1`` of ``rows`` (``None``: every row), or with ``lo`` a tensor ``[r]`` each row's position
+    ``lo`` alone (``[m * r, 1, ...]``); ``where`` ``[n]``: the position patched in each prompt
+    (``None``: every position).
     """
     a = model.adapter
-    n, width = base_cache[("head", layer)].shape[:2]
-    z = base_cache[("head", layer)].reshape(n, width, a.n_heads, a.d_head).repeat(len(groups), 1, 1, 1)
-    dz = donor_cache[("head", layer)].reshape(n, width, a.n_heads, a.d_head)
-    rows = torch.arange(n, device=z.device)
+    device = base_cache[("head", layer)].device
+    take = slice(None) if rows is None else rows.to(device)
+    if isinstance(lo, torch.Tensor):
+        lo = lo.to(device)
+
+        def sel(x):
+            x = x[take]
+            return x[torch.arange(x.shape[0], device=device), lo][:, None]
+    else:
+
+        def sel(x):
+            return x[take, lo:hi]
+
+    base = sel(base_cache[("head", layer)])
+    r, width = base.shape[:2]
+    z = base.reshape(r, width, a.n_heads, a.d_head).repeat(len(groups), 1, 1, 1)
+    dz = sel(donor_cache[("head", layer)]).reshape(r, width, a.n_heads, a.d_head).to(z)
+    if where is not None:
+        pos = where.to(z.device)[take] - lo
+        inside = ((pos >= 0) & (pos < width)).nonzero().flatten()
+        pos = pos[inside]
     for j, group in enumerate(groups):
         for sl, sh in group:
             if sl == layer and where is None:
-                z[j * n : (j + 1) * n, :, sh] = dz[:, :, sh]
+                z[j * r : (j + 1) * r, :, sh] = dz[:, :, sh]
             elif sl == layer:
-                pos = where.to(z.device)
-                z[j * n + rows, pos, sh] = dz[rows, pos, sh]
-    return z.reshape(len(groups) * n, width, a.n_heads * a.d_head)
+                z[j * r + inside, pos, sh] = dz[inside, pos, sh]
+    return z.reshape(len(groups) * r, width, a.n_heads * a.d_head)
 
 
 def _receiver_projections(model: Model, rsites: dict, seen: dict) -> list[Projection]:
@@ -823,55 +869,6 @@ def _receivers_at_end(model: Model, base_cache: dict, rsites: dict, layers, m: i
 
         edits.append(Edit("head", layer, keep_end))
     return edits
-
-
-def _end_only_plan(model, base, rsites, seen, tokens, first, m, rows, p, e, ends, ids) -> Plan:
-    """Step 3 with the receivers read at their ends ``ends`` alone and the senders patched at ``p`` alone,
-    ``p < e`` (``e``: the rows' first end).
-
-    Every position but the end is then the base run's at every layer, except the receivers' keys and
-    values at ``p``: one run of position ``p`` through the receiver layers (receivers' projections
-    from the recorded inputs, every head's output kept to the base run's, so the residual stays the
-    base run's) gives them, and the run of positions ``>= e`` reads them from its cache (edits keep
-    the receivers' outputs before a row's end to the base run's).
-    """
-    last = max(rsites)
-    cache = base.values
-
-    def rep(x):
-        return x[rows].repeat(m, *([1] * (x.ndim - 1)))
-
-    kept = {layer: rep(cache[("head", layer)][:, p : p + 1]) for layer in range(first, last + 1)}
-    edits = [Edit("head", layer, lambda x, z=z: z.to(x)) for layer, z in kept.items()]
-    at_p = {key: x[:, :1].contiguous() for key, x in seen.items()}  # seen holds positions >= p
-    plan = Plan(
-        projections=_receiver_projections(model, rsites, at_p),
-        edits=edits,
-        start=_start(cache, first, m, prefix=p, kv=base.kv, rows=rows, width=p + 1),
-        stop_after=("head", last),
-        logits=None,
-        kv=True,
-    )
-    patched = engine.run(model, tokens[:, : p + 1], plan).kv
-    kv = []
-    read = {layer for _, layer in seen}  # the receiver layers after the senders
-    for layer, (keys, values) in enumerate(base.kv):
-        if layer < first:  # skipped by the run: its length alone is read
-            kv.append((keys[:1, :, :e], values[:1, :, :e]))
-            continue
-        keys, values = rep(keys[:, :, :e]), rep(values[:, :, :e])
-        for kind, store, new in (("k", keys, patched[layer][0]), ("v", values, patched[layer][1])):
-            for unit in rsites[layer].get(kind, []) if layer in read else []:
-                store[:, unit, p] = new[:, unit, p]
-        kv.append((keys, values))
-    later = bool((ends > e).any())
-    return Plan(
-        projections=_receiver_projections(model, rsites, {key: x[:, e - p :].contiguous() for key, x in seen.items()}),
-        edits=_receivers_at_end(model, cache, rsites, sorted(read), m, rows, e, ends) if later else [],
-        start=Start(first, rep(cache[("resid_pre", first)][:, : tokens.shape[1]]), None, e, kv),
-        end=ends,
-        columns=ids,
-    )
 
 
 def _sender_groups(model: Model, senders) -> list[tuple[tuple[int, int], ...]]:
@@ -945,7 +942,7 @@ def path_patching(
     senders=None,
     receivers="logits",
     *,
-    receiver_input: str = "q",
+    receiver_input: str | tuple[str, ...] = "q",
     direction: str = "noising",
     metric: Metric | None = None,
     batch_size: int | None = None,
@@ -956,7 +953,7 @@ def path_patching(
     reuse_prefix: bool = True,
     unpatched: PathRuns | None = None,
     receivers_at: str | None = None,
-) -> PatchResult:
+) -> PatchResult | dict[str, PatchResult]:
     """Path patching (Wang et al. 2022): each sender's effect through its direct path to the receivers.
 
     Args:
@@ -969,13 +966,18 @@ def path_patching(
             a combination such as ``"kv"``) takes the patched path. Under
             grouped-query attention a key / value receiver is the head's KV group
             (every query head of the group sees the patched keys / values).
+            A tuple of inputs, such as ``("k", "v")``, patches each on its own and returns
+            ``{input: PatchResult}``, equal to one call per input; the inputs share the senders' run
+            (step 2) and, with ``receivers_at="end"``, the run of the receivers' keys and values.
         positions: where the senders' outputs are patched: ``None`` (every position), or one
             named (``"end"``, a name of ``prompts.positions``) or absolute position. With every
             other head frozen, a sender reaches the logits only through the end position's
             residual, so ``positions="end"`` gives the same result as ``None`` for
             ``receivers="logits"``, and it means "the receivers' queries at the end" for ``"q"``.
         reuse_prefix: with ``positions``, recompute only the positions from the earliest patched
-            one on (the unpatched run's keys and values before it are reused; exact).
+            one on (the unpatched run's keys and values before it are reused; exact). Where that is
+            one position per prompt (senders at the end, or receivers read at the end alone: the
+            senders' position, then the end), every prompt runs in one forward at its own position.
         freeze_attention: frozen layers' attention computes no queries, keys or values
             (its heads' outputs are all given: :class:`lsa.engine.Plan`'s ``given_heads``);
             ``False``: compute them and overwrite the heads' outputs (as before; for comparison).
@@ -1008,7 +1010,13 @@ def path_patching(
     to_logits = isinstance(receivers, str)
     if to_logits and receivers != "logits":
         raise ValueError(f"receivers must be 'logits' or a list of (layer, head), got {receivers!r}")
-    rsites = {} if to_logits else _receiver_sites(model, receivers, receiver_input)
+    inputs = (receiver_input,) if isinstance(receiver_input, str) else tuple(receiver_input)
+    if not inputs or (to_logits and len(inputs) > 1):
+        raise ValueError(
+            f"receiver_input must be an input or a tuple of inputs for head receivers, got {receiver_input!r}"
+        )
+    sites = {} if to_logits else {ix: _receiver_sites(model, receivers, ix) for ix in inputs}
+    rsites = {} if to_logits else _receiver_sites(model, receivers, "".join(inputs))  # every input's, for the runs
     if receivers_at not in (None, "end") or (receivers_at and to_logits):
         raise ValueError(f"receivers_at must be None or 'end' (for head receivers), got {receivers_at!r}")
     last_receiver = n_layers if to_logits else max(rsites)
@@ -1048,30 +1056,107 @@ def path_patching(
     for i, group in enumerate(groups):
         order.setdefault(min(layer for layer, _ in group), []).append(i)
     chunks = [c for layer in sorted(order) for c in _chunks(order[layer], k)]
-    out = torch.empty(len(groups), n)
+    outs = {ix: torch.empty(len(groups), n) for ix in inputs}
     ids, scored = lsa_metrics.answer_columns(metric, prompts)  # vocabulary ids patched runs compute
     bar = _progress(len(groups), "path patching", progress)
+
+    # each prompt runs one position, all prompts together: the senders' position for the run into the
+    # receivers, their end for the logits (senders at the end, or receivers read at the end alone)
+    alone = base.kv is not None and where is not None
+    alone = alone and (bool((where.cpu() >= prompts.end.cpu()).all()) or (receivers_at == "end" and not to_logits))
+    at_p = None if where is None else torch.minimum(where.cpu(), prompts.end.cpu())
+
+    def at(key, pos, m):
+        return _at_positions(base_cache[key], pos, m)
+
+    def run_alone(chunk: list[int], start: int, reads: list) -> None:
+        m = len(chunk)
+        end = prompts.end.cpu()
+        p_m, e_m = at_p.repeat(m).to(model.device), end.repeat(m).to(model.device)
+        tokens = base_tokens.repeat(m, 1)
+        edits: list[Edit] = []
+        given: dict[int, torch.Tensor] = {}
+        for layer in range(start, last_receiver):
+            z = _frozen_heads(
+                model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where, None, at_p, None
+            )
+            if freeze_attention:
+                given[layer] = z
+            else:
+                edits.append(Edit("head", layer, lambda x, z=z: z))
+        frozen = Start(start, at(("resid_pre", start), at_p, m), None, p_m, base.kv)
+        plans = {}
+        if to_logits:
+            plans[inputs[0]] = Plan(edits=edits, given_heads=given, start=frozen, end=e_m, columns=ids)
+        else:
+            plan = Plan(
+                edits=edits,
+                given_heads=given,
+                reads=[Read(*key) for key in reads],
+                start=frozen,
+                stop_after=max(reads),
+                logits=None,
+            )
+            seen = engine.run(model, tokens, plan).values  # the receivers' inputs at the senders' position
+            first = min(layer for _, layer in reads)
+            later = (at_p < end).repeat(m).to(model.device)  # rows whose receivers read at a later end
+            if bool(later.any()):  # the receivers' keys and values at the senders' position
+                hidden = at(("resid_pre", first), at_p, m)
+                idle = hidden.new_zeros(n * m, 1, a.n_heads * a.d_head)
+                last = max(rsites)
+                plan = Plan(
+                    projections=_receiver_projections(model, rsites, seen),
+                    given_heads={layer: idle for layer in range(first, last) if ("attn_in", layer) not in seen},
+                    idle_mlps=tuple(range(first, last)),
+                    start=Start(first, hidden, None, p_m, base.kv),
+                    stop_after=("head", last),
+                    logits=None,
+                    kv=True,
+                )
+                patched = engine.run(model, tokens, plan).kv
+                moved = later.nonzero().flatten()
+            for ix in inputs:
+                kv = list(base.kv)
+                for _, layer in seen if bool(later.any()) else ():
+                    pair = list(kv[layer])
+                    for slot, kind in enumerate("kv"):
+                        units = sites[ix][layer].get(kind, [])
+                        if units:
+                            store = pair[slot].repeat(m, 1, 1, 1)
+                            new = patched[layer][slot][:, :, -1]  # the run's own position: its last slot
+                            for unit in units:
+                                store[moved, unit, p_m[moved]] = new[moved, unit]
+                            pair[slot] = store
+                    kv[layer] = tuple(pair)
+                given_in = {key: torch.where(later[:, None, None], at(key, end, m).to(x), x) for key, x in seen.items()}
+                plans[ix] = Plan(
+                    projections=_receiver_projections(model, sites[ix], given_in),
+                    start=Start(first, at(("resid_pre", first), end, m), None, e_m, kv),
+                    end=e_m,
+                    columns=ids,
+                )
+        for ix, plan in plans.items():
+            logits = engine.run(model, tokens, plan).logits
+            for j, gi in enumerate(chunk):
+                outs[ix][gi] = run_metric(metric, logits[j * n : (j + 1) * n], scored).cpu()
 
     def run(chunk: list[int]) -> None:
         m = len(chunk)
         start = min(layer for layer, _ in groups[chunk[0]])
         reads = [("attn_in", layer) for layer in rsites if layer > start]
         if not to_logits and not reads:  # no receiver after the senders: no path, the base run's metric
-            out[chunk] = base_metric
+            for out in outs.values():
+                out[chunk] = base_metric
             bar.update(m)
             return
-        frozen = {
-            layer: _frozen_heads(model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where)
-            for layer in range(start, last_receiver)
-        }
+        if alone:
+            run_alone(chunk, start, reads)
+            bar.update(m)
+            return
         # rows that share the patched position run together, from it to their last end (prefix reuse)
         for rows, p in _row_groups(prompts, where if base.kv is not None else None):
-            # receivers read at the end, senders before every end: from the rows' first end on alone
-            e = int(prompts.end[rows].min()) if receivers_at and base.kv is not None else None
-            e = None if e == p else e
             sub = scored if rows is None else scored.subset(rows)
             r, wd = len(sub), sub.clean.shape[1]
-            index = slice(None) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
             tokens = base_tokens[slice(None) if rows is None else rows, :wd].repeat(m, 1)
             ends = sub.end.repeat(m)
             # 2) senders from the donor run, every other head frozen to the base run. With every head
@@ -1080,15 +1165,18 @@ def path_patching(
             upto = p + 1 if base.kv is not None and not to_logits else wd
             edits: list[Edit] = []
             given: dict[int, torch.Tensor] = {}
-            for layer, z in frozen.items():
-                z = z[index, :upto]
+            for layer in range(start, last_receiver):  # positions p to upto - 1, those the run computes
+                z = _frozen_heads(
+                    model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where, rows, p, upto
+                )
                 if freeze_attention:
                     given[layer] = z
                 else:
-                    edits.append(Edit("head", layer, lambda x, z=z[:, p:]: z))
+                    edits.append(Edit("head", layer, lambda x, z=z: z))
             base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=upto)
+            plans = {}
             if to_logits:
-                plan = Plan(edits=edits, given_heads=given, start=base_start, end=ends, columns=ids)
+                plans[inputs[0]] = Plan(edits=edits, given_heads=given, start=base_start, end=ends, columns=ids)
             else:
                 plan = Plan(
                     edits=edits,
@@ -1106,23 +1194,21 @@ def path_patching(
                     }
                 # 3) receivers' q / k / v from the recorded attention inputs (positions >= p); all else recomputed.
                 first = min(layer for _, layer in reads)
-                if e is not None:
-                    plan = _end_only_plan(model, base, rsites, seen, tokens, first, m, rows, p, e, ends, ids)
-                else:
-                    plan = Plan(
-                        projections=_receiver_projections(model, rsites, seen),
-                        edits=_receivers_at_end(model, base_cache, rsites, [la for _, la in reads], m, rows, p, ends)
-                        if receivers_at
-                        else [],
+                for ix in inputs:
+                    at_end = _receivers_at_end(model, base_cache, sites[ix], [la for _, la in reads], m, rows, p, ends)
+                    plans[ix] = Plan(
+                        projections=_receiver_projections(model, sites[ix], seen),
+                        edits=at_end if receivers_at else [],
                         start=_start(base_cache, first, m, prefix=p, kv=base.kv, rows=rows, width=wd),
                         end=ends,
                         columns=ids,
                     )
-            logits = engine.run(model, tokens, plan).logits
-            for j, gi in enumerate(chunk):
-                out[gi, slice(None) if rows is None else rows] = run_metric(
-                    metric, logits[j * r : (j + 1) * r], sub
-                ).cpu()
+            for ix, plan in plans.items():
+                logits = engine.run(model, tokens, plan).logits
+                for j, gi in enumerate(chunk):
+                    outs[ix][gi, slice(None) if rows is None else rows] = run_metric(
+                        metric, logits[j * r : (j + 1) * r], sub
+                    ).cpu()
         bar.update(m)
 
     for chunk in chunks:
@@ -1138,19 +1224,23 @@ def path_patching(
             [{"site": "heads", "senders": ", ".join(f"{lh[0]}.{lh[1]}" for lh in g)} for g in groups]
         )
         dims, axes = ("senders",), {"senders": components["senders"].tolist()}
-    return PatchResult(
-        components=components,
-        patched=out,
-        clean=clean,
-        corrupt=corrupt,
-        dims=dims,
-        axes=axes,
-        direction=direction,
-        method="path patching",
-        meta={
-            "site": "head",
-            "receivers": receivers,
-            "receiver_input": None if to_logits else receiver_input,
-            **({} if positions is None else {"positions": positions}),
-        },
-    )
+    results = {
+        ix: PatchResult(
+            components=components.copy(),
+            patched=out,
+            clean=clean,
+            corrupt=corrupt,
+            dims=dims,
+            axes=axes,
+            direction=direction,
+            method="path patching",
+            meta={
+                "site": "head",
+                "receivers": receivers,
+                "receiver_input": None if to_logits else ix,
+                **({} if positions is None else {"positions": positions}),
+            },
+        )
+        for ix, out in outs.items()
+    }
+    return results[inputs[0]] if isinstance(receiver_input, str) else results

@@ -375,6 +375,44 @@ def test_head_scores_attention_matches_patterns_from_plain_hooks():
             assert scores.loc[(layer, head), "S2_S1+1"] == pytest.approx(float(want), abs=1e-5)
 
 
+def test_head_scores_copy_score_matches_a_hand_computed_vocabulary_projection():
+    """copy_score against plain hooks on GPT-2: head h's write at the end ``z_h @ W_O[h]``, the final
+    LayerNorm with the scale of the actual final residual, ``W_U``, z-scored at the attended token."""
+    model = tiny_model("gpt2", seed=1)
+    prompts = ioi_like_prompts(n=5, pos=8, seed=4)
+    hf, seen = model.hf, {}
+    hooks = [
+        model.module("o_proj", layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: seen.__setitem__(("z", layer), args[0])
+        )
+        for layer in range(2)
+    ]
+    hooks += [model.module("attn", layer).register_forward_hook(
+        lambda m, a, out, layer=layer: seen.__setitem__(("pattern", layer), out[1])
+    ) for layer in range(2)]  # fmt: skip
+    hooks.append(hf.transformer.ln_f.register_forward_pre_hook(lambda m, args: seen.__setitem__("final", args[0])))
+    with torch.no_grad():
+        hf(prompts.clean)
+    for h in hooks:
+        h.remove()
+    scores = C.head_scores(model, prompts, chunk=2).set_index(["layer", "head"])
+    rows, end, ln = torch.arange(5), prompts.end, hf.transformer.ln_f
+    final = seen["final"][rows, end]
+    scale = (final.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
+    d_head = model.adapter.d_head
+    for layer in range(2):
+        w_o = model.module("o_proj", layer).weight.detach()  # Conv1D: [in = heads * d_head, out = d_model]
+        for head in range(4):
+            cols = slice(head * d_head, (head + 1) * d_head)
+            write = seen[("z", layer)][rows, end, cols] @ w_o[cols]
+            logits = (
+                (write - write.mean(-1, keepdim=True)) / scale * ln.weight.detach()
+            ) @ hf.lm_head.weight.detach().T
+            target = prompts.clean[rows, seen[("pattern", layer)][rows, head, end].argmax(-1)]
+            want = (logits[rows, target] - logits.mean(-1)) / logits.std(-1)
+            assert scores.loc[(layer, head), "copy_score"] == pytest.approx(float(want.mean()), abs=1e-4)
+
+
 # ----------------------------------------------------------------- faithfulness and drawing
 def test_faithfulness_of_whole_model_circuit_is_one_and_of_empty_circuit_zero():
     model = tiny_model("gpt2", seed=2)

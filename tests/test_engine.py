@@ -82,3 +82,47 @@ def test_vocabulary_columns_equal_those_columns_of_the_full_logits(family):
             dataclasses.replace(model, remote="local"), prompts.clean, Plan(end=prompts.end, columns=ids)
         ).logits
         torch.testing.assert_close(traced, full[:, ids], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_idle_mlps_write_nothing_as_a_hook_zeroing_the_mlp_output_projection(family):
+    """``Plan.idle_mlps`` against plain torch: a forward hook zeroing the MLP's output projection (its write to
+    the residual: BLOOM's MLP adds the residual itself, Gemma 3's sandwich norm keeps a zero zero)."""
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=6, seed=4)
+    idle = (0,) if model.adapter.n_layers == 1 else (0, model.adapter.n_layers - 1)
+    handles = [
+        model.module("mlp_out", layer).register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+        for layer in idle
+    ]
+    try:
+        with torch.no_grad():
+            want = model.hf(input_ids=prompts.clean).logits[torch.arange(3), prompts.end]
+    finally:
+        for h in handles:
+            h.remove()
+    got = engine.run(model, prompts.clean, Plan(end=prompts.end, idle_mlps=idle)).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    plain = engine.run(model, prompts.clean, Plan(end=prompts.end)).logits
+    assert (plain - want).abs().max() > 1e-3  # the idle MLPs changed the run
+    if family in ("gpt2", "llama"):  # the traced executor zeroes their writes
+        traced = engine.run(
+            dataclasses.replace(model, remote="local"), prompts.clean, Plan(end=prompts.end, idle_mlps=idle)
+        ).logits
+        torch.testing.assert_close(traced, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="idle"):
+        engine.run(model, prompts.clean, Plan(reads=[Read("mlp_act", idle[0])], end=prompts.end, idle_mlps=idle))
+
+
+def test_a_plan_stops_after_its_site_even_where_it_reads_nothing_there():
+    model = tiny_model("llama")
+    prompts = make_prompts(n=2, pos=5, seed=6)
+    ran = []
+    handle = model.adapter.block(model.hf, 1).register_forward_pre_hook(lambda m, args: ran.append(1))
+    try:
+        engine.run(model, prompts.clean, Plan(stop_after=("head", 0), logits=None))
+        assert ran == []  # block 1 never ran
+        engine.run(model, prompts.clean, Plan(end=prompts.end))
+        assert ran == [1]
+    finally:
+        handle.remove()

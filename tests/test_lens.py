@@ -170,3 +170,15 @@ def test_projection_and_logit_lens_figures_show_the_tokens():
     with pytest.raises(ValueError, match="target"):
         lens_plots.plot_logit_lens(lens.logit_lens(model, tokens))
     plt.close("all")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
+def test_write_logit_z_equals_the_z_score_of_the_full_vocabulary_projection(family):
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(3)
+    d = model.adapter.d_model
+    write, resid = torch.randn(5, d, generator=g), torch.randn(5, d, generator=g) * 2
+    targets = torch.tensor([0, 7, 13, 2, 40])
+    logits = lens.write_logits(model, write, resid)
+    want = (logits[torch.arange(5), targets] - logits.mean(-1)) / logits.std(-1)
+    torch.testing.assert_close(lens.write_logit_z(model, write, resid, targets), want, rtol=0, atol=1e-5)

@@ -542,6 +542,31 @@ def test_path_patching_with_receivers_read_at_the_end_matches_reference_hooks(fa
         path_patching(model, prompts, receivers="logits", receivers_at="end", progress=False)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_path_patching_into_several_inputs_at_once_matches_reference_hooks_for_each(family):
+    """``receiver_input=("k", "v", "q")``: one result per input from one senders' run, each equal to the
+    reference hooks patching that input alone (read at the end, or wherever the inputs reach). Five
+    layers: one without receivers between theirs (2), one after them (4)."""
+    model = _deeper(family, layers=5)
+    prompts = make_prompts(n=4, pos=7, lengths=[7, 6, 6, 7], seed=15)
+    receivers = [(3, 1), (1, 2)]
+    senders = [(0, 1), (0, 3), (1, 0)]
+    for pos, at in (("mid", "end"), ("first+1", None), (None, None)):
+        where = None if pos is None else position_index(prompts, pos)
+        res = path_patching(
+            model, prompts, senders, receivers, receiver_input=("k", "v", "q"), positions=pos, receivers_at=at,
+            progress=False,
+        )  # fmt: skip
+        assert list(res) == ["k", "v", "q"]
+        for ix, one in res.items():
+            assert one.meta["receiver_input"] == ix
+            for sender, patched in zip(senders, one.patched):
+                ref = ref_path_to_receivers(model, prompts, sender, receivers, ix, pos=where, at_end=at == "end")
+                assert (patched - ref).abs().max() <= TOL, (family, ix, pos, at, sender)
+    with pytest.raises(ValueError, match="tuple of inputs"):
+        path_patching(model, prompts, receivers="logits", receiver_input=("k", "v"), progress=False)
+
+
 def test_receivers_read_at_the_end_pass_on_less_than_receivers_read_everywhere():
     """A receiver before the last layer (1.1) passes its changed outputs at mid..end-1 on to layer 2's end;
     read at the end alone it does not (8.4e-4 apart on this model)."""
@@ -572,13 +597,15 @@ def test_path_patching_from_shared_unpatched_runs_equals_its_own_and_refuses_oth
         path_patching(model, prompts, direction="denoising", unpatched=shared, progress=False)
 
 
-def _deeper(family):
+def _deeper(family, layers=3):
     from helpers import word_tokenizer
 
     spec = dict(TINY[family])
     key = "n_layer" if "n_layer" in spec else "num_hidden_layers"
-    spec[key] = 3
-    return wrap(random_hf_model(spec, seed=2), word_tokenizer(97), name=f"tiny3-{family}")
+    spec[key] = layers
+    if "layer_types" in spec:  # Gemma 3's pattern, repeated
+        spec["layer_types"] = [spec["layer_types"][i % len(spec["layer_types"])] for i in range(layers)]
+    return wrap(random_hf_model(spec, seed=2), word_tokenizer(97), name=f"tiny{layers}-{family}")
 
 
 # ----------------------------------------------------------------- bad input

@@ -28,11 +28,13 @@ output was patched at. A step patches senders
 Receivers whose query position is the end are read there: into their keys and values, a
 sender's path runs through their output at the end alone (at every other position they keep
 the base run's output; :func:`lsa.patching.path_patching`'s ``receivers_at="end"``), as
-their effect was found at the end. Each such run then recomputes two positions per prompt:
-the senders' one, and the end. Receivers of
+their effect was found at the end. Each such run then recomputes one position per prompt
+twice: the senders' one, then the end (every prompt in one forward, each at its own
+positions). Receivers of
 another query position pass on their output wherever the patched keys and values reach it.
-Receivers of one query position are patched together; one sweep per receiver input and
-query position. A head found through keys or values at ``S2`` thus has ``S2`` as its query
+Receivers of one query position are patched together; one sweep per query position for the
+queries, and one for the keys and values together (each input scored on its own, from one
+senders' run: :func:`lsa.patching.path_patching`'s tuple of inputs). A head found through keys or values at ``S2`` thus has ``S2`` as its query
 position: the next step looks for what its query reads at ``S2`` and what its keys and values
 hold where it attends from there (an induction head at S2 -> previous-token heads at S1+1).
 Patching one position lets each run recompute that position and the ones after it alone
@@ -43,7 +45,7 @@ spread over positions, at many times the cost.
 Roles of the heads found are then suggested by :mod:`lsa.circuits.ioi_roles`.
 
 Cost: two unpatched runs of the prompts (:func:`lsa.patching.path_runs`), shared by
-every sweep; one path-patching sweep for the logits and three per later step and query
+every sweep; one path-patching sweep for the logits and two per later step and query
 position (one forward per sender from its layer on, of the positions above), plus one per
 receiver and input for per-receiver edges; one forward reading attention patterns per
 key / value group; and the role scores (:func:`lsa.circuits.ioi_roles.head_scores`).
@@ -96,7 +98,7 @@ def path_step(
     model: Model,
     prompts: PromptSet,
     receivers="logits",
-    receiver_input: str = "q",
+    receiver_input: str | tuple[str, ...] = "q",
     *,
     k: float = 1.5,
     floor: float = 0.05,
@@ -124,12 +126,15 @@ def path_step(
     ("end", or "all": every position),
     ``metric``, ``raw_effect`` (metric change), ``effect`` (the change over ``clean - corrupt``:
     noising, the usual normalised effect, negative = the head carries the behaviour;
-    denoising, positive = it does), ``z``, ``selected``.
+    denoising, positive = it does), ``z``, ``selected``. A tuple ``receiver_input`` such as
+    ``("k", "v")`` sweeps each input on its own (the selection rule per input), those patched at the
+    same position from one senders' run (:func:`lsa.patching.path_patching`'s tuple of inputs); the
+    frame holds every input's rows, input after input.
     """
     from lsa import patching
 
     to_logits = isinstance(receivers, str)
-    kind = LOGITS if to_logits else receiver_input
+    kinds = [LOGITS] if to_logits else [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
     names = LOGITS if to_logits else ", ".join(component_name(r) for r in receivers)
     a = model.adapter
     last = a.n_layers if to_logits else max(layer for layer, _ in receivers)
@@ -140,46 +145,58 @@ def path_step(
     ]  # fmt: skip
     if not senders:
         return pd.DataFrame(columns=cols)
-    at = sender_position(model, prompts, receivers, kind, positions, query=query, direction=direction)
-    if receivers_at == "auto":
-        receivers_at = receivers_read_at(kind, at, query)
-    res = patching.path_patching(
-        model,
-        prompts,
-        senders,
-        receivers,
-        receiver_input=receiver_input,
-        direction=direction,
-        metric=metric,
-        batch_size=batch_size,
-        progress=progress,
-        positions=at,
-        receivers_at=receivers_at,
-        unpatched=unpatched,
-    )
-    frame = res.frame
-    span = float(res.clean.mean() - res.corrupt.mean())
-    if span == 0:
-        raise ValueError("clean and counterfactual metrics are equal: normalised effects are undefined")
-    # change from the patched run's own baseline, in units of (clean - corrupt): noising = res.normalized
-    sel = select(frame["effect"].to_numpy() / span, k=k, floor=floor)
-    out = pd.DataFrame(
-        {
-            "layer": frame["layer"].astype(int),
-            "head": frame["head"].astype(int),
-            "receiver_input": kind,
-            "receivers": names,
-            "position": "all" if at is None else str(at),
-            "receivers_at": receivers_at or "all",
-            "metric": frame["metric"],
-            "raw_effect": frame["effect"],
-            "effect": sel["effect"],
-            "z": sel["z"],
-            "selected": sel["selected"],
-        }
-    )
+    sweeps: dict[tuple, list[str]] = {}  # (where senders are patched, where receivers read) -> inputs
+    for kind in kinds:
+        at = sender_position(model, prompts, receivers, kind, positions, query=query, direction=direction)
+        read_at = receivers_read_at(kind, at, query) if receivers_at == "auto" else receivers_at
+        sweeps.setdefault((at, read_at), []).append(kind)
+    results, where = {}, {}
+    for (at, read_at), inputs in sweeps.items():
+        res = patching.path_patching(
+            model,
+            prompts,
+            senders,
+            receivers,
+            receiver_input="q" if to_logits else tuple(inputs),
+            direction=direction,
+            metric=metric,
+            batch_size=batch_size,
+            progress=progress,
+            positions=at,
+            receivers_at=read_at,
+            unpatched=unpatched,
+        )
+        results.update({LOGITS: res} if to_logits else res)
+        where.update({kind: (at, read_at) for kind in inputs})
+    frames = []
+    for kind in kinds:
+        res, (at, read_at) = results[kind], where[kind]
+        frame = res.frame
+        span = float(res.clean.mean() - res.corrupt.mean())
+        if span == 0:
+            raise ValueError("clean and counterfactual metrics are equal: normalised effects are undefined")
+        # change from the patched run's own baseline, in units of (clean - corrupt): noising = res.normalized
+        sel = select(frame["effect"].to_numpy() / span, k=k, floor=floor)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "layer": frame["layer"].astype(int),
+                    "head": frame["head"].astype(int),
+                    "receiver_input": kind,
+                    "receivers": names,
+                    "position": "all" if at is None else str(at),
+                    "receivers_at": read_at or "all",
+                    "metric": frame["metric"],
+                    "raw_effect": frame["effect"],
+                    "effect": sel["effect"],
+                    "z": sel["z"],
+                    "selected": sel["selected"],
+                }
+            )[cols]
+        )
+    out = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
     out.attrs.update(clean=float(res.clean.mean()), corrupt=float(res.corrupt.mean()))
-    return out[cols]
+    return out
 
 
 POSITIONS = ("auto", "all")
@@ -415,12 +432,13 @@ def discover(
     for step in range(1, max_steps + 1):
         calls = []  # (receivers, input, where senders are patched, the receivers' query position)
         if step == 1:
-            calls.append((LOGITS, "q", sender_position(model, prompts, LOGITS, LOGITS, positions), "end"))
+            calls.append((LOGITS, ("q",), sender_position(model, prompts, LOGITS, LOGITS, positions), "end"))
         else:
             groups: dict[str, list[tuple[int, int]]] = {}
             for head in frontier:  # one group per query position ("all": one group)
                 groups.setdefault("all" if positions == "all" else query_at[head], []).append(head)
             for query, group in groups.items():
+                at_kind: dict = {}  # where senders are patched -> the inputs patched there (one sweep)
                 attended = None
                 for kind in kinds:
                     if positions == "all":
@@ -430,21 +448,25 @@ def discover(
                     else:  # keys and values: one reading of the patterns per group
                         attended = attended or attended_position(model, prompts, group, query, direction=direction)
                         at = attended
-                    calls.append((group, kind, at, query))
+                    at_kind.setdefault(at, []).append(kind)
+                calls += [(group, tuple(inputs), at, query) for at, inputs in at_kind.items()]
         frames = []
-        for receivers, kind, at, query in calls:
-            read_at = receivers_read_at(kind, at, query)
+        for receivers, inputs, at, query in calls:
+            read_at = receivers_read_at(inputs[0], at, query)
             where = "every position" if at is None else at
             if isinstance(receivers, str):
                 say(f"step 1: every head -> logits (senders at {where})")
             else:
                 says = f"{len(receivers)} new head(s)" + ("" if positions == "all" else f" at {query}")
                 read = ", read at the end" if read_at else ""
-                say(f"step {step}: earlier heads -> {kind} of {says} (senders at {where}{read})")
+                say(f"step {step}: earlier heads -> {' and '.join(inputs)} of {says} (senders at {where}{read})")
             frame = path_step(
-                model, prompts, receivers, kind, positions="all" if at is None else at, receivers_at=read_at, **kw
+                model, prompts, receivers, inputs, positions="all" if at is None else at, receivers_at=read_at, **kw
             )
-            frames.append((receivers, at, read_at, frame))
+            for _, part in frame.groupby("receiver_input", sort=False):  # one table per input
+                part = part.reset_index(drop=True)
+                part.attrs.update(frame.attrs)
+                frames.append((receivers, at, read_at, part))
         new: list[tuple[int, int]] = []
         for receivers, at, read_at, frame in frames:
             if not len(frame):

@@ -95,6 +95,7 @@ def head_scores(
     for la, h in heads:
         a.check_head(h, la)
     n = len(prompts)
+    gram = lens.unembed_gram(model)  # the vocabulary's moments, shared by every head
     patterns, copy, attended_io = [], {hh: [] for hh in heads}, {hh: [] for hh in heads}
     for start in range(0, n, chunk):
         part = prompts.subset(slice(start, start + chunk))
@@ -111,12 +112,9 @@ def head_scores(
         for la, h in heads:
             if la not in at_end:
                 at_end[la] = flow.head_writes(model, acts, la)[rows.to(model.device), end]
-            write = at_end[la][:, h]  # [b, d_model]
-            logits = lens.write_logits(model, write, final)  # [b, d_vocab]
             src = acts.pattern[la][rows.to(model.device), h, end].float()  # [b, k]
             target = part.clean.to(model.device)[rows.to(model.device), src.argmax(-1)]
-            zs = (logits.gather(1, target[:, None])[:, 0] - logits.mean(-1)) / logits.std(-1).clamp(min=1e-12)
-            copy[(la, h)].append(zs.cpu())
+            copy[(la, h)].append(lens.write_logit_z(model, at_end[la][:, h], final, target, gram=gram).cpu())
             if "IO" in part.positions:
                 attended_io[(la, h)].append((src.argmax(-1).cpu() == part.positions["IO"].cpu()).float())
     frame = attention_scores(torch.cat(patterns), prompts)

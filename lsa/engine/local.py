@@ -71,6 +71,18 @@ def hidden_in(args, kwargs) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _from_prefix(x: torch.Tensor, width: int, prefix) -> torch.Tensor:
+    """Positions ``>= prefix`` of a run's tensor ``[batch, pos, ...]`` given at every position (``width``) or at those alone.
+
+    A per-row ``prefix`` ``[batch]``: each row's position ``prefix[b]`` alone, ``[batch, 1, ...]``.
+    """
+    if isinstance(prefix, torch.Tensor):
+        if x.shape[1] == 1:
+            return x.contiguous()
+        return x[torch.arange(x.shape[0], device=x.device), prefix.to(x.device)][:, None].contiguous()
+    return (x if x.shape[1] == width - prefix else x[:, prefix:]).contiguous()
+
+
 def _with_hidden_in(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs
@@ -135,6 +147,18 @@ def _given_heads_stub(model, layer: int, z: torch.Tensor) -> tuple[nn.Module, Ca
         return (out, None) if as_tuple else out
 
     return model.module("attn", layer), stub
+
+
+def _idle_mlp_stub(model, layer: int) -> tuple[nn.Module, Callable]:
+    """An MLP that writes nothing: its output is zero (BLOOM's MLP returns the residual it is given)."""
+    adds_residual = model.adapter.layout.family == "bloom"
+
+    def stub(*args, **kwargs):
+        if adds_residual:
+            return args[1] if len(args) > 1 else kwargs["residual"]
+        return torch.zeros_like(hidden_in(args, kwargs))
+
+    return model.module("mlp", layer), stub
 
 
 def _site_hook(key, kind: str, index: int, fns, read, pre_cache, values, stop: bool, fired: set):
@@ -210,11 +234,12 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     fired: set = set()
     hooks = []
     if start is not None:  # first in line, so edits at the start block see the fed input
-        fed = start.hidden[:, start.prefix :].contiguous()
+        fed = _from_prefix(start.hidden, tokens.shape[1], start.prefix)
         hooks.append((blocks[start.layer], "pre", lambda m, args, kwargs: _with_hidden_in(args, kwargs, fed)))
     if grad:  # a graph to differentiate even where the weights are frozen
         hooks.append((model.module("embed"), "out", lambda m, args, out: out.detach().requires_grad_()))
-    for key in [*fns, *sorted(set(reads) - set(fns))]:
+    stop = [plan.stop_after] if plan.stop_after and plan.stop_after not in {*fns, *reads} else []
+    for key in [*fns, *sorted(set(reads) - set(fns)), *stop]:  # the stop's site has a hook to raise from
         part, kind, _ = point(model, key[0])
         fn = _site_hook(
             key,
@@ -245,11 +270,12 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     prefix = start.prefix if start is not None else 0
     if plan.given_heads:
         returns_tuple(model, "attn")  # probed before the stubs are in place
+    stubs += [_idle_mlp_stub(model, layer) for layer in plan.idle_mlps]
     for layer, z in sorted(plan.given_heads.items()):
-        stubs.append(_given_heads_stub(model, layer, z[:, prefix:].contiguous()))
+        stubs.append(_given_heads_stub(model, layer, _from_prefix(z, tokens.shape[1], prefix)))
     if start is not None and start.attn is not None:
         cached = AttnCache(
-            *(t[:, start.prefix :].contiguous() for t in (start.attn.full, start.attn.z, start.attn.proj))
+            *(_from_prefix(t, tokens.shape[1], prefix) for t in (start.attn.full, start.attn.z, start.attn.proj))
         )
         stubs.append(_attn_stub(model, start.layer, cached))
     mask = plan.attention_mask
@@ -261,8 +287,15 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     if mask is not None:
         kwargs["attention_mask"] = mask.to(tokens.device)
     end = plan.end
-    if start is not None and start.prefix:
-        tokens, end, kwargs = _suffix(model, tokens, end, kwargs, start)
+    if start is not None and has_prefix(start):
+        last = model.adapter.n_layers - 1 if plan.stop_after is None else plan.stop_after[1]
+        attends = [  # the layers whose attention runs, hence reads the cache
+            i
+            for i in range(start.layer, last + 1)
+            if i not in plan.given_heads and not (i == start.layer and start.attn is not None)
+        ]
+        suffix = _positions_alone if isinstance(start.prefix, torch.Tensor) else _suffix
+        tokens, end, kwargs = suffix(model, tokens, end, kwargs, start, attends)
     logits, kv = None, None
     with (
         attached(hooks),
@@ -327,29 +360,92 @@ def _attention(model, plan: Plan):
         config._attn_implementation = old
 
 
-def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start):
+def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start, attends):
     """Tokens, end positions and forward arguments for a run of positions ``>= start.prefix`` alone.
 
     The cache holds the prefix's keys and values of every layer, repeated for the run's
-    replicas (the tokens are ``m`` copies of the cached run's batch, replica-major); the
-    model numbers the new positions from the cache's length (rotary, learned and alibi
-    positions alike) and masks causally across prefix and suffix.
+    replicas at the layers in ``attends`` (the tokens are ``m`` copies of the cached run's
+    batch, or of its ``start.rows``, replica-major; the other layers' caches are never read:
+    one row gives their length); the model numbers the new positions from the cache's length
+    (rotary, learned and alibi positions alike) and masks causally across prefix and suffix.
     """
     from transformers import DynamicCache
 
     p = start.prefix
     if kwargs.get("attention_mask") is not None:
         raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
-    reps = tokens.shape[0] // start.kv[start.layer][0].shape[0]
+    rows = start.rows
+    reps = tokens.shape[0] // (start.kv[start.layer][0].shape[0] if rows is None else len(rows))
+    attends = set(attends)
     cache = DynamicCache()  # full layers: the model masks sliding-window layers itself
     for i, (keys, values) in enumerate(start.kv):
-        keys, values = keys[:, :, :p], values[:, :, :p]
-        if i < start.layer:  # a skipped layer's cache is never read: one row gives its length
-            keys, values = keys[:1], values[:1]
-        elif reps > 1:  # else as given: the cache copies it
-            keys, values = keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1)
+        if i not in attends:
+            keys, values = keys[:1, :, :p], values[:1, :, :p]
+        else:
+            if rows is not None:
+                keys, values = keys[rows.to(keys.device)], values[rows.to(values.device)]
+            keys, values = keys[:, :, :p], values[:, :, :p]
+            if reps > 1:  # else as given: the cache copies it
+                keys, values = keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1)
         cache.update(keys, values, i)
     return tokens[:, p:], None if end is None else end - p, {**kwargs, _cache_argument(model): cache, "use_cache": True}
+
+
+def has_prefix(start) -> bool:
+    """Whether a :class:`~lsa.engine.plan.Start` reuses a prefix (an int ``> 0``, or one per row)."""
+    return isinstance(start.prefix, torch.Tensor) or start.prefix > 0
+
+
+def _row_slots(x: torch.Tensor, b: torch.Tensor, at: torch.Tensor, rows) -> torch.Tensor:
+    """Keys or values ``x`` ``[rows, kv heads, pos, d]`` at the positions ``at`` ``[batch, slots]`` of the run's
+    rows ``b``: ``[batch, kv heads, slots, d]``. ``x`` holds the cached run's rows, of which the batch replicates
+    ``rows`` (where given), or the run's batch itself, or rows that the batch replicates."""
+    if rows is not None:
+        src = rows.to(b.device)[b % len(rows)]
+    else:
+        src = b if x.shape[0] == len(b) else b % x.shape[0]
+    return x[src[:, None], :, at].transpose(1, 2)  # [batch, slots, kv heads, d] -> heads first
+
+
+def _positions_alone(model, tokens: torch.Tensor, end, kwargs: dict, start, attends):
+    """:func:`_suffix` for a per-row prefix ``p`` ``[batch]``: each row runs its position ``p[b]`` alone.
+
+    Each row's cache holds its own positions ``< p[b]``, right-aligned in ``max(p)`` slots (left
+    padding, masked out; the slots keep the distances between positions, so causal and
+    sliding-window masks hold); the new position is numbered ``p[b]`` (``position_ids``; BLOOM's
+    alibi counts the unmasked slots). A layer's cache holds the rows :func:`_row_slots` reads.
+    """
+    from transformers import DynamicCache
+
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
+    batch, device = tokens.shape[0], tokens.device
+    p = start.prefix.to(device)
+    if p.shape != (batch,):
+        raise ValueError(f"a per-row prefix has one position per row: shape ({batch},), got {tuple(p.shape)}")
+    if end is not None and not torch.equal(end.to(device), p):
+        raise ValueError("with a per-row prefix each row runs one position: the end positions must equal it")
+    width = int(p.max())
+    slots = torch.arange(width, device=device)
+    at = (slots[None, :] - (width - p)[:, None]).clamp(min=0)  # [batch, slots]: the position each slot holds
+    attends = set(attends)
+    b = torch.arange(batch, device=device)
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(start.kv):
+        if i not in attends:  # never read: one row gives the length
+            keys, values = keys[:1, :, :width], values[:1, :, :width]
+        else:
+            keys, values = (_row_slots(x, b, at, start.rows) for x in (keys, values))
+        cache.update(keys, values, i)
+    mask = torch.ones(batch, width + 1, dtype=torch.long, device=device)
+    mask[:, :width] = (slots[None, :] >= (width - p)[:, None]).long()
+    out = {**kwargs, _cache_argument(model): cache, "use_cache": True, "attention_mask": mask}
+    seen = model.adapter.probed
+    if "position_ids" not in seen:
+        seen["position_ids"] = "position_ids" in inspect.signature(model.hf.base_model.forward).parameters
+    if seen["position_ids"]:  # else (BLOOM) the positions come from the mask
+        out["position_ids"] = p[:, None]
+    return tokens[b, p][:, None], None if end is None else torch.zeros_like(end), out
 
 
 def _cache_argument(model) -> str:

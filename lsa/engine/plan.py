@@ -122,13 +122,23 @@ class Start:
     attending to the cached keys and values before them. Every site then holds those positions
     alone (edits see and return ``[batch, pos - prefix, ...]``, reads return them), and
     ``logits="end"`` still takes the plan's ``end`` as absolute positions (all ``>= prefix``).
+    ``hidden`` and ``attn`` may then hold the positions ``>= prefix`` alone; ``rows``: the rows of
+    ``kv`` whose replicas this run's batch holds (default: every row). Only the layers whose
+    attention the run computes get their keys and values copied.
+
+    ``prefix`` may also be a tensor ``[batch]``, one per row of the run: each row then runs its
+    position ``prefix[b]`` alone (rows of different lengths in one forward). Sites hold
+    ``[batch, 1, ...]``; ``hidden``, ``attn`` and given heads may be given at that position
+    alone or at every position; ``end``, if given, must equal ``prefix``. Without ``rows``, a
+    layer of ``kv`` may hold the run's batch itself or rows the batch replicates.
     """
 
     layer: int
     hidden: torch.Tensor
     attn: AttnCache | None = None
-    prefix: int = 0
+    prefix: int | torch.Tensor = 0
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    rows: torch.Tensor | None = None
 
 
 @dataclass
@@ -159,15 +169,19 @@ class Plan:
     values (:attr:`Run.kv`, local executor only) for a later :class:`Start` with a prefix
     (with ``stop_after``: this run's up to the stop, the start's prefix after it).
     ``given_heads[layer]`` ``[batch, pos, n_heads * d_head]``: every head's output at that
-    layer, as an edit of ``head`` replacing it whole would give; locally the attention module
+    layer, as an edit of ``head`` replacing it whole would give (with a start's prefix, positions
+    from the prefix on may be given alone: ``[batch, pos - prefix, ...]``); locally the attention module
     then computes no queries, keys, values or pattern, only ``o_proj`` of them (path
     patching's frozen heads). ``attention``: the attention implementation of a local run:
     ``"eager"``, ``"sdpa"``, or ``None`` (``"sdpa"`` on a CUDA device when the plan reads no
     ``pattern``, where it is faster; else the model's own, eager as loaded: on the CPU at
     these lengths sdpa saved 1.6% of a SmolLM2 forward and moved its hidden states by 3e-5). ``steered``: the model's active
     steering edits (:func:`lsa.steering.steer`) run first at their sites; they are part
-    of every plan unless this is ``False``. The traced executor runs every layer: it
-    ignores ``start`` (a cached start gives the same values).
+    of every plan unless this is ``False``. ``idle_mlps``: layers whose MLP writes nothing to the
+    residual stream (locally it does not run; for runs whose residual stream after those layers
+    is of no use, such as path patching's run for its receivers' keys and values, which come from
+    given inputs). The traced executor runs every layer: it ignores ``start`` (a cached start
+    gives the same values) and zeroes the idle MLPs' writes.
     """
 
     edits: list[Edit] = field(default_factory=list)
@@ -185,6 +199,11 @@ class Plan:
     given_heads: dict[int, torch.Tensor] = field(default_factory=dict)
     attention: str | None = None
     columns: torch.Tensor | None = None
+    idle_mlps: tuple[int, ...] = ()
+
+
+# the sites an idle MLP (Plan.idle_mlps) does not compute
+MLP_SITES = ("mlp_act", "neuron", "mlp_proj", "mlp_out")
 
 
 @dataclass
@@ -222,10 +241,11 @@ def check(model, plan: Plan) -> list[Edit]:
         raise ValueError(f"attention must be None, 'eager' or 'sdpa', got {plan.attention!r}")
     if plan.attention == "sdpa" and any(r.site == "pattern" for r in plan.reads):
         raise ValueError("attention patterns are read from the eager implementation: use attention='eager'")
-    if plan.start is not None and plan.start.prefix:
+    per_row = plan.start is not None and isinstance(plan.start.prefix, torch.Tensor)
+    if plan.start is not None and (per_row or plan.start.prefix):
         if plan.start.kv is None:
             raise ValueError("a start with a prefix needs the keys and values of the unpatched run (start.kv)")
-        if plan.end is not None and int(plan.end.min()) < plan.start.prefix:
+        if not per_row and plan.end is not None and int(plan.end.min()) < plan.start.prefix:
             raise ValueError(f"end positions must lie at or after the reused prefix ({plan.start.prefix})")
     n_layers = model.adapter.n_layers
     for item in [*edits, *plan.reads]:
@@ -239,6 +259,8 @@ def check(model, plan: Plan) -> list[Edit]:
         if isinstance(item, Edit) and not site.editable:
             raise ValueError(f"site {item.site!r} can be read, not edited")
         check_defined(model, item.site)
+        if item.site in MLP_SITES and item.layer in plan.idle_mlps:
+            raise ValueError(f"{item.site} at layer {item.layer}: that layer's MLP is idle (plan.idle_mlps)")
         if plan.start is not None and item.layer < plan.start.layer:
             raise ValueError(f"{item.site} at layer {item.layer} lies before the start layer {plan.start.layer}")
     return edits

@@ -62,6 +62,7 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     edits = check(model, plan)
     # given heads' outputs as edits replacing the heads' outputs whole (every layer runs in a trace)
     edits += [Edit("head", layer, partial(_given, z=z)) for layer, z in sorted(plan.given_heads.items())]
+    edits += [Edit("mlp_out", layer, torch.zeros_like) for layer in plan.idle_mlps]
     fns: dict[tuple[str, int], list] = {}
     for e in edits:
         fns.setdefault((e.site, e.layer), []).append(e.fn)
