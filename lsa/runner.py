@@ -83,8 +83,8 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
     # Sizes: with the install and the models in place, `make reproduce` runs its 21 notebooks in
-    # 3 min 58 s on two cores (two jobs, one thread each; 15 minutes from a fresh clone is the aim),
-    # most of it path-patching discovery (three steps: 71-87 s per circuit). The longest cells come
+    # 2 min 55 s on two cores (two jobs, one thread each; 15 minutes from a fresh clone is the aim);
+    # path-patching discovery (three steps) takes 34-38 s per circuit. The longest cells come
     # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
     # its circuits on 12 (_REAL_IOI) and compared on 16; SmolLM2, the side comparison, on 8
     # (circuit) and 50 (behaviour); past tense on 12; language neurons on 40 shipped sentences
