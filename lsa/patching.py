@@ -1069,34 +1069,39 @@ def path_patching(
     def at(key, pos, m):
         return _at_positions(base_cache[key], pos, m)
 
+    def senders_plan(chunk: list[int], start: int, reads: list, rows, lo, hi, begin: Start, ends) -> Plan:
+        """Step 2: the chunk's senders from the donor run, every other head frozen to the base run (positions
+        ``lo`` to ``hi - 1`` of ``rows``, or each row's ``lo``); the logits, or the receivers' inputs."""
+        edits: list[Edit] = []
+        given: dict[int, torch.Tensor] = {}
+        for layer in range(start, last_receiver):
+            z = _frozen_heads(model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where, rows, lo, hi)
+            if freeze_attention:
+                given[layer] = z
+            else:
+                edits.append(Edit("head", layer, lambda x, z=z: z))
+        if to_logits:
+            return Plan(edits=edits, given_heads=given, start=begin, end=ends, columns=ids)
+        return Plan(
+            edits=edits,
+            given_heads=given,
+            reads=[Read(*key) for key in reads],
+            start=begin,
+            stop_after=max(reads),
+            logits=None,
+        )
+
     def run_alone(chunk: list[int], start: int, reads: list) -> None:
         m = len(chunk)
         end = prompts.end.cpu()
         p_m, e_m = at_p.repeat(m).to(model.device), end.repeat(m).to(model.device)
         tokens = base_tokens.repeat(m, 1)
-        edits: list[Edit] = []
-        given: dict[int, torch.Tensor] = {}
-        for layer in range(start, last_receiver):
-            z = _frozen_heads(
-                model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where, None, at_p, None
-            )
-            if freeze_attention:
-                given[layer] = z
-            else:
-                edits.append(Edit("head", layer, lambda x, z=z: z))
         frozen = Start(start, at(("resid_pre", start), at_p, m), None, p_m, base.kv)
+        plan = senders_plan(chunk, start, reads, None, at_p, None, frozen, e_m)
         plans = {}
         if to_logits:
-            plans[inputs[0]] = Plan(edits=edits, given_heads=given, start=frozen, end=e_m, columns=ids)
+            plans[inputs[0]] = plan
         else:
-            plan = Plan(
-                edits=edits,
-                given_heads=given,
-                reads=[Read(*key) for key in reads],
-                start=frozen,
-                stop_after=max(reads),
-                logits=None,
-            )
             seen = engine.run(model, tokens, plan).values  # the receivers' inputs at the senders' position
             first = min(layer for _, layer in reads)
             later = (at_p < end).repeat(m).to(model.device)  # rows whose receivers read at a later end
@@ -1163,29 +1168,12 @@ def path_patching(
             # frozen nothing moves between positions, so a run into receivers, whose senders are patched
             # at p alone, changes position p alone: it runs p by itself (the base run gives the rest).
             upto = p + 1 if base.kv is not None and not to_logits else wd
-            edits: list[Edit] = []
-            given: dict[int, torch.Tensor] = {}
-            for layer in range(start, last_receiver):  # positions p to upto - 1, those the run computes
-                z = _frozen_heads(
-                    model, base_cache, donor_cache, [groups[gi] for gi in chunk], layer, where, rows, p, upto
-                )
-                if freeze_attention:
-                    given[layer] = z
-                else:
-                    edits.append(Edit("head", layer, lambda x, z=z: z))
             base_start = _start(base_cache, start, m, prefix=p, kv=base.kv, rows=rows, width=upto)
+            plan = senders_plan(chunk, start, reads, rows, p, upto, base_start, ends)
             plans = {}
             if to_logits:
-                plans[inputs[0]] = Plan(edits=edits, given_heads=given, start=base_start, end=ends, columns=ids)
+                plans[inputs[0]] = plan
             else:
-                plan = Plan(
-                    edits=edits,
-                    given_heads=given,
-                    reads=[Read(*key) for key in reads],
-                    start=base_start,
-                    stop_after=max(reads),
-                    logits=None,
-                )
                 seen = engine.run(model, tokens[:, :upto], plan).values
                 if upto < wd:  # the positions after p as in the base run
                     seen = {

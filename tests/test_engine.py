@@ -126,3 +126,44 @@ def test_a_plan_stops_after_its_site_even_where_it_reads_nothing_there():
         assert ran == [1]
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_prefix_per_row_runs_each_row_at_its_own_position_as_the_plain_forward(family):
+    """``Start(prefix=tensor)``: each row recomputes its own end alone from the cached keys and values (rows
+    of lengths 8, 5 and 7 in one forward; Gemma 3's sliding window is 4), equal to the model's own forward
+    there; a head edit at the end equals the same edit by a plain torch hook."""
+    model = tiny_model(family)
+    prompts = make_prompts(n=3, pos=8, lengths=[8, 5, 7], seed=9)
+    rows, end = torch.arange(3), prompts.end
+    with torch.no_grad():
+        want = model.hf(input_ids=prompts.clean).logits[rows, end]
+    base = engine.run(model, prompts.clean, Plan(reads=[Read("resid_pre", 1)], end=end, kv=True))
+    hidden = base[("resid_pre", 1)][rows, end][:, None]
+    got = engine.run(model, prompts.clean, Plan(start=engine.Start(1, hidden, prefix=end, kv=base.kv), end=end))
+    torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-5)
+    # an edit at the run's one position: head 0's output at layer 1 scaled, at each row's end
+    o_proj = model.module("o_proj", 1)
+    d_head = model.adapter.d_head
+
+    def scale_end(module, args):
+        x = args[0].clone()
+        x[rows, end, :d_head] *= 3.0
+        return (x, *args[1:])
+
+    handle = o_proj.register_forward_pre_hook(scale_end)
+    try:
+        with torch.no_grad():
+            want = model.hf(input_ids=prompts.clean).logits[rows, end]
+    finally:
+        handle.remove()
+
+    def scale(x):
+        x = x.clone()
+        x[:, :, :d_head] *= 3.0
+        return x
+
+    plan = Plan(start=engine.Start(1, hidden, prefix=end, kv=base.kv), edits=[Edit("head", 1, scale)], end=end)
+    torch.testing.assert_close(engine.run(model, prompts.clean, plan).logits, want, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="must equal it"):
+        engine.run(model, prompts.clean, dataclasses.replace(plan, end=end - 1))

@@ -28,13 +28,13 @@ output was patched at. A step patches senders
 Receivers whose query position is the end are read there: into their keys and values, a
 sender's path runs through their output at the end alone (at every other position they keep
 the base run's output; :func:`lsa.patching.path_patching`'s ``receivers_at="end"``), as
-their effect was found at the end. Each such run then recomputes one position per prompt
+their effect was found at the end. Each such run then recomputes one position per prompt,
 twice: the senders' one, then the end (every prompt in one forward, each at its own
-positions). Receivers of
-another query position pass on their output wherever the patched keys and values reach it.
-Receivers of one query position are patched together; one sweep per query position for the
-queries, and one for the keys and values together (each input scored on its own, from one
-senders' run: :func:`lsa.patching.path_patching`'s tuple of inputs). A head found through keys or values at ``S2`` thus has ``S2`` as its query
+positions). Receivers of another query position pass on their output wherever the patched
+keys and values reach it. Receivers of one query position are patched together; one sweep
+per query position for the queries, and one for the keys and values together (each input
+scored on its own, from one senders' run: :func:`lsa.patching.path_patching`'s tuple of
+inputs). A head found through keys or values at ``S2`` thus has ``S2`` as its query
 position: the next step looks for what its query reads at ``S2`` and what its keys and values
 hold where it attends from there (an induction head at S2 -> previous-token heads at S1+1).
 Patching one position lets each run recompute that position and the ones after it alone
