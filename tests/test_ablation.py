@@ -7,7 +7,7 @@ from helpers import FAMILIES, make_prompts, random_tokens, tiny_model
 from lsa.ablation import ablate, ablation_sweep, complement, faithfulness
 from lsa.metrics import logit_diff
 
-TOL = 1e-4
+TOL = 1e-5
 
 
 @torch.no_grad()

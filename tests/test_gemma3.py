@@ -24,7 +24,7 @@ from lsa.model import wrap
 from lsa.patching import activation_patching, path_patching
 
 KV = {"1kv": {}, "2kv": {"num_key_value_heads": 2}}
-TOL = 1e-4
+TOL = 1e-5
 
 
 def gemma(kv: str = "1kv", seed: int = 0):

@@ -16,7 +16,7 @@ from lsa.metrics import logit_diff
 from lsa.model import wrap
 from lsa.patching import activation_patching, path_patching, path_runs, position_index
 
-TOL = 1e-4
+TOL = 1e-5
 
 
 # ----------------------------------------------------------------- reference code
