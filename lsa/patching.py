@@ -424,34 +424,20 @@ def run_specs(
         mask = _mask(chunk_specs, prompts, width, n_units, model.device)  # [m * n, pos, units]
         if ("resid_pre", layer) not in base_cache:
             first = None
-        if first is not None and bool((first.cpu() >= prompts.end.cpu()).all()):  # the ends alone, all prompts together
-            end = prompts.end.cpu()
-            ends = end.repeat(m).to(model.device)
-            attn = site != "resid_pre" and all((key, layer) in base_cache for key in ATTN_CACHE)
-            cached = (
-                AttnCache(*(_at_positions(base_cache[(key, layer)], end, m) for key in ATTN_CACHE)) if attn else None
-            )
-            start = Start(layer, _at_positions(base_cache[("resid_pre", layer)], end, m), cached, ends, base_kv)
-            donor = _at_positions(donor_cache[(site, layer)], end, m)
-            at_end = mask[torch.arange(m * n, device=mask.device), ends.to(mask.device)][:, None]
-            edits = [Edit(site, layer, replace_units(at_end, donor, n_units, w))]
-            plan = Plan(edits=edits, start=start, end=ends, columns=ids)
-            logits = engine.run(model, base_tokens.repeat(m, 1), plan).logits
-            for j, i in enumerate(chunk):
-                out[i] = run_metric(metric, logits[j * n : (j + 1) * n], scored).cpu()
-            bar.update(m)
-            return
-        # rows that share their first patched position run together, from that position to their last end
-        for rows, p in _row_groups(prompts, first):
+        if first is not None and bool((first.cpu() >= prompts.end.cpu()).all()):
+            groups = [(None, prompts.end.cpu())]  # the ends alone: every prompt in one forward, at its own end
+        else:  # rows that share their first patched position run together, from it to their last end
+            groups = _row_groups(prompts, first)
+        for rows, p in groups:
             sub = scored if rows is None else scored.subset(rows)
             r, wd = len(sub), sub.clean.shape[1]
             index = torch.arange(m * n) if rows is None else (torch.arange(m)[:, None] * n + rows[None, :]).flatten()
             start = _start(base_cache, layer, m, site != "resid_pre", p, base_kv, rows, wd)
-            donor = donor_cache[(site, layer)][slice(None) if rows is None else rows, p:wd]
-            donor = donor.repeat(m, *([1] * (donor.ndim - 1)))
-            edits = [Edit(site, layer, replace_units(mask[index.to(mask.device), p:wd], donor, n_units, w))]
+            donor = _span(donor_cache[(site, layer)], rows, p, wd, m)
+            patched = _span(mask[index.to(mask.device)], None, p.repeat(m) if isinstance(p, torch.Tensor) else p, wd, 1)
+            edits = [Edit(site, layer, replace_units(patched, donor, n_units, w))]
             tokens = base_tokens[slice(None) if rows is None else rows.to(base_tokens.device), :wd].repeat(m, 1)
-            plan = Plan(edits=edits, start=start, end=sub.end.repeat(m), columns=ids)
+            plan = Plan(edits=edits, start=start, end=sub.end.repeat(m).to(model.device), columns=ids)
             logits = engine.run(model, tokens, plan).logits
             for j, i in enumerate(chunk):
                 out[i, slice(None) if rows is None else rows] = run_metric(
@@ -465,9 +451,14 @@ def run_specs(
     return out
 
 
-def _at_positions(x: torch.Tensor, pos: torch.Tensor, m: int) -> torch.Tensor:
-    """Each row of ``x`` ``[n, pos, ...]`` at its position ``pos`` ``[n]``, for ``m`` replicas: ``[m * n, 1, ...]``."""
-    x = x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)][:, None]
+def _span(x: torch.Tensor, rows, lo, width: int | None, m: int) -> torch.Tensor:
+    """Positions ``lo`` to ``width - 1`` of ``rows`` of ``x`` ``[n, pos, ...]`` (``None``: every row), or, of every
+    row, with ``lo`` a tensor ``[n]`` each row's position ``lo`` alone (``[n, 1, ...]``); a copy, repeated for
+    ``m`` replicas."""
+    if isinstance(lo, torch.Tensor):
+        x = x[torch.arange(x.shape[0], device=x.device), lo.to(x.device)][:, None]
+    else:
+        x = x[slice(None) if rows is None else rows, lo:width]
     return x.repeat(m, *([1] * (x.ndim - 1)))
 
 
@@ -482,25 +473,26 @@ def _start(
     """Start a forward of ``m`` replicas at ``layer`` from the cached block input (None when not cached).
 
     ``attn``: also reuse the layer's cached attention (valid when nothing before the heads' outputs changes).
-    ``prefix`` with ``kv`` (the unpatched run's keys and values): recompute positions ``>= prefix`` alone.
+    ``prefix`` with ``kv`` (the unpatched run's keys and values): recompute positions ``>= prefix`` alone;
+    a tensor ``[n]`` (every row): each row's position ``prefix`` alone.
     ``rows`` / ``width``: the cached run's rows and first positions this forward runs (default: all).
     """
     hidden = base_cache.get(("resid_pre", layer))
     if hidden is None:
         return None
-    rows = slice(None) if rows is None else rows
-    width = hidden.shape[1] if width is None else width
+    per_row = isinstance(prefix, torch.Tensor)
     lo = prefix if kv is not None else 0  # with a reused prefix, the positions the run computes alone
 
     def take(x):
-        return x[rows, lo:width].repeat(m, *([1] * (x.ndim - 1)))
+        return _span(x, rows, lo, width, m)
 
     cached = None
     if attn and all((key, layer) in base_cache for key in ATTN_CACHE):
         cached = AttnCache(*(take(base_cache[(key, layer)]) for key in ATTN_CACHE))
-    if kv is None or not prefix:
+    if kv is None or not (per_row or prefix):
         return Start(layer, take(hidden), cached)
-    return Start(layer, take(hidden), cached, prefix, kv, None if isinstance(rows, slice) else rows)
+    prefix = prefix.repeat(m).to(hidden.device) if per_row else prefix
+    return Start(layer, take(hidden), cached, prefix, kv, rows)
 
 
 def _row_groups(prompts: PromptSet, first: torch.Tensor | None) -> list[tuple[torch.Tensor | None, int]]:
@@ -782,7 +774,7 @@ def sweep_meta(model: Model, prompts: PromptSet, site: str, axes: dict, n_given:
 
 # ============================================================== path patching
 def _frozen_heads(
-    model: Model, base_cache: dict, donor_cache: dict, groups: list, layer: int, where, rows, lo: int, hi: int
+    model: Model, base_cache: dict, donor_cache: dict, groups: list, layer: int, where, rows, lo, hi: int | None
 ) -> torch.Tensor:
     """Every head's output at ``layer`` for a chunk of sender groups: the base run's, the senders' from the donor run.
 
@@ -794,21 +786,12 @@ def _frozen_heads(
     a = model.adapter
     device = base_cache[("head", layer)].device
     take = slice(None) if rows is None else rows.to(device)
-    if isinstance(lo, torch.Tensor):
-        lo = lo.to(device)
-
-        def sel(x):
-            x = x[take]
-            return x[torch.arange(x.shape[0], device=device), lo][:, None]
-    else:
-
-        def sel(x):
-            return x[take, lo:hi]
-
-    base = sel(base_cache[("head", layer)])
-    r, width = base.shape[:2]
-    z = base.reshape(r, width, a.n_heads, a.d_head).repeat(len(groups), 1, 1, 1)
-    dz = sel(donor_cache[("head", layer)]).reshape(r, width, a.n_heads, a.d_head).to(z)
+    lo = lo.to(device) if isinstance(lo, torch.Tensor) else lo
+    dz = _span(donor_cache[("head", layer)], take, lo, hi, 1)
+    r, width = dz.shape[:2]
+    dz = dz.reshape(r, width, a.n_heads, a.d_head)
+    z = _span(base_cache[("head", layer)], take, lo, hi, len(groups)).reshape(-1, width, a.n_heads, a.d_head)
+    dz = dz.to(z)
     if where is not None:
         pos = where.to(z.device)[take] - lo
         inside = ((pos >= 0) & (pos < width)).nonzero().flatten()
@@ -1067,7 +1050,7 @@ def path_patching(
     at_p = None if where is None else torch.minimum(where.cpu(), prompts.end.cpu())
 
     def at(key, pos, m):
-        return _at_positions(base_cache[key], pos, m)
+        return _span(base_cache[key], None, pos, None, m)
 
     def senders_plan(chunk: list[int], start: int, reads: list, rows, lo, hi, begin: Start, ends) -> Plan:
         """Step 2: the chunk's senders from the donor run, every other head frozen to the base run (positions
@@ -1094,9 +1077,9 @@ def path_patching(
     def run_alone(chunk: list[int], start: int, reads: list) -> None:
         m = len(chunk)
         end = prompts.end.cpu()
-        p_m, e_m = at_p.repeat(m).to(model.device), end.repeat(m).to(model.device)
+        p_m, e_m = at_p.repeat(m).to(model.device), end.repeat(m).to(model.device)  # per row of the run
         tokens = base_tokens.repeat(m, 1)
-        frozen = Start(start, at(("resid_pre", start), at_p, m), None, p_m, base.kv)
+        frozen = _start(base_cache, start, m, prefix=at_p, kv=base.kv)
         plan = senders_plan(chunk, start, reads, None, at_p, None, frozen, e_m)
         plans = {}
         if to_logits:
@@ -1105,15 +1088,16 @@ def path_patching(
             seen = engine.run(model, tokens, plan).values  # the receivers' inputs at the senders' position
             first = min(layer for _, layer in reads)
             later = (at_p < end).repeat(m).to(model.device)  # rows whose receivers read at a later end
-            if bool(later.any()):  # the receivers' keys and values at the senders' position
-                hidden = at(("resid_pre", first), at_p, m)
-                idle = hidden.new_zeros(n * m, 1, a.n_heads * a.d_head)
+            moves = bool(later.any())
+            if moves:  # the receivers' keys and values at the senders' position
+                begin = _start(base_cache, first, m, prefix=at_p, kv=base.kv)
+                idle = begin.hidden.new_zeros(n * m, 1, a.n_heads * a.d_head)
                 last = max(rsites)
                 plan = Plan(
                     projections=_receiver_projections(model, rsites, seen),
                     given_heads={layer: idle for layer in range(first, last) if ("attn_in", layer) not in seen},
                     idle_mlps=tuple(range(first, last)),
-                    start=Start(first, hidden, None, p_m, base.kv),
+                    start=begin,
                     stop_after=("head", last),
                     logits=None,
                     kv=True,
@@ -1122,7 +1106,7 @@ def path_patching(
                 moved = later.nonzero().flatten()
             for ix in inputs:
                 kv = list(base.kv)
-                for _, layer in seen if bool(later.any()) else ():
+                for _, layer in seen if moves else ():
                     pair = list(kv[layer])
                     for slot, kind in enumerate("kv"):
                         units = sites[ix][layer].get(kind, [])
@@ -1136,7 +1120,7 @@ def path_patching(
                 given_in = {key: torch.where(later[:, None, None], at(key, end, m).to(x), x) for key, x in seen.items()}
                 plans[ix] = Plan(
                     projections=_receiver_projections(model, sites[ix], given_in),
-                    start=Start(first, at(("resid_pre", first), end, m), None, e_m, kv),
+                    start=_start(base_cache, first, m, prefix=end, kv=kv),
                     end=e_m,
                     columns=ids,
                 )

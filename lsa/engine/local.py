@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lsa.engine.plan import SITES, AttnCache, Plan, Run, check, point
+from lsa.engine.plan import SITES, AttnCache, Plan, Run, check, has_prefix, point
 
 
 class _Stop(Exception):
@@ -288,6 +288,8 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
         kwargs["attention_mask"] = mask.to(tokens.device)
     end = plan.end
     if start is not None and has_prefix(start):
+        if mask is not None:
+            raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
         last = model.adapter.n_layers - 1 if plan.stop_after is None else plan.stop_after[1]
         attends = [  # the layers whose attention runs, hence reads the cache
             i
@@ -372,8 +374,6 @@ def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start, attends):
     from transformers import DynamicCache
 
     p = start.prefix
-    if kwargs.get("attention_mask") is not None:
-        raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
     rows = start.rows
     reps = tokens.shape[0] // (start.kv[start.layer][0].shape[0] if rows is None else len(rows))
     attends = set(attends)
@@ -389,11 +389,6 @@ def _suffix(model, tokens: torch.Tensor, end, kwargs: dict, start, attends):
                 keys, values = keys.repeat(reps, 1, 1, 1), values.repeat(reps, 1, 1, 1)
         cache.update(keys, values, i)
     return tokens[:, p:], None if end is None else end - p, {**kwargs, _cache_argument(model): cache, "use_cache": True}
-
-
-def has_prefix(start) -> bool:
-    """Whether a :class:`~lsa.engine.plan.Start` reuses a prefix (an int ``> 0``, or one per row)."""
-    return isinstance(start.prefix, torch.Tensor) or start.prefix > 0
 
 
 def _row_slots(x: torch.Tensor, b: torch.Tensor, at: torch.Tensor, rows) -> torch.Tensor:
@@ -417,8 +412,6 @@ def _positions_alone(model, tokens: torch.Tensor, end, kwargs: dict, start, atte
     """
     from transformers import DynamicCache
 
-    if kwargs.get("attention_mask") is not None:
-        raise ValueError("a reused prefix needs right-padded prompts without an attention mask")
     batch, device = tokens.shape[0], tokens.device
     p = start.prefix.to(device)
     if p.shape != (batch,):

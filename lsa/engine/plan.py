@@ -219,6 +219,11 @@ class Run:
         return self.values[key]
 
 
+def has_prefix(start: Start) -> bool:
+    """Whether a start reuses a prefix (an int ``> 0``, or one per row)."""
+    return isinstance(start.prefix, torch.Tensor) or start.prefix > 0
+
+
 def check(model, plan: Plan) -> list[Edit]:
     """The plan's edits with the model's active steering edits first; every site and layer checked.
 
@@ -241,10 +246,10 @@ def check(model, plan: Plan) -> list[Edit]:
         raise ValueError(f"attention must be None, 'eager' or 'sdpa', got {plan.attention!r}")
     if plan.attention == "sdpa" and any(r.site == "pattern" for r in plan.reads):
         raise ValueError("attention patterns are read from the eager implementation: use attention='eager'")
-    per_row = plan.start is not None and isinstance(plan.start.prefix, torch.Tensor)
-    if plan.start is not None and (per_row or plan.start.prefix):
+    if plan.start is not None and has_prefix(plan.start):
         if plan.start.kv is None:
             raise ValueError("a start with a prefix needs the keys and values of the unpatched run (start.kv)")
+        per_row = isinstance(plan.start.prefix, torch.Tensor)  # its ends are checked where it runs
         if not per_row and plan.end is not None and int(plan.end.min()) < plan.start.prefix:
             raise ValueError(f"end positions must lie at or after the reused prefix ({plan.start.prefix})")
     n_layers = model.adapter.n_layers
