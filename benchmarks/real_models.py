@@ -33,7 +33,7 @@ count waiting for a core that other jobs hold; on a GPU read the wall column).
    the swept heads, receivers="logits")``) vs the activation sweep of the same heads;
    with ``freeze_attention=False`` (frozen heads' attention recomputed) and the whole
    vocabulary as well where ``path_patching`` has that keyword.
-4. ``--discovery``: notebook 01's circuit discovery (``lsa.circuits.discover(model,
+4. ``--discovery``: path-patching discovery (``lsa.circuits.path_patching_discovery(model,
    prompts, k=1.5, floor=0.05, max_steps=3)`` on ``build_sets("ioi", "en", ...,
    n=100, seed=0)``; ``--discovery-n``, ``--max-steps``). Minutes on a CPU. Timed the
    old way (``positions="all"``: senders at every position, and path patching with
@@ -41,11 +41,16 @@ count waiting for a core that other jobs hold; on a GPU read the wall column).
    unpatched runs in every call, and one call per receiver input) and with the defaults;
    target: after <= 1/4 before.
 
+5. ``--edges``: edge attribution with integrated gradients over every edge of the residual graph
+   (``lsa.attribution.edge_attribution(model, prompts, method="eap-ig", steps=5)``) vs path-patching
+   discovery (defaults) on the same ``--edges-n`` prompts (64): their wall and CPU times and ratio.
+
 A markdown summary of the ratios and issue 16's targets ends the output.
 
     .venv/bin/python benchmarks/real_models.py [--model gemma-3-270m] [--layers 8] [--n 16] [--threads 1]
     .venv/bin/python benchmarks/real_models.py --layers 2 --n 8            # a quick check
     .venv/bin/python benchmarks/real_models.py --discovery [--discovery-n 100] [--max-steps 3]
+    .venv/bin/python benchmarks/real_models.py --model gemma-3-270m --edges [--edges-n 64]
     .venv/bin/python benchmarks/real_models.py --device cuda --dtype bfloat16   # the GPU variant
     /path/to/venv-with-transformer-lens/bin/python benchmarks/real_models.py   # with column (b)
 """
@@ -210,6 +215,10 @@ def main() -> None:
     parser.add_argument("--discovery", action="store_true", help="also time notebook 01's discovery (minutes)")
     parser.add_argument("--discovery-n", type=int, default=NOTEBOOK_01["n_prompts"])
     parser.add_argument("--max-steps", type=int, default=NOTEBOOK_01["max_steps"])
+    parser.add_argument(
+        "--edges", action="store_true", help="also time EAP-IG against path-patching discovery (minutes)"
+    )
+    parser.add_argument("--edges-n", type=int, default=64, help="IOI prompts for --edges")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -351,7 +360,7 @@ def main() -> None:
         )
         dprompts = built["ioi", "en"]
         kw = dict(k=NOTEBOOK_01["k"], floor=NOTEBOOK_01["floor"], max_steps=args.max_steps)
-        old = switches(circuits.discover, OLD_DISCOVERY)
+        old = switches(circuits.path_patching_discovery, OLD_DISCOVERY)
         old_path = switches(path_patching, {**OLD_WAY, **OLD_SHARING})
         found_old = None
         if old:
@@ -365,7 +374,8 @@ def main() -> None:
 
             with mock.patch.object(patching, "path_patching", old_path_patching):
                 found_old, t_disc_old = clocked(
-                    lambda: circuits.discover(model, dprompts, **kw, **old, metric=full_vocabulary), device
+                    lambda: circuits.path_patching_discovery(model, dprompts, **kw, **old, metric=full_vocabulary),
+                    device,
                 )
             row(
                 f"discover, {', '.join(f'{k}={v}' for k, v in {**old, **old_path}.items())}, full vocab",
@@ -374,13 +384,17 @@ def main() -> None:
             )
         else:
             print("  the old-way switch (positions='all') is not available in discover")
-        found, t_disc = clocked(lambda: circuits.discover(model, dprompts, **kw), device)
+        found, t_disc = clocked(lambda: circuits.path_patching_discovery(model, dprompts, **kw), device)
         names = [c.name for c in found.circuit.components]
         row("discover (default)", t_disc, f"{found.n_steps} step(s), {len(found.circuit)} heads: {', '.join(names)}")
         if found_old is not None:  # the rules differ at the query step, so the circuits may too
             old_names = [c.name for c in found_old.circuit.components]
             shared = len(set(names) & set(old_names))
             print(f"  old way's heads: {', '.join(old_names)}; {shared} shared")
+
+    t_edges = t_paths = None
+    if args.edges:
+        t_edges, t_paths = time_edges(model, args.edges_n, device)
 
     print(
         f"\n## Summary: {args.model}, {device}, {args.dtype}, {len(heads)} heads (last {len(layers)} layers), n={len(prompts)}"
@@ -413,7 +427,26 @@ def main() -> None:
     if t_disc_old is not None:
         line("discovery after / before", t_disc / t_disc_old, 0.25)
     if t_disc is not None:
-        print(f"\nnotebook 01's discovery: {t_disc[0]:.1f} s wall, {t_disc[1]:.1f} s CPU (default)")
+        print(f"\npath-patching discovery: {t_disc[0]:.1f} s wall, {t_disc[1]:.1f} s CPU (default)")
+    if t_edges is not None:
+        line("EAP-IG (every edge) / path-patching discovery, same prompts", t_edges / t_paths)
+        print(f"\nEAP-IG over every edge, {args.edges_n} prompts: {t_edges[0]:.1f} s wall, {t_edges[1]:.1f} s CPU")
+
+
+def time_edges(model, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Section 5: EAP-IG over every edge and path-patching discovery on the same ``n`` IOI prompts."""
+    from lsa.attribution import edge_attribution
+
+    prompts = on_device(lsa.tasks.build("ioi", "en", model.tokenizer, n=n, seed=0), device)
+    print(f"\n5. EAP-IG over every edge vs path-patching discovery (n={len(prompts)})")
+    scores, t_edges = clocked(
+        lambda: edge_attribution(model, prompts, method="eap-ig", steps=5, progress=False), device
+    )
+    row(f"EAP-IG, 5 steps, {scores.graph.n_edges} edges", t_edges)
+    kw = dict(k=NOTEBOOK_01["k"], floor=NOTEBOOK_01["floor"], max_steps=NOTEBOOK_01["max_steps"], progress=False)
+    found, t_paths = clocked(lambda: circuits.path_patching_discovery(model, prompts, **kw), device)
+    row("path-patching discovery (default)", t_paths, f"{found.n_steps} step(s), {len(found.circuit)} heads")
+    return t_edges, t_paths
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ with the plain estimate and 0.98 / 0.95 with ``steps=2`` (integrated gradients).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -53,6 +54,7 @@ from lsa.tasks import PromptSet
 
 __all__ = [
     "EDGE_METHODS",
+    "RANKS",
     "EdgeScores",
     "attribution_patching",
     "attribution_vs_exact",
@@ -241,6 +243,7 @@ def attribution_vs_exact(
 
 # ============================================================== edges
 EDGE_METHODS = ("eap", "eap-ig")
+RANKS = ("absolute", "signed")  # how edges are ranked into circuits (EdgeScores.values)
 EDGE_TOKENS = 1024  # prompts x positions per forward and backward of edge attribution
 
 
@@ -267,14 +270,54 @@ class EdgeScores:
 
     @property
     def frame(self) -> pd.DataFrame:
-        """One row per edge (``sender``, ``receiver``, ``input``, ``score``), largest ``|score|`` first, with ``rank``."""
+        """One row per edge (``sender``, ``receiver``, ``input``, ``score``), largest ``|score|`` first, with its ``rank``."""
         frame = self.graph.frame(self.scores)
         frame = frame.iloc[frame["score"].abs().sort_values(ascending=False, kind="stable").index]
         return frame.reset_index(drop=True).assign(rank=lambda f: range(1, len(f) + 1))
 
+    def values(self, rank: str = "absolute", rows=None) -> torch.Tensor:
+        """``[senders, receivers]``: what ranks the edges, from the mean score over the prompts ``rows`` (default all):
+        ``"absolute"``, its size, whichever way the edge acts (Hanna et al. 2024); ``"signed"``, how far the edge
+        carries the behaviour (noising: minus the score; denoising: the score), so that edges working
+        against it come last."""
+        if rank not in RANKS:
+            raise ValueError(f"rank must be one of {', '.join(RANKS)}, got {rank!r}")
+        mean = self.scores if rows is None else self.per_prompt[rows].mean(0)
+        if rank == "absolute":
+            return mean.abs()
+        return -mean if self.direction == "noising" else mean
+
+    def circuit(self, size: int, rank: str = "absolute", rows=None) -> torch.Tensor:
+        """The top ``size`` edges by :meth:`values`, pruned to the paths from the embeddings to the logits
+        (:meth:`lsa.graph.Graph.prune`): ``[senders, receivers]`` bool."""
+        return self.graph.prune(self.graph.top(self.values(rank, rows), size))
+
     def subset(self, rows) -> EdgeScores:
         """The scores of some prompts only (``rows``: indices or a boolean mask)."""
         return EdgeScores(self.graph, self.per_prompt[rows], self.method, self.direction, self.steps, self.meta)
+
+    def save(self, path) -> Path:
+        """Save to ``path`` (``torch.save``; the graph's edges alone, ``[n, edges]``)."""
+        g = self.graph
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "graph": [g.n_layers, g.n_heads, g.n_kv_heads, g.parallel],
+                "edges": self.per_prompt[:, g.valid].clone(),
+                **{k: getattr(self, k) for k in ("method", "direction", "steps", "meta")},
+            },
+            path,
+        )
+        return path
+
+    @classmethod
+    def load(cls, path) -> EdgeScores:
+        data = torch.load(path, weights_only=True)
+        graph = Graph(*data.pop("graph"))
+        per_prompt = torch.zeros(len(data["edges"]), *graph.valid.shape)
+        per_prompt[:, graph.valid] = data.pop("edges")
+        return cls(graph, per_prompt, **data)
 
 
 def edge_attribution(

@@ -154,16 +154,25 @@ accuracy = Key("{task}_{language}_accuracy", task=TASKS)
 top1 = Key("{task}_{language}_top1", task=TASKS)
 logit_diff = Key("{task}_{language}_logit_diff", task=TASKS)
 
-# one discovered circuit (01_ioi_circuit)
-circuit_size = Key("{task}_circuit_{language}_size", task=TASKS)
-circuit_heads = Key("{task}_circuit_{language}_heads", task=TASKS)
-circuit_faithfulness = Key("{task}_circuit_{language}_faithfulness", task=TASKS)
+# one discovered circuit (01_ioi_circuit), by discovery method: its size, its held-out faithfulness
+# ("faithfulness"; "interval": [low, high]), whether it reached the target, MIB's areas, its stability
+CIRCUIT_METHODS = ("eap-ig", "eap", "path-patching")
+CIRCUIT_STATS = (
+    "edges", "edge_share", "nodes", "heads", "mlps", "components", "faithfulness", "interval", "reached_target",
+    "cpr", "cmd", "stability_edges", "stability_nodes", "chance_nodes",
+)  # fmt: skip
+circuit = Key("{task}_circuit_{language}_{method}_{stat}", task=TASKS, method=CIRCUIT_METHODS, stat=CIRCUIT_STATS)
 
-# two circuits compared (03_compare_circuits): a compare() score of circuits labelled a and b,
-# and each circuit's faithfulness on each language's prompts
+# two circuits compared (03_compare_circuits): a compare() score of circuits labelled a and b; each
+# circuit's held-out faithfulness on each language's prompts (and its interval, [low, high]); the
+# overlap of two edge circuits beside chance and resampling (lsa.circuits.edge_overlap); the verdict
 COMPARISON_SCORES = ("jaccard", "weighted_overlap", "role_agreement", "shared", "logit_effect_correlation")
 circuit_comparison = Key("{task}_circuit_{score}_{a}_vs_{b}", task=TASKS, score=COMPARISON_SCORES)
 cross_faithfulness = Key("{task}_faithfulness_{circuit}_on_{language}", task=TASKS)
+cross_interval = Key("{task}_interval_{circuit}_on_{language}", task=TASKS)
+OVERLAP_STATS = ("observed", "interval", "chance", "chance_95", "within_a", "within_b", "across_halves")
+overlap = Key("{task}_overlap_{unit}_{stat}_{a}_vs_{b}", task=TASKS, unit=("edges", "nodes"), stat=OVERLAP_STATS)
+verdict = Key("{task}_verdict_{a}_vs_{b}", task=TASKS)
 
 # past-tense routes (02_past_tense): head frequency, and what ablating a set of components leaves
 FREQUENCY_CORRELATION = "frequency_correlation"

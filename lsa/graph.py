@@ -152,9 +152,9 @@ class Graph:
             out[i, j] = True
         return out
 
-    def top(self, scores: torch.Tensor, n: int) -> torch.Tensor:
-        """The ``n`` edges with the largest ``|score|`` (ties: the earlier edge), ``[senders, receivers]`` bool."""
-        flat = torch.where(self.valid, scores.abs().double(), -1.0).flatten()
+    def top(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """The ``n`` edges with the largest ``values`` ``[senders, receivers]`` (ties: the earlier edge), as bool."""
+        flat = torch.where(self.valid, values.double(), -torch.inf).flatten()
         order = torch.sort(flat, descending=True, stable=True).indices[: max(0, min(n, self.n_edges))]
         out = torch.zeros(flat.shape, dtype=torch.bool)
         out[order] = True

@@ -39,7 +39,7 @@ def _each(kinds: tuple[keys.Key, ...], **choices) -> tuple[re.Pattern, ...]:
     return tuple(kind.pattern(**choices) for kind in kinds)
 
 
-ONE_CIRCUIT = (keys.circuit_size, keys.circuit_heads, keys.circuit_faithfulness)
+ONE_CIRCUIT = (keys.circuit.pattern(stat=("edges", "edge_share", "nodes", "faithfulness", "interval")),)
 PAST_TENSE_ROUTES = (
     keys.exactly(keys.FREQUENCY_CORRELATION),
     keys.exactly(keys.ENGLISH_SPECIFIC_HEADS),
@@ -75,8 +75,10 @@ HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
 REAL_HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
     ("00_quickstart", REAL_MODELS[0], _each((keys.accuracy, keys.top1), language=LANGUAGES)),
     ("00_quickstart", REAL_MODELS[1], _each((keys.accuracy, keys.top1), task="ioi", language="en")),
-    ("01_ioi_circuit", REAL_MODELS[0], _each(ONE_CIRCUIT, task="ioi", language=LANGUAGES)),
-    ("01_ioi_circuit", REAL_MODELS[1], _each(ONE_CIRCUIT, task="ioi", language="en")),
+    ("01_ioi_circuit", REAL_MODELS[0], ONE_CIRCUIT),
+    ("01_ioi_circuit", REAL_MODELS[1], ONE_CIRCUIT),
+    ("03_compare_circuits", REAL_MODELS[0], (keys.verdict.pattern(task="ioi"),)),
+    ("03_compare_circuits", REAL_MODELS[0], (keys.overlap.pattern(task="ioi", unit="nodes"),)),
     ("03_compare_circuits", REAL_MODELS[0], (keys.circuit_comparison.pattern(task="ioi", score=COMPARED),)),
     ("03_compare_circuits", REAL_MODELS[0], (keys.cross_faithfulness.pattern(task="ioi"),)),
     (
@@ -164,59 +166,88 @@ def _grade(value: float | None, strong: float, weak: float, words=("agrees", "ag
     return words[0] if value >= strong else words[1] if value >= weak else words[2]
 
 
+def _interval(value) -> str:
+    return f" [{value[0]:.2f}, {value[1]:.2f}]" if isinstance(value, list) and len(value) == 2 else ""
+
+
+def _circuit_words(find, model: str, language: str, method: str = "eap-ig") -> str | None:
+    """``"499 edges (8.8% of the model's), 67 heads and MLPs, keeping 0.78 [0.69, 0.87] of ..."`` from notebook 01."""
+    stat = lambda name: find("01_ioi_circuit", model, keys.circuit("ioi", language, method, name))  # noqa: E731
+    edges, share, nodes, faith = stat("edges"), _num(stat("edge_share")), stat("nodes"), _num(stat("faithfulness"))
+    if edges is None or faith is None:
+        return None
+    return (
+        f"{edges} edges ({share:.1%} of the model's), {nodes} heads and MLPs, keeping {faith:.2f}"
+        f"{_interval(stat('interval'))} of its behaviour on held-out prompts"
+    )
+
+
+def _same_circuit(find, g: str) -> list[str]:
+    """Part 1: the paper found BLOOM-560M's English and Chinese IOI circuits sharing most functional heads."""
+    nb, pair = "03_compare_circuits", ("en", "zh")
+    word = find(nb, g, keys.verdict("ioi", *pair))
+    circuits = {lang: _circuit_words(find, g, lang) for lang in pair}
+    if word is None and not any(circuits.values()):
+        return []
+    cross = {
+        (a, b): (_num(find(nb, g, keys.cross_faithfulness("ioi", a, b))), find(nb, g, keys.cross_interval("ioi", a, b)))
+        for a, b in (pair, pair[::-1])
+    }
+    stat = lambda unit, name: find(nb, g, keys.overlap("ioi", unit, name, *pair))  # noqa: E731
+    text = (
+        "- **Same process, same circuit?** The paper found that BLOOM-560M's English and Chinese IOI circuits share "
+        f"most of their functional heads. On Gemma 3 270M the verdict is **{word or 'missing'}** (the rule: "
+        f"`lsa.circuits.VERDICT_RULE`, in notebook 03). Edge-attribution circuits (EAP-IG, 64 discovery prompts each): "
+        f"English {circuits['en'] or 'missing'}; Chinese {circuits['zh'] or 'missing'}."
+    )
+    words = [
+        f"the {NAMES[a]} circuit keeps {v:.2f}{_interval(ci)} of the {NAMES[b]} behaviour"
+        for (a, b), (v, ci) in cross.items()
+        if v is not None
+    ]
+    if words:
+        text += " Across languages, " + " and ".join(words) + "."
+    observed = _num(stat("nodes", "observed"))
+    if observed is not None:
+        text += (
+            f" Their heads and MLPs overlap at Jaccard {observed:.2f}{_interval(stat('nodes', 'interval'))}, against "
+            f"{_num(stat('nodes', 'chance')):.2f} for random circuits of the same sizes; two halves of one language's "
+            f"prompts give {_num(stat('nodes', 'within_a')):.2f} (English) and {_num(stat('nodes', 'within_b')):.2f} "
+            f"(Chinese), a half of each language against the other {_num(stat('nodes', 'across_halves')):.2f}."
+        )
+    return [text]
+
+
+def _two_models(find, g: str, s: str) -> list[str]:
+    """Part 2: the paper found GPT-2 and CPM largely using the same IOI algorithm."""
+    smol = _circuit_words(find, s, "en")
+    if smol is None:
+        return []
+    pair = (f"{g}/en", f"{s}/en")  # the circuits' labels: lsa.workbook.circuit_labels of two models
+    roles = _num(find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "role_agreement", *pair)))
+    shared = find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "shared", *pair))
+    faithful = [_num(find("01_ioi_circuit", m, keys.circuit("ioi", "en", "eap-ig", "faithfulness"))) for m in (g, s)]
+    judged = all(f is not None and f >= 0.8 for f in faithful)
+    return [
+        f"- **Independently trained models, one process?** The paper found GPT-2 and CPM largely using the same IOI "
+        f"algorithm. SmolLM2 135M's English circuit: {smol}. The roles both circuits hold: "
+        f"{', '.join(map(str, shared or [])) or 'none'}"
+        + (f" (role agreement {roles:.2f})" if roles is not None else "")
+        + (
+            "."
+            if judged
+            else "; with a circuit below 0.8 of its behaviour on held-out prompts, the comparison of roles is inconclusive."
+        )
+    ]
+
+
 def compare_with_paper(runs: list[dict]) -> list[str]:
     """Plain-words statements of what the real models show against the paper's findings, from the saved numbers."""
     g, s = REAL_MODELS
     out = []
     find = lambda nb, model, key: _finding(runs, nb, model, key)  # noqa: E731
-    # 1. same process, same circuit (the paper: BLOOM-560M's EN and ZH IOI circuits share most functional heads)
-    j = _num(find("03_compare_circuits", g, keys.circuit_comparison("ioi", "jaccard", "en", "zh")))
-    shared = find("03_compare_circuits", g, keys.circuit_comparison("ioi", "shared", "en", "zh")) or []
-    sizes = [find("01_ioi_circuit", g, keys.circuit_size("ioi", lang)) for lang in ("en", "zh")]
-    cross = [
-        _num(find("03_compare_circuits", g, keys.cross_faithfulness("ioi", a, b)))
-        for a, b in (("en", "zh"), ("zh", "en"))
-    ]
-    steps = _parameter(runs, "01_ioi_circuit", g, "max_steps")
-    if steps is not None:
-        out.append(
-            f"- Circuits here come from {steps} step(s) of path-patching discovery"
-            + (
-                " (the heads whose direct path to the logits carries the answer; what feeds them is not searched, "
-                "to keep the run to minutes: `-p max_steps=3` in notebook 01 searches further)."
-                if steps == 1
-                else " (the heads whose direct path to the logits carries the answer, then at each further step the "
-                "heads that feed the queries, keys or values of the heads found before)."
-            )
-        )
-    if j is not None:
-        verdict = _grade(j, 0.5, 0.2)
-        out.append(
-            f"- **Same process, same circuit?** The paper found that BLOOM-560M's English and Chinese IOI circuits "
-            f"share most of their functional heads. Gemma 3 270M {verdict}: its English circuit has {sizes[0]} heads, "
-            f"its Chinese one {sizes[1]}, and they share {len(shared)} ({', '.join(map(str, shared)) or 'none'}; "
-            f"Jaccard {j:.2f}). The English circuit keeps {_fmt(cross[0])} of the model's Chinese behaviour and the "
-            f"Chinese circuit {_fmt(cross[1])} of its English behaviour (normalised faithfulness, 1 = all of it)."
-        )
-    # 2. two independently trained models, one task (the paper: GPT-2 vs CPM, largely the same algorithm)
-    pair = (f"{g}/en", f"{s}/en")  # the circuits' labels: lsa.workbook.circuit_labels of two models
-    roles = _num(find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "role_agreement", *pair)))
-    shared_roles = find("03_compare_circuits", f"{g}+{s}", keys.circuit_comparison("ioi", "shared", *pair))
-    smol_size = find("01_ioi_circuit", s, keys.circuit_size("ioi", "en"))
-    smol_faith = _num(find("01_ioi_circuit", s, keys.circuit_faithfulness("ioi", "en")))
-    if smol_size is not None:
-        out.append(
-            f"- **Independently trained models, one process?** The paper found GPT-2 and CPM largely using the same "
-            f"IOI algorithm. SmolLM2 135M's English circuit has {smol_size} heads against Gemma 3's {sizes[0]}; "
-            f"the roles both circuits hold: {', '.join(map(str, shared_roles or [])) or 'none'}"
-            + (f" (role agreement {roles:.2f})" if roles is not None else "")
-            + (
-                ""
-                if smol_faith is None
-                else f"; SmolLM2's circuit keeps {smol_faith:.2f} of its behaviour"
-                + (", so most of it runs through heads this search did not reach." if smol_faith < 0.2 else ".")
-            )
-        )
+    out += _same_circuit(find, g)
+    out += _two_models(find, g, s)
     # 3. different process, different components (the paper: Qwen2's past-tense head and late FFNs only in English)
     r = _num(find("02_past_tense", g, keys.FREQUENCY_CORRELATION))
     heads = find("02_past_tense", g, keys.ENGLISH_SPECIFIC_HEADS) or []

@@ -57,7 +57,7 @@ DEFAULT_CELL_TIMEOUT = 1800
 # need internet or NDIF; ``random=True`` swaps in random models of the same shapes);
 # "real" runs the main study on the real pretrained models lsa converts offline
 # (``make models``: Gemma 3 270M, SmolLM2-135M), sized for a few minutes on a CPU.
-_REAL_IOI = {"n_prompts": 12, "max_steps": 3}
+_REAL_IOI = {"n_prompts": 64, "n_heldout": 64, "n_path_prompts": 12}
 PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     "zoo": [
         ("00_quickstart", ["toy-bilingual"], ["en+zh"], {}),
@@ -82,13 +82,10 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
     ],
-    # Sizes: with the install and the models in place, `make reproduce` runs its 21 notebooks in
-    # 2 min 55 s on two cores (two jobs, one thread each; 15 minutes from a fresh clone is the aim);
-    # path-patching discovery (three steps) takes 34-38 s per circuit. The longest cells come
-    # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
-    # its circuits on 12 (_REAL_IOI) and compared on 16; SmolLM2, the side comparison, on 8
-    # (circuit) and 50 (behaviour); past tense on 12; language neurons on 40 shipped sentences
-    # per language.
+    # Sizes: each circuit is found on 64 prompts (edge attribution, EAP-IG) and judged on 64 others; the
+    # paper's path patching runs beside it on 12. The longest cells come first, so that two jobs finish
+    # together. Gemma 3's behaviour on 100 prompts per set (00); SmolLM2, the side comparison, on 50
+    # (behaviour); past tense on 12; language neurons on 40 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (
@@ -97,7 +94,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             ["en+zh"],
             {"n_texts": 40, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
         ),
-        ("01_ioi_circuit", ["smollm2-135m"], ["en"], {**_REAL_IOI, "n_prompts": 8}),
+        ("01_ioi_circuit", ["smollm2-135m"], ["en"], dict(_REAL_IOI)),
         ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 12}),
         ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
         ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 50}),
@@ -105,13 +102,13 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             "03_compare_circuits",
             ["gemma-3-270m"],
             ["en+zh"],
-            {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:gemma-3-270m:zh}"], "n_prompts": 16},
+            {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:gemma-3-270m:zh}"]},
         ),
         (
             "03_compare_circuits",
             ["gemma-3-270m+smollm2-135m"],
             ["en"],
-            {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:smollm2-135m:en}"], "n_prompts": 16},
+            {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:smollm2-135m:en}"]},
         ),
     ],
     "paper": [

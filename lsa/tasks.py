@@ -43,7 +43,7 @@ import json
 import random
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -958,6 +958,31 @@ def build(
     _check_choice("task", task, TASKS)
     _check_choice("variant", variant, (None, *VARIANTS[task]))
     return _BUILDERS[task](language, tokenizer, n=n, seed=seed, split=split, variant=variant, **kwargs)
+
+
+def disjoint(prompts: PromptSet, sizes: Sequence[int]) -> list[PromptSet]:
+    """Consecutive parts of ``prompts`` of at most ``sizes`` prompts each, no clean text in two parts.
+
+    A prompt whose clean text an earlier part holds is left out (the builders draw with replacement), so
+    a circuit found on one part is judged on prompts it has not seen.
+
+    >>> train, heldout = disjoint(build("ioi", "en", tokenizer, n=128), [64, 64])   # doctest: +SKIP
+    """
+    seen: set = set()
+    texts = prompts.meta["clean_text"].tolist() if "clean_text" in prompts.meta else prompts.clean.tolist()
+    parts, row = [], 0
+    for size in sizes:
+        rows = []
+        while len(rows) < size and row < len(prompts):
+            key = str(texts[row])
+            if key not in seen:
+                rows.append(row)
+            row += 1
+        seen |= {str(texts[r]) for r in rows}
+        if not rows:
+            raise ValueError(f"no prompts left for a part of {size}: build more prompts than {sum(sizes)}")
+        parts.append(prompts.subset(rows))
+    return parts
 
 
 def try_build(task: str, language: str, tokenizer, *, min_prompts: int = 2, **kwargs) -> tuple[PromptSet | None, str]:

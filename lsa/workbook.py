@@ -55,23 +55,67 @@ def circuit_labels(circuits: Sequence[Circuit]) -> list[str]:
     return labels
 
 
+HELDOUT = 64  # prompts that judge a circuit, apart from those it was found on
+
+
+def circuit_prompts(
+    model: Model,
+    language: str,
+    task: str = "ioi",
+    *,
+    n_prompts: int = 64,
+    n_heldout: int = HELDOUT,
+    seed: int = 0,
+    split: str = "all",
+) -> tuple[PromptSet, PromptSet]:
+    """Discovery and held-out prompts from one build, no clean text in both (:func:`lsa.tasks.disjoint`).
+
+    The same arguments give the same two sets, so a circuit's held-out prompts can be rebuilt from
+    what :func:`prompt_record` keeps in its evidence.
+    """
+    from lsa import tasks
+
+    built = tasks.build(task, language, model.tokenizer, n=(n_prompts + n_heldout) * 5 // 4 + 4, seed=seed, split=split)
+    train, heldout = tasks.disjoint(built, [n_prompts, n_heldout])
+    return train, heldout
+
+
+def prompt_record(n_prompts: int, n_heldout: int, seed: int, split: str) -> dict:
+    """What :func:`circuit_prompts` needs to rebuild a circuit's prompts (kept as ``circuit.evidence["prompts"]``)."""
+    return {"n_prompts": n_prompts, "n_heldout": n_heldout, "seed": seed, "split": split}
+
+
+def heldout_sets(
+    model: Model, circuit: Circuit, languages: Iterable[str]
+) -> tuple[dict[str, PromptSet], dict[str, str]]:
+    """Each language's held-out prompts for a circuit (as it was found: its ``evidence["prompts"]``, else the
+    defaults), plus ``{language: reason}`` for those this model's tokenizer cannot express."""
+    from lsa.tasks import NoPrompts
+
+    record = {**prompt_record(64, HELDOUT, 0, "all"), **circuit.evidence.get("prompts", {})}
+    built, skipped = {}, {}
+    for language in languages:
+        try:
+            built[language] = circuit_prompts(model, language, circuit.task or "ioi", **record)[1]
+        except NoPrompts as err:
+            skipped[language] = str(err)
+    return built, skipped
+
+
 def cross_faithfulness(
     circuits: Mapping[str, Circuit],
     languages: Iterable[str],
     *,
     models: Mapping[str, Model] | None = None,
-    n_prompts: int | None = None,
-    seed: int = 0,
-    split: str = "all",
     device="auto",
     remote: bool | str = False,
     **kwargs,
 ) -> pd.DataFrame:
-    """Each circuit's faithfulness in each language, on the model it was found in (loaded by name if not given).
+    """Each circuit's faithfulness in each language on held-out prompts, on the model it was found in
+    (loaded by name if not given).
 
     One row per (circuit, language) as in :func:`lsa.circuits.faithfulness_table`; a language whose
-    prompts cannot be built for that model's tokenizer gets a row with NaN scores
-    and the reason in ``note``.
+    prompts cannot be built for that model's tokenizer gets a row with NaN scores and the reason in ``note``.
     """
     from lsa.model import load_model
 
@@ -82,7 +126,7 @@ def cross_faithfulness(
         if circuit.model not in models:
             models[circuit.model] = load_model(circuit.model, device=device, remote=remote)
         model = models[circuit.model]
-        built, skipped = prompt_sets(model, languages, circuit.task or "ioi", n=n_prompts, seed=seed, split=split)
+        built, skipped = heldout_sets(model, circuit, languages)
         frame = faithfulness_table(model, {label: circuit}, built, **kwargs)
         notes = [
             {
@@ -108,31 +152,35 @@ def discover_each(
     *,
     models: dict[str, Model] | None = None,
     task: str = "ioi",
-    n_prompts: int | None = None,
+    n_prompts: int = 64,
     seed: int = 0,
     split: str = "all",
     device="auto",
     remote: bool | str = False,
     **discover_kwargs,
 ) -> tuple[list[Circuit], dict[str, str]]:
-    """Discover a circuit for each ``(model name, language)`` pair; ``({...}, {pair: reason skipped})``.
+    """Discover a circuit for each ``(model name, language)`` pair on its discovery prompts
+    (:func:`circuit_prompts`); ``({...}, {pair: reason skipped})``.
 
-    Models are loaded once each and kept in ``models`` (pass a dict to reuse them,
-    e.g. for :func:`cross_faithfulness`). A language the model's tokenizer cannot
-    express is skipped with its reason.
+    Models are loaded once each and kept in ``models`` (pass a dict to reuse them, e.g. for
+    :func:`cross_faithfulness`). A language the model's tokenizer cannot express is skipped with its reason.
 
     >>> circuits, skipped = discover_each([("toy-en", "en"), ("toy-zh", "zh")])   # doctest: +SKIP
     """
     from lsa.model import load_model
+    from lsa.tasks import NoPrompts
 
     models = models if models is not None else {}
     found, skipped = [], {}
     for name, language in pairs:
         if name not in models:
             models[name] = load_model(name, device=device, remote=remote)
-        built, why = prompt_sets(models[name], [language], task, n=n_prompts, seed=seed, split=split)
-        if language in why:
-            skipped[f"{name}/{language}"] = why[language]
+        try:
+            train, _ = circuit_prompts(models[name], language, task, n_prompts=n_prompts, seed=seed, split=split)
+        except NoPrompts as err:
+            skipped[f"{name}/{language}"] = str(err)
             continue
-        found.append(discover(models[name], built[language], **discover_kwargs).circuit)
+        circuit = discover(models[name], train, **discover_kwargs).circuit
+        circuit.evidence["prompts"] = prompt_record(n_prompts, HELDOUT, seed, split)
+        found.append(circuit)
     return found, skipped

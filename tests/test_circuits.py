@@ -139,7 +139,7 @@ def _reference_value_path_effect(model, prompts, sender, receiver, pos=None):
 def test_discovery_recovers_planted_heads_and_nothing_else(tmp_path):
     model = planted_model()
     prompts = make_prompts(n=6, pos=7, seed=1)
-    found = C.discover(model, prompts, k=1.0, floor=0.01, max_steps=3, roles=False)
+    found = C.path_patching_discovery(model, prompts, k=1.0, floor=0.01, max_steps=3, roles=False)
     assert sorted(found.circuit.heads) == PLANTED
     steps = found.steps
     planted = [(la, h) in PLANTED for la, h in zip(steps["layer"], steps["head"])]
@@ -163,7 +163,9 @@ def test_discovery_recovers_planted_heads_and_nothing_else(tmp_path):
     assert found.circuit.get((0, 1)).effect == pytest.approx(
         _reference_value_path_effect(model, prompts, (0, 1), (1, 2), pos=named[best]), abs=1e-4
     )
-    every = C.discover(model, prompts, k=1.0, floor=0.01, max_steps=3, roles=False, positions="all", progress=False)
+    every = C.path_patching_discovery(
+        model, prompts, k=1.0, floor=0.01, max_steps=3, roles=False, positions="all", progress=False
+    )
     assert sorted(every.circuit.heads) == PLANTED and set(every.steps["position"]) == {"all"}
     assert every.circuit.get((0, 1)).effect == pytest.approx(
         _reference_value_path_effect(model, prompts, (0, 1), (1, 2)), abs=1e-4
@@ -180,7 +182,7 @@ def test_discovery_recovers_planted_heads_and_nothing_else(tmp_path):
 def test_discovery_on_model_where_no_head_writes_gives_empty_circuit():
     model = planted_model(planted=[])
     prompts = make_prompts(n=4, pos=6, seed=2)
-    found = C.discover(model, prompts, roles=True)
+    found = C.path_patching_discovery(model, prompts, roles=True)
     assert len(found.circuit) == 0 and found.circuit.edges == []
     assert found.scores is None
     fig = PC.draw(found.circuit)

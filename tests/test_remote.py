@@ -154,10 +154,10 @@ def test_behaviour_and_ablation_remote_equal_local(zoo_pair, server):
 
 def test_circuit_discovery_remote_finds_the_same_circuit(zoo_pair, server):
     local, prompts = zoo_pair
-    a = circuits.discover(local, prompts, max_steps=2).circuit
+    a = circuits.path_patching_discovery(local, prompts, max_steps=2).circuit
     server.clear()
     with pytest.warns(UserWarning, match="role suggestions"):
-        b = circuits.discover(remote_twin(local), prompts, max_steps=2).circuit
+        b = circuits.path_patching_discovery(remote_twin(local), prompts, max_steps=2).circuit
     assert len(server) > 0
     assert a.keys == b.keys and len(a) > 0
     for key in a.keys:

@@ -70,20 +70,41 @@ def _run(notebook: str, model: str, findings: dict) -> dict:
     return {"provenance": prov, "findings": {k: {"value": v, "statement": k} for k, v in findings.items()}}
 
 
+def _circuit(language: str, edges: int, share: float, nodes: int, faith: float, interval: list) -> dict:
+    stat = lambda name: f"ioi_circuit_{language}_eap-ig_{name}"  # noqa: E731
+    return {stat("edges"): edges, stat("edge_share"): share, stat("nodes"): nodes}.__or__(
+        {stat("faithfulness"): faith, stat("interval"): interval}
+    )
+
+
 def test_the_real_models_section_states_agreement_with_the_paper_from_the_numbers():
     g, s = reproduce.REAL_MODELS
-    circuits = {"ioi_circuit_en_size": 6, "ioi_circuit_zh_size": 4}
+    overlap = {"observed": 0.5, "interval": [0.4, 0.6], "chance": 0.2, "within_a": 0.7, "within_b": 0.65}
     runs = [
-        _run("01_ioi_circuit", g, circuits),
-        _run("01_ioi_circuit", s, {"ioi_circuit_en_size": 9}),
+        _run(
+            "01_ioi_circuit",
+            g,
+            _circuit("en", 93, 0.0162, 40, 0.85, [0.8, 0.9]) | _circuit("zh", 120, 0.02, 44, 0.7, [0.6, 0.8]),
+        ),
+        _run("01_ioi_circuit", s, _circuit("en", 300, 0.004, 50, 0.9, [0.85, 0.95])),
         _run(
             "03_compare_circuits",
             g,
             {
-                "ioi_circuit_jaccard_en_vs_zh": 0.25,
-                "ioi_circuit_shared_en_vs_zh": ["9.3", "10.1"],
+                "ioi_verdict_en_vs_zh": "inconclusive",
                 "ioi_faithfulness_en_on_zh": 0.61,
+                "ioi_interval_en_on_zh": [0.5, 0.7],
                 "ioi_faithfulness_zh_on_en": 0.83,
+                **{f"ioi_overlap_nodes_{k}_en_vs_zh": v for k, v in overlap.items()},
+                "ioi_overlap_nodes_across_halves_en_vs_zh": 0.45,
+            },
+        ),
+        _run(
+            "03_compare_circuits",
+            f"{g}+{s}",
+            {
+                f"ioi_circuit_role_agreement_{g}_en_vs_{s}_en": 0.5,
+                f"ioi_circuit_shared_{g}_en_vs_{s}_en": ["name mover"],
             },
         ),
         _run(
@@ -106,9 +127,15 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
         ),
     ]
     text = "\n".join(reproduce.compare_with_paper(runs))
-    assert "Gemma 3 270M agrees in part" in text and "share 2 (9.3, 10.1; Jaccard 0.25)" in text
-    assert "keeps 0.61 of the model's Chinese behaviour" in text and "Chinese circuit 0.83" in text
-    assert "SmolLM2 135M's English circuit has 9 heads against Gemma 3's 6" in text
+    assert "On Gemma 3 270M the verdict is **inconclusive**" in text
+    assert "English 93 edges (1.6% of the model's), 40 heads and MLPs, keeping 0.85 [0.80, 0.90]" in text
+    assert "Chinese 120 edges (2.0% of the model's), 44 heads and MLPs, keeping 0.70 [0.60, 0.80]" in text
+    assert "the English circuit keeps 0.61 [0.50, 0.70] of the Chinese behaviour" in text
+    assert "the Chinese circuit keeps 0.83 of the English behaviour" in text
+    assert "Jaccard 0.50 [0.40, 0.60], against 0.20 for random circuits" in text
+    assert "give 0.70 (English) and 0.65 (Chinese), a half of each language against the other 0.45" in text
+    assert "SmolLM2 135M's English circuit: 300 edges (0.4% of the model's)" in text
+    assert "The roles both circuits hold: name mover (role agreement 0.50)." in text
     assert "correlates at 0.80" in text and "7.1" in text
     assert "English at 0.40 and Chinese at 0.95" in text and "by 0.55 (as in the paper)" in text
     assert "English at 0.90 and Chinese at 0.50" in text and "by -0.40 (unlike the paper)" in text
@@ -131,7 +158,14 @@ def test_paper_preset_dry_run_lists_the_papers_models(capsys):
 
 
 def test_paper_preset_runs_offline_on_random_models_with_the_papers_layer_and_head_counts(tmp_path):
-    params = {"n_prompts": [4], "max_steps": [1], "n_texts": [16]}
+    params = {
+        "n_prompts": [4],
+        "n_heldout": [4],
+        "n_path_prompts": [4],
+        "steps": [1],
+        "max_steps": [1],
+        "n_texts": [16],
+    }
     cells = runner.plan_preset("paper", tmp_path, random=True, params=params)
     assert {c.model for c in cells} >= {
         "random-narrow:bigscience/bloom-560m",

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
+from lsa import bootstrap
 from lsa.circuits.data import LOGITS, Circuit, component_name
 
 
@@ -27,9 +29,13 @@ def _weights(circuit: Circuit, units: dict) -> dict:
 
 
 def _units(circuit: Circuit, by: str) -> dict:
+    """Components by unit (the component, or its role; an MLP without one: "MLP"); the embeddings, in every
+    edge circuit, are left out."""
     units: dict = {}
     for c in circuit.components:
-        unit = c.key if by == "component" else (c.role or "unlabelled")
+        if c.kind == "embed":
+            continue
+        unit = c.key if by == "component" else (c.role or ("MLP" if c.kind == "mlp" else "unlabelled"))
         units.setdefault(unit, []).append(c)
     return units
 
@@ -125,8 +131,8 @@ def compare(a: Circuit, b: Circuit, *, labels: Sequence[str] | None = None, by: 
         "a": la,
         "b": lb,
         "by": by,
-        "n_a": len(a),
-        "n_b": len(b),
+        "n_a": sum(map(len, ua.values())),
+        "n_b": sum(map(len, ub.values())),
         "n_shared": len(shared),
         f"n_only_{la}": len([u for u in ua if u not in ub]),
         f"n_only_{lb}": len([u for u in ub if u not in ua]),
@@ -170,3 +176,177 @@ def overlap_matrix(circuits: Mapping[str, Circuit], score: str = "jaccard", by: 
         for j in names:
             out.loc[i, j] = compare(circuits[i], circuits[j], labels=(f"{i}#a", f"{j}#b"), by=by)[score]
     return out
+
+
+# ============================================================== edge circuits: overlap beside its references
+def _nodes(graph, kept: torch.Tensor) -> set:
+    return {
+        key for key in graph.nodes(kept) if key[0] != "embed"
+    }  # heads and MLPs: the embeddings are in every circuit
+
+
+def _jaccards(graph, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Jaccard of two edge circuits' edges and of their nodes (heads and MLPs)."""
+    union = int((a | b).sum())
+    edges = 1.0 if union == 0 else int((a & b).sum()) / union
+    return edges, jaccard(_nodes(graph, a), _nodes(graph, b))
+
+
+def _chance(graph, a: torch.Tensor, b: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+    """``[draws, 2]``: Jaccard of edges and of nodes of random circuits with as many edges / nodes as ``a`` and ``b``."""
+    g = torch.Generator().manual_seed(seed)
+    valid = graph.valid.nonzero()
+    nodes = [k for k in graph.senders if k[0] != "embed"]
+    size = [(int(m.sum()), len(_nodes(graph, m))) for m in (a, b)]
+    out = np.empty((draws, 2))
+    for i in range(draws):
+        picks = [set(torch.randperm(len(valid), generator=g)[:n].tolist()) for n, _ in size]
+        out[i, 0] = jaccard(*picks)
+        picks = [{nodes[j] for j in torch.randperm(len(nodes), generator=g)[:k].tolist()} for _, k in size]
+        out[i, 1] = jaccard(*picks)
+    return out
+
+
+def edge_overlap(
+    a,
+    b,
+    size_a: int,
+    size_b: int,
+    *,
+    rank: str = "absolute",
+    n_boot: int = 200,
+    n_splits: int = 10,
+    n_chance: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The overlap of two edge circuits of one model, beside what chance and resampling give.
+
+    ``a``, ``b``: :class:`lsa.attribution.EdgeScores` of two prompt sets (e.g. English and Chinese),
+    per prompt; the circuits are each set's top ``size_a`` / ``size_b`` edges by ``rank``, pruned
+    (:meth:`lsa.attribution.EdgeScores.circuit`).
+    One row per unit, ``"edges"`` and ``"nodes"`` (heads and MLPs), with columns:
+
+    - ``observed``: Jaccard of the two circuits; ``ci_low``, ``ci_high``: 95% bootstrap interval
+      (each set's prompts resampled, ``n_boot`` times);
+    - ``chance``, ``chance_95``: mean and 95th percentile of the Jaccard of random circuits with as
+      many edges (nodes) as the two (``n_chance`` draws);
+    - ``within_a``, ``within_b``: resampling, the Jaccard of the circuits of two disjoint halves of one
+      set's prompts; ``across_halves``: a half of ``a`` against a half of ``b``, so at the same sample size
+      as ``within_*`` (means over ``n_splits`` random halvings).
+    """
+    graph = a.graph
+    ca, cb = a.circuit(size_a, rank), b.circuit(size_b, rank)
+    observed = _jaccards(graph, ca, cb)
+    g = torch.Generator().manual_seed(seed)
+    boot = np.array(
+        [
+            _jaccards(
+                graph,
+                a.circuit(size_a, rank, _draw(len(a.per_prompt), g)),
+                b.circuit(size_b, rank, _draw(len(b.per_prompt), g)),
+            )
+            for _ in range(n_boot)
+        ]
+    ).reshape(-1, 2)
+    within_a, within_b, across = [], [], []
+    for _ in range(n_splits):
+        ha, hb = _halves(len(a.per_prompt), g), _halves(len(b.per_prompt), g)
+        circuits_a = [a.circuit(size_a, rank, rows) for rows in ha]
+        circuits_b = [b.circuit(size_b, rank, rows) for rows in hb]
+        within_a.append(_jaccards(graph, *circuits_a))
+        within_b.append(_jaccards(graph, *circuits_b))
+        across += [_jaccards(graph, x, y) for x, y in zip(circuits_a, circuits_b)]
+    chance = _chance(graph, ca, cb, n_chance, seed)
+    rows = []
+    for i, unit in enumerate(("edges", "nodes")):
+        lo, hi = bootstrap.interval(boot[:, i])
+        rows.append(
+            {
+                "unit": unit,
+                "observed": observed[i],
+                "ci_low": lo,
+                "ci_high": hi,
+                **_references(chance[:, i]),
+                "within_a": float(np.mean([w[i] for w in within_a])),
+                "within_b": float(np.mean([w[i] for w in within_b])),
+                "across_halves": float(np.mean([w[i] for w in across])),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _references(chance: np.ndarray) -> dict[str, float]:
+    return {"chance": float(chance.mean()), "chance_95": float(np.percentile(chance, 95))}
+
+
+def stability(
+    scores, size: int, *, rank: str = "absolute", n_splits: int = 10, n_chance: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """How far one prompt set's edge circuit holds across its prompts: the Jaccard of the top-``size`` circuits
+    (pruned) of two disjoint halves of the prompts, over ``n_splits`` random halvings (``within``: mean,
+    ``within_min``, ``within_max``), beside random circuits of the same sizes (``chance``, ``chance_95``).
+    One row per unit, ``"edges"`` and ``"nodes"``."""
+    graph, g = scores.graph, torch.Generator().manual_seed(seed)
+    pairs = [[scores.circuit(size, rank, rows) for rows in _halves(len(scores.per_prompt), g)] for _ in range(n_splits)]
+    seen = np.array([_jaccards(graph, *pair) for pair in pairs])
+    chance = _chance(graph, *pairs[0], n_chance, seed)
+    rows = []
+    for i, unit in enumerate(("edges", "nodes")):
+        spread = {"within": seen[:, i].mean(), "within_min": seen[:, i].min(), "within_max": seen[:, i].max()}
+        rows.append({"unit": unit, **spread, **_references(chance[:, i])})
+    return pd.DataFrame(rows)
+
+
+def _draw(n: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(n, (n,), generator=g)
+
+
+def _halves(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=g)
+    return order[: n // 2], order[n // 2 : 2 * (n // 2)]
+
+
+VERDICT_RULE = (
+    "1) each circuit must keep at least the target share of its own language's behaviour on held-out prompts "
+    "(normalised faithfulness), or the verdict is 'inconclusive': circuits that do not explain the behaviour say "
+    "nothing of the mechanism; 2) 'same' when, besides, each circuit keeps at least the target of the other "
+    "language's behaviour and the node overlap's 95% interval lies above the 95th percentile of random circuits of "
+    "the same sizes; 3) 'different' when, besides 1, one circuit's cross-language faithfulness interval lies wholly "
+    "below the target and the node overlap across languages (half samples) is below both languages' overlap between "
+    "two halves of their own prompts; 4) otherwise 'inconclusive'."
+)
+
+
+def verdict(faith: pd.DataFrame, overlap: pd.DataFrame, target: float = 0.8) -> tuple[str, list[str]]:
+    """ "same", "different" or "inconclusive" by :data:`VERDICT_RULE`, with the reasons in words.
+
+    ``faith``: each circuit in each language on held-out prompts (:func:`lsa.circuits.faithfulness_table` rows:
+    ``circuit``, ``circuit_language``, ``language``, ``normalized``, ``ci_low``, ``ci_high``); ``overlap``:
+    :func:`edge_overlap`'s frame.
+    """
+    own = faith[faith["language"] == faith["circuit_language"]]
+    cross = faith[faith["language"] != faith["circuit_language"]]
+    nodes = overlap.set_index("unit").loc["nodes"]
+    weak = [
+        f"{r.circuit} keeps {r.normalized:.2f} of its own language's behaviour"
+        for r in own.itertuples()
+        if not r.normalized >= target
+    ]
+    if weak or own.empty:
+        return "inconclusive", weak or ["no held-out faithfulness of the circuits in their own language"]
+    reasons = [
+        f"{r.circuit} keeps {r.normalized:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] of {r.language}"
+        for r in cross.itertuples()
+    ]
+    above_chance = nodes["ci_low"] > nodes["chance_95"]
+    reasons.append(
+        f"node overlap {nodes['observed']:.2f} [{nodes['ci_low']:.2f}, {nodes['ci_high']:.2f}] against chance "
+        f"{nodes['chance']:.2f} (95th percentile {nodes['chance_95']:.2f}); at half samples across languages "
+        f"{nodes['across_halves']:.2f}, within each language {nodes['within_a']:.2f} and {nodes['within_b']:.2f}"
+    )
+    if len(cross) and (cross["normalized"] >= target).all() and above_chance:
+        return "same", reasons
+    below = (cross["ci_high"] < target).any()
+    if below and nodes["across_halves"] < min(nodes["within_a"], nodes["within_b"]):
+        return "different", reasons
+    return "inconclusive", reasons

@@ -3,10 +3,16 @@
 A :class:`Circuit` is what a circuit analysis concludes, written down so that it
 can be saved, reloaded, compared and drawn: the model it came from (name and
 shape), the task and language, its components (attention heads ``(layer, head)``,
-MLPs ``layer``, neurons ``(layer, index)``) each with a role ("name mover",
+MLPs ``layer``, neurons ``(layer, index)``, the embeddings) each with a role ("name mover",
 "S-inhibition", ... or any label), the edges between them (sender -> receiver
-through the receiver's query, key or value, or -> logits, with an effect), and
+through the receiver's query, key or value, its MLP input, or -> logits, with an effect), and
 the evidence that selected each one (scores, method, parameters).
+
+Its ``level`` says what defines it. ``"nodes"`` (path patching): the components; everything
+else is ablated node by node (heads outside it, MLPs intact). ``"edges"`` (edge attribution):
+the edges, over the model's residual graph (:class:`lsa.graph.Graph`: a key or value edge
+ends at a key/value head ``("kv", layer, group)``); every other edge is ablated; the components
+are the senders its edges leave from.
 
 >>> c = Circuit("toy", 4, 4, "ioi", "en", [Component("head", 3, 0, role="name mover")])   # doctest: +SKIP
 >>> c.to_json("circuit.json"); Circuit.from_json("circuit.json") == c                     # doctest: +SKIP
@@ -24,10 +30,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lsa.graph import Graph, node_name
 from lsa.model import Model
 
-KINDS = ("head", "mlp", "neuron")
-EDGE_KINDS = ("logits", "q", "k", "v")
+KINDS = ("head", "mlp", "neuron", "embed")
+EDGE_KINDS = ("logits", "q", "k", "v", "mlp")
+LEVELS = ("nodes", "edges")
 ROLES = (
     "name mover",
     "negative name mover",
@@ -63,37 +71,27 @@ def json_safe(value):
 
 
 def _key(value) -> tuple:
-    """A component key from a tuple / list / :class:`Component`: ``("head", l, h)``, ``("mlp", l)``, ``("neuron", l, i)``."""
+    """A node key from a tuple / list / :class:`Component`: ``("head", l, h)``, ``("mlp", l)``, ``("neuron", l, i)``,
+    ``("embed",)``, and as an edge's end also ``("kv", l, g)`` or ``("logits",)``."""
     if isinstance(value, Component):
         return value.key
     if isinstance(value, str):
-        if value == LOGITS:
-            return (LOGITS,)
-        raise ValueError(
-            f"a component is ('head', layer, head), ('mlp', layer) or ('neuron', layer, index); got {value!r}"
-        )
+        value = (value,)
     value = tuple(value)
-    if value == (LOGITS,):
+    if value in ((LOGITS,), ("embed",)):
         return value
     if len(value) == 2 and all(isinstance(x, (int, np.integer)) for x in value):
         value = ("head", *value)  # a bare (layer, head)
-    if not value or value[0] not in KINDS or len(value) != (2 if value[0] == "mlp" else 3):
+    if not value or value[0] not in (*KINDS, "kv") or len(value) != (2 if value[0] == "mlp" else 3):
         raise ValueError(
-            f"a component is ('head', layer, head), ('mlp', layer) or ('neuron', layer, index); got {value!r}"
+            f"a component is ('head', layer, head), ('mlp', layer), ('neuron', layer, index) or ('embed',); got {value!r}"
         )
     return (value[0], *(int(x) for x in value[1:]))
 
 
 def component_name(key) -> str:
-    """Short label: head ``"2.1"``, MLP ``"MLP2"``, neuron ``"N2.17"``, ``"logits"``."""
-    key = _key(key)
-    if key[0] == LOGITS:
-        return LOGITS
-    if key[0] == "head":
-        return f"{key[1]}.{key[2]}"
-    if key[0] == "mlp":
-        return f"MLP{key[1]}"
-    return f"N{key[1]}.{key[2]}"
+    """Short label: head ``"2.1"``, MLP ``"MLP2"``, neuron ``"N2.17"``, ``"embed"``, ``"logits"`` (:func:`lsa.graph.node_name`)."""
+    return node_name(_key(key))
 
 
 @dataclass
@@ -113,14 +111,19 @@ class Component:
     evidence: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        key = _key((self.kind, self.layer) if self.index is None else (self.kind, self.layer, self.index))
-        self.kind, self.layer = key[0], key[1]
-        self.index = key[2] if len(key) == 3 else None
+        if self.kind == "embed":  # below every layer
+            self.layer, self.index = -1, None
+        else:
+            key = _key((self.kind, self.layer) if self.index is None else (self.kind, self.layer, self.index))
+            self.kind, self.layer = key[0], key[1]
+            self.index = key[2] if len(key) == 3 else None
         self.effect = None if self.effect is None or not math.isfinite(self.effect) else float(self.effect)
         self.evidence = json_safe(dict(self.evidence))
 
     @property
     def key(self) -> tuple:
+        if self.kind == "embed":
+            return ("embed",)
         return (self.kind, self.layer) if self.index is None else (self.kind, self.layer, self.index)
 
     @property
@@ -142,9 +145,10 @@ class Edge:
         self.sender, self.receiver = _key(self.sender), _key(self.receiver)
         if self.kind not in EDGE_KINDS:
             raise ValueError(f"edge kind must be one of {', '.join(EDGE_KINDS)}, got {self.kind!r}")
-        if (self.kind == LOGITS) != (self.receiver == (LOGITS,)):
+        if (self.kind == LOGITS) != (self.receiver == (LOGITS,)) or (self.kind == "mlp") != (self.receiver[0] == "mlp"):
             raise ValueError(
-                f"an edge to the logits has kind 'logits' (got receiver {self.receiver}, kind {self.kind!r})"
+                f"an edge to the logits has kind 'logits', one into an MLP kind 'mlp' (got receiver {self.receiver}, "
+                f"kind {self.kind!r})"
             )
         self.effect = None if self.effect is None or not math.isfinite(self.effect) else float(self.effect)
         self.evidence = json_safe(dict(self.evidence))
@@ -167,8 +171,11 @@ class Circuit:
     edges: list[Edge] = field(default_factory=list)
     evidence: dict = field(default_factory=dict)
     d_mlp: int | None = None
+    level: str = "nodes"
 
     def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         self.components = [c if isinstance(c, Component) else Component(**c) for c in self.components]
         self.edges = [e if isinstance(e, Edge) else Edge(**e) for e in self.edges]
         self.evidence = json_safe(dict(self.evidence))
@@ -259,15 +266,47 @@ class Circuit:
         ]
         return pd.DataFrame(rows, columns=["sender", "receiver", "kind", "effect"])
 
+    # ------------------------------------------------------------ edges
+    def mask(self, graph: Graph) -> torch.Tensor:
+        """An edge circuit as ``[senders, receivers]`` bool over ``graph`` (:meth:`lsa.graph.Graph.mask`)."""
+        if self.level != "edges":
+            raise ValueError(f"circuit {self.title!r} is defined by its nodes (level 'nodes'), not by edges")
+        return graph.mask([(e.sender, e.receiver, e.kind) for e in self.edges])
+
+    @classmethod
+    def from_edges(
+        cls, model: Model, kept: torch.Tensor, scores: torch.Tensor, task="", language="", **evidence
+    ) -> Circuit:
+        """An edge circuit from ``kept`` ``[senders, receivers]`` bool over the model's graph; each edge's
+        ``effect`` is its score, each sender's the sum of its edges' scores, with the input of its
+        strongest edge (``receiver_input``) as evidence."""
+        graph = Graph.of(model)
+        circuit = cls.empty_for(model, task, language, **evidence)
+        circuit.level = "edges"
+        strongest: dict = {}
+        for i, j in (kept & graph.valid).nonzero().tolist():
+            sender, (receiver, kind), score = graph.senders[i], graph.receivers[j], float(scores[i, j])
+            circuit.edges.append(Edge(sender, receiver, kind, score))
+            total, best = strongest.get(sender, (0.0, (0.0, "")))
+            strongest[sender] = (total + score, max(best, (abs(score), kind)))
+        for sender, (total, (_, kind)) in strongest.items():
+            layer = sender[1] if len(sender) > 1 else -1  # the embeddings: below every layer
+            index = sender[2] if len(sender) > 2 else None
+            circuit.add(Component(sender[0], layer, index, effect=total, evidence={"receiver_input": kind}))
+        return circuit
+
     # ------------------------------------------------------------ checks
     def validate(self, model: Model) -> Circuit:
         """Raise IndexError naming any component or edge end the model does not have; returns the circuit."""
         a = model.adapter
-        for key in self.keys + [k for e in self.edges for k in (e.sender, e.receiver) if k != (LOGITS,)]:
+        ends = [k for e in self.edges for k in (e.sender, e.receiver)]
+        for key in [k for k in self.keys + ends if k not in ((LOGITS,), ("embed",))]:
             try:
                 a.check_layer(key[1])
                 if key[0] == "head":
                     a.check_head(key[2])
+                elif key[0] == "kv" and not 0 <= key[2] < a.n_kv_heads:
+                    raise IndexError(f"key/value head {key[2]} out of range: each layer has {a.n_kv_heads}")
                 elif key[0] == "neuron":
                     a.check_neuron(key[2])
             except IndexError as err:

@@ -56,6 +56,7 @@ key / value group; and the role scores (:func:`lsa.circuits.ioi_roles.head_score
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -63,10 +64,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lsa import ablation
+from lsa.attribution import EDGE_METHODS, RANKS, EdgeScores, edge_attribution
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
+from lsa.circuits.faithful import Curve, edge_curve
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
 from lsa.model import Model
 from lsa.tasks import PromptSet
+
+METHODS = ("eap-ig", "eap", "path-patching")
+TARGET = 0.8  # the normalised faithfulness a circuit must keep (Wang et al.'s IOI circuit keeps 0.87)
 
 
 def select(effects, k: float = 1.5, floor: float = 0.05) -> pd.DataFrame:
@@ -300,11 +307,16 @@ def attended_position(
 
 @dataclass
 class Discovery:
-    """What :func:`discover` found: the ``circuit``, every step's table (``steps``) and the heads' ``scores``."""
+    """What :func:`discover` found: the ``circuit``, path patching's step tables (``steps``; empty for edge
+    attribution), the heads' role ``scores``, and for edge attribution its faithfulness ``curve`` on the
+    discovery prompts (:class:`lsa.circuits.faithful.Curve`) and the ``edges`` scores
+    (:class:`lsa.attribution.EdgeScores`)."""
 
     circuit: Circuit
     steps: pd.DataFrame
     scores: pd.DataFrame | None = None
+    curve: Curve | None = None
+    edges: EdgeScores | None = None
 
     @property
     def n_steps(self) -> int:
@@ -358,7 +370,7 @@ def _edge_effects(
     return out
 
 
-def discover(
+def path_patching_discovery(
     model: Model,
     prompts: PromptSet,
     *,
@@ -375,7 +387,7 @@ def discover(
     progress: bool = True,
     positions: str = "auto",
 ) -> Discovery:
-    """Discover a circuit of heads by iterated path patching from the logits backwards (module docstring).
+    """A circuit of heads by iterated path patching from the logits backwards (module docstring).
 
     Args:
         k, floor: the selection rule (:func:`select`), applied per step and receiver input.
@@ -544,3 +556,102 @@ def discover(
         scores = head_scores(model, prompts)
         suggest_roles(circuit, scores, attention=attention)
     return Discovery(circuit=circuit, steps=steps, scores=scores)
+
+
+def _crossing(curve: Curve, target: float) -> tuple[float, float]:
+    """Sort key of a curve: the edges of its smallest circuit at or above ``target`` (none: infinity), then
+    minus its best faithfulness."""
+    best = curve.smallest(target)
+    return (math.inf if best is None else float(best["edges"]), -float(curve.frame["normalized"].max()))
+
+
+def discover(
+    model: Model, prompts: PromptSet, method: str = "eap-ig", *, target: float = TARGET, **options
+) -> Discovery:
+    """A circuit of the model's behaviour on ``prompts``: ``method`` ``"eap-ig"`` or ``"eap"`` (edge attribution,
+    :func:`edge_discovery`: the smallest circuit whose faithfulness reaches ``target``) or ``"path-patching"``
+    (the paper's iterated path patching, :func:`path_patching_discovery`, with its own selection rule; ``target``
+    is not used). ``options`` go to that function. Judge the circuit on other prompts
+    (:func:`lsa.circuits.faithfulness`).
+
+    >>> found = discover(model, train, "eap-ig", target=0.8)      # doctest: +SKIP
+    >>> found.circuit, found.curve.frame                          # doctest: +SKIP
+    """
+    if method == "path-patching":
+        return path_patching_discovery(model, prompts, **options)
+    if method not in EDGE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    return edge_discovery(model, prompts, method=method, target=target, **options)
+
+
+def edge_discovery(
+    model: Model,
+    prompts: PromptSet,
+    *,
+    method: str = "eap-ig",
+    steps: int = 5,
+    target: float = TARGET,
+    ablation_method: str = ablation.DEFAULT_METHOD,
+    rank: str = "best",
+    refine: int = 4,
+    direction: str = "noising",
+    metric=None,
+    roles: bool = True,
+    scores: EdgeScores | None = None,
+    progress: bool = True,
+) -> Discovery:
+    """The smallest edge circuit along the edge attribution ranking whose faithfulness on ``prompts`` reaches ``target``.
+
+    Steps: 1) score every edge (:func:`lsa.attribution.edge_attribution`, or the given ``scores``);
+    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curve`, every other edge
+    ablated with ``ablation_method``), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
+    ``"best"``: both rankings, and the one whose circuit reaches the target with fewer edges: neither
+    wins everywhere, as edges whose estimated effect has the wrong sign are common where the model is
+    far from linear); 3) between the largest share below the target and the first at or
+    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured at or above
+    the target (faithfulness need not grow with size: the first crossing), pruned to the paths from the
+    embeddings to the logits; where no size reaches the target, the most faithful one, with
+    ``evidence["reached_target"] = False``; 5) roles of its heads (:func:`suggest_roles`).
+
+    The curve is on the discovery prompts, so it chooses the size; held-out prompts judge the result.
+    """
+    say = print if progress else (lambda *args: None)
+    if scores is None:
+        scores = edge_attribution(
+            model, prompts, method=method, steps=steps, direction=direction, metric=metric, progress=progress
+        )
+    graph = scores.graph
+    kw = dict(method=ablation_method, metric=metric, progress=progress)
+    curves = {r: edge_curve(model, scores, prompts, rank=r, **kw) for r in (RANKS if rank == "best" else (rank,))}
+    rank, curve = min(curves.items(), key=lambda item: _crossing(item[1], target))
+    frame = curve.frame
+    hit = frame.index[frame["normalized"] >= target]
+    if len(hit) and hit[0] > 0 and refine > 0:
+        lo, hi = int(frame["size"][hit[0] - 1]), int(frame["size"][hit[0]])
+        between = np.unique(np.linspace(lo, hi, refine + 2).round().astype(int))[1:-1]
+        if len(between):
+            curve = curve.joined(edge_curve(model, scores, prompts, sizes=between.tolist(), rank=rank, **kw))
+    best = curve.smallest(target)
+    reached = best is not None
+    if best is None:
+        best = curve.frame.loc[curve.frame["normalized"].idxmax()]
+    kept = scores.circuit(int(best["size"]), rank)
+    say(
+        f"{method}: {int(best['edges'])} of {graph.n_edges} edges ({best['share']:.2%}), {int(best['nodes'])} nodes, "
+        f"normalised faithfulness {best['normalized']:.2f} on the {len(prompts)} discovery prompts"
+        + ("" if reached else f": no size reaches the target {target}")
+    )
+    params = dict(method=method, steps=scores.steps, direction=scores.direction, target=target, rank=rank)
+    params["ablation"] = ablation_method
+    params.update(n_prompts=len(prompts), metric=getattr(metric, "__name__", "logit_diff") if metric else "logit_diff")
+    evidence = dict(
+        method="edge attribution" + (" with integrated gradients" if method == "eap-ig" else ""),
+        parameters=params, size=int(best["size"]), found_normalized=float(best["normalized"]), reached_target=reached,
+        ablation=curve.ablation, n_edges_model=graph.n_edges,
+    )  # fmt: skip
+    circuit = Circuit.from_edges(model, kept, scores.scores, prompts.task, prompts.language, **evidence)
+    role_scores = None
+    if roles and any(c.kind == "head" for c in circuit.components):
+        role_scores = head_scores(model, prompts)
+        suggest_roles(circuit, role_scores)
+    return Discovery(circuit=circuit, steps=pd.DataFrame(), scores=role_scores, curve=curve, edges=scores)

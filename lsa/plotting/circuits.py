@@ -11,6 +11,7 @@ shared components ringed in both.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import textwrap
 from collections.abc import Sequence
@@ -39,7 +40,7 @@ ROLE_COLOURS = {
     "unclassified": "#f7f7f7",
 }
 CIRCUIT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
-EDGE_STYLES = {"q": "-", "k": "--", "v": ":", LOGITS: "-"}
+EDGE_STYLES = {"q": "-", "k": "--", "v": ":", "mlp": "-.", LOGITS: "-"}
 
 
 def role_colour(role: str) -> str:
@@ -77,14 +78,32 @@ def layer_rows(used: set[int], n_layers: int, compress: bool = True) -> tuple[di
     return rows, ticks
 
 
-def _position(key: tuple, n_heads: int, rows: dict[int, float]) -> tuple[float, float]:
-    """``(x, y)`` of a component: heads at ``(head, row of its layer)``, MLPs and neurons right of the heads."""
+def _position(key: tuple, n_heads: int, rows: dict[int, float], group: int = 1) -> tuple[float, float]:
+    """``(x, y)`` of a node: heads at ``(head, row of its layer)``, MLPs and neurons right of the heads, a
+    key/value head below its group's query heads, the embeddings below layer 0 and the logits on top."""
     if key == (LOGITS,):
         return (n_heads - 1) / 2, max(rows.values(), default=-1.0) + 1.0
+    if key == ("embed",):
+        return (n_heads - 1) / 2, min(rows.values(), default=0.0) - 1.0
     if key[0] == "head":
         return float(key[2]), rows[key[1]]
+    if key[0] == "kv":
+        return (key[2] + 0.5) * group - 0.5, rows[key[1]] - 0.3
     x = n_heads + 0.3 if key[0] == "mlp" else n_heads + 0.3 + 0.15 * (key[2] % 5)
     return x, rows[key[1]] + 0.3
+
+
+def _layer(key: tuple) -> int | None:
+    return None if key in ((LOGITS,), ("embed",)) else key[1]
+
+
+def strongest(circuit: Circuit, most: int) -> Circuit:
+    """The circuit with its ``most`` edges of largest |effect| and their ends alone (to draw a large edge circuit)."""
+    if len(circuit.edges) <= most:
+        return circuit
+    edges = sorted(circuit.edges, key=lambda e: -abs(e.effect or 0.0))[:most]
+    ends = {k for e in edges for k in (e.sender, e.receiver)}
+    return dataclasses.replace(circuit, edges=edges, components=[c for c in circuit.components if c.key in ends])
 
 
 def draw(
@@ -137,8 +156,11 @@ def draw(
         fig.tight_layout()
         return fig
     n_layers, n_heads = circuits[0].n_layers, circuits[0].n_heads
-    used = {comp.layer for c in circuits for comp in c.components}
-    used |= {k[1] for c in circuits for e in c.edges for k in (e.sender, e.receiver) if k != (LOGITS,)}
+    group = n_heads // max(
+        1, max((k[2] + 1 for c in circuits for e in c.edges for k in (e.receiver,) if k[0] == "kv"), default=n_heads)
+    )
+    ends = [k for c in circuits for e in c.edges for k in (e.sender, e.receiver)]
+    used = {_layer(k) for k in [*(comp.key for c in circuits for comp in c.components), *ends]} - {None}
     rows, ticks = layer_rows(used, n_layers, compress)
     span = max(rows.values(), default=0.0) - min(rows.values(), default=0.0) + 1.0
     if ax is None:
@@ -160,8 +182,8 @@ def draw(
     offsets = np.linspace(-0.08, 0.08, len(circuits)) if several else [0.0]
     for i, c in enumerate(circuits):
         for e in c.edges:
-            x0, y0 = _position(e.sender, n_heads, rows)
-            x1, y1 = _position(e.receiver, n_heads, rows)
+            x0, y0 = _position(e.sender, n_heads, rows, group)
+            x1, y1 = _position(e.receiver, n_heads, rows, group)
             width = min_width + (max_width - min_width) * (abs(e.effect) / top if e.effect is not None else 0.2)
             colour = CIRCUIT_COLOURS[i % 4] if several else ("#1f4e9c" if (e.effect or 0) <= 0 else "#c0392b")
             ax.add_patch(
@@ -186,7 +208,7 @@ def draw(
             members.setdefault(comp.key, []).append(i)
     roles_seen = []
     for key, which in members.items():
-        x, y = _position(key, n_heads, rows)
+        x, y = _position(key, n_heads, rows, group)
         marker = "o" if key[0] == "head" else "s"
         for ring, i in enumerate(which):  # one disc per circuit holding it, outermost first, filled by its role
             role = circuits[i].get(key).role
@@ -211,7 +233,7 @@ def draw(
     ax.set_xticks(range(n_heads))
     ax.set_xticklabels([f"H{h}" for h in range(n_heads)])
     ax.set_xlim(-0.8, n_heads + (1.2 if any(k[0] != "head" for k in members) else -0.2))
-    ax.set_ylim(min(rows.values(), default=0.0) - 0.7, ly + 0.6)
+    ax.set_ylim(min(rows.values(), default=0.0) - (1.5 if ("embed",) in members else 0.7), ly + 0.6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     handles = [Patch(facecolor=role_colour(r), label=r or "no role") for r in roles_seen]
@@ -222,7 +244,8 @@ def draw(
         ]
         shared = sum(len(w) == len(circuits) for w in members.values())
         handles.append(Line2D([], [], ls="", label=f"shared by all: {shared}"))
-    handles += [Line2D([], [], color="grey", ls=EDGE_STYLES[k], label=f"via {k}") for k in ("q", "k", "v")]
+    kinds = [k for k in ("q", "k", "v", "mlp") if any(e.kind == k for c in circuits for e in c.edges)]
+    handles += [Line2D([], [], color="grey", ls=EDGE_STYLES[k], label=f"via {k}") for k in kinds or ("q", "k", "v")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     if not members:
         ax.text((n_heads - 1) / 2, ly / 2, "empty circuit", ha="center", color="grey")
@@ -307,5 +330,86 @@ def overlap(matrix: pd.DataFrame, title: str = "circuit overlap (Jaccard)"):
     fig, ax = plt.subplots(figsize=(0.9 * len(matrix) + 2.5, 0.8 * len(matrix) + 1.5))
     sns.heatmap(matrix.astype(float), annot=True, fmt=".2f", cmap="magma", vmin=0, vmax=1, ax=ax)
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def curve(curves, *, target: float | None = 0.8, chosen=None, title: str | None = None):
+    """Faithfulness curves (:class:`lsa.circuits.Curve`, by label) against the share of the model kept, each
+    with its 95% interval as a band; the ``target`` line and the ``chosen`` circuits' sizes (edges or
+    components, by label) marked. The title names the ablation and the prompts."""
+    curves = {"": curves} if not isinstance(curves, dict) else curves
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for i, (label, c) in enumerate(curves.items()):
+        frame = c.frame[c.frame["share"] > 0].sort_values("share")
+        colour = CIRCUIT_COLOURS[i % 4]
+        ax.plot(frame["share"], frame["normalized"], marker="o", ms=3, color=colour, label=label or None)
+        ax.fill_between(frame["share"], frame["ci_low"], frame["ci_high"], color=colour, alpha=0.2, lw=0)
+        size = (chosen or {}).get(label)
+        if size is not None:
+            unit = "edges" if c.level == "edges" else "size"
+            row = frame.iloc[(frame[unit] - size).abs().argmin()]
+            ax.scatter([row["share"]], [row["normalized"]], s=80, facecolors="none", edgecolors=colour, zorder=5)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
+        ax.text(ax.get_xlim()[0], target, f" target {target:g}", va="bottom", fontsize=8, color="grey")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel(
+        "share of the model's " + ("edges" if next(iter(curves.values())).level == "edges" else "heads") + " kept"
+    )
+    ax.set_ylabel("normalised faithfulness")
+    first = next(iter(curves.values()))
+    n = first.metric.shape[1]
+    ax.set_title(title or textwrap.fill(f"faithfulness on {n} held-out prompts; {first.ablation}", 60), fontsize=10)
+    if any(curves):
+        ax.legend(fontsize=8, frameon=False)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def faithfulness_bars(frame: pd.DataFrame, target: float | None = 0.8):
+    """Each circuit's faithfulness in each language with its 95% interval (rows of
+    :func:`lsa.circuits.faithfulness_table`), the ablation in the title."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(frame) + 2.5, 3.6))
+    labels = [f"{r.circuit}\non {r.language}" for r in frame.itertuples()]
+    colours = [CIRCUIT_COLOURS[0] if r.own_language else CIRCUIT_COLOURS[1] for r in frame.itertuples()]
+    err = np.array([frame["normalized"] - frame["ci_low"], frame["ci_high"] - frame["normalized"]])
+    ax.bar(range(len(frame)), frame["normalized"], yerr=err, color=colours, capsize=4)
+    ax.set_xticks(range(len(frame)), labels, fontsize=8)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_ylabel("normalised faithfulness")
+    ablation = frame["ablation"].iloc[0] if "ablation" in frame and len(frame) else ""
+    ax.set_title(textwrap.fill(f"held-out faithfulness (blue: own language); {ablation}", 60), fontsize=10)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def overlap_references(frame: pd.DataFrame, labels: tuple[str, str] = ("a", "b")):
+    """Two circuits' overlap beside chance and resampling (:func:`lsa.circuits.edge_overlap`), edges and nodes."""
+    fig, axes = plt.subplots(1, len(frame), figsize=(4.2 * len(frame), 3.4), squeeze=False)
+    for ax, row in zip(axes[0], frame.itertuples()):
+        names = ["observed", "across\nhalves", f"within\n{labels[0]}", f"within\n{labels[1]}", "chance"]
+        values = [row.observed, row.across_halves, row.within_a, row.within_b, row.chance]
+        ax.bar(range(5), values, color=["#1f77b4", "#6baed6", "#bdbdbd", "#bdbdbd", "#fdae6b"])
+        ax.errorbar(
+            [0],
+            [row.observed],
+            yerr=[[row.observed - row.ci_low], [row.ci_high - row.observed]],
+            color="black",
+            capsize=4,
+        )
+        ax.errorbar([4], [row.chance], yerr=[[0], [row.chance_95 - row.chance]], color="black", capsize=4)
+        ax.set_xticks(range(5), names, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Jaccard of {row.unit}", fontsize=10)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
     fig.tight_layout()
     return fig

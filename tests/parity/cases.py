@@ -475,15 +475,15 @@ add(
     lambda c, m: circuits.path_step(m, c.prompts, [(1, 0), (1, 3)], "q", k=1.0, floor=0.02, positions="all"),
     remote=True,
 )
-add("circuits/discover", lambda c, m: circuits.discover(m, c.prompts, **DISCOVER))
+add("circuits/discover", lambda c, m: circuits.path_patching_discovery(m, c.prompts, **DISCOVER))
 add(
     "circuits/discover/no_roles",
-    lambda c, m: circuits.discover(m, c.prompts, roles=False, **DISCOVER),
+    lambda c, m: circuits.path_patching_discovery(m, c.prompts, roles=False, **DISCOVER),
     remote=True,
 )
 add(
     "circuits/discover/q/denoising/shared_edges",
-    lambda c, m: circuits.discover(
+    lambda c, m: circuits.path_patching_discovery(
         m, c.prompts, receiver_input="q", direction="denoising", per_receiver_edges=False, **DISCOVER
     ),
 )
@@ -495,8 +495,8 @@ add(
 
 
 def _two_circuits(c, m):
-    a = circuits.discover(m, c.prompts, **DISCOVER).circuit
-    b = circuits.discover(m, c.other, **DISCOVER).circuit
+    a = circuits.path_patching_discovery(m, c.prompts, **DISCOVER).circuit
+    b = circuits.path_patching_discovery(m, c.other, **DISCOVER).circuit
     return a, b
 
 
@@ -723,6 +723,6 @@ add(
 add("lens/head_projection", lambda c, m: lens.head_projection(m, c.prompts.clean, 1, 2, k=5), steered="local")
 add(
     "circuits/discover",
-    lambda c, m: circuits.discover(m, c.prompts, roles=False, **DISCOVER),
+    lambda c, m: circuits.path_patching_discovery(m, c.prompts, roles=False, **DISCOVER),
     steered="bug",
 )
