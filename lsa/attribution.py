@@ -83,7 +83,7 @@ def attribution_patching(
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
     n_given = len(prompts)

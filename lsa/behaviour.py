@@ -11,7 +11,7 @@ import torch
 
 from lsa import metrics
 from lsa.model import Model
-from lsa.tasks import PromptSet
+from lsa.tasks import PromptSet, check_tokenizer
 
 
 @torch.no_grad()
@@ -19,6 +19,7 @@ def end_logits(model: Model, prompts: PromptSet, *, corrupt: bool = False, batch
     """Logits at each prompt's last real token ``[n, d_vocab]`` (clean prompts, or the counterfactual ones)."""
     from lsa import engine  # unembeds the end positions only (a remote model sends back just those)
 
+    check_tokenizer(prompts, model.tokenizer, model.name)
     tokens = prompts.corrupt if corrupt else prompts.clean
     out = []
     for start in range(0, len(prompts), batch_size):
