@@ -226,6 +226,34 @@ def test_patching_map_with_a_model_opens_the_selected_head_in_a_head_explorer(se
     assert torch.allclose(pm.explorer.current["pattern"], pattern, atol=1e-5)
 
 
+def test_patching_map_and_its_head_explorer_share_the_language_and_the_prompt(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads, model=model, prompts={"en": en, "zh": zh})
+    ex = pm.explorer
+    pm.select(1, 2)
+    assert ex.prompt.value == ("en", 0)
+    # the map's language moves the explorer to the same prompt number in that language's set
+    ex.select(prompt=("en", 2))
+    pm.language.value = "zh"
+    assert ex.prompt.value == ("zh", 2) and (ex.current["layer"], ex.current["head"]) == (1, 2)
+    n = int(zh.lengths[2])
+    assert ex.current["tokens"].tolist() == zh.clean[2, :n].tolist()
+    pattern, _ = _by_hand(model, zh.clean[2, :n], 1, 2, n - 1)
+    assert torch.allclose(ex.current["pattern"], pattern, atol=1e-5)
+    shown = pm.current["per_prompt"].query("shown")
+    assert pm.current["prompt"] == ("zh", 2) and shown[["language", "prompt"]].values.tolist() == [["zh", 2]]
+    assert shown["effect"].item() == pytest.approx(float(heads["zh"].patched[1 * 4 + 2, 2] - heads["zh"].base[2]))
+    # a prompt of the other language picked in the explorer switches the map
+    ex.prompt.value = ("en", 1)
+    assert pm.language.value == "en" and torch.equal(pm.current["grid"], heads["en"].grid("normalized"))
+    assert pm.current["prompt"] == ("en", 1) and ex.current["tokens"].tolist() == en.clean[1].tolist()
+    # a typed prompt stays when the language changes
+    ex.text.value = "w5 w6 w7 w8"
+    pm.language.value = "zh"
+    assert ex.prompt.value == TYPED and ex.current["tokens"].tolist() == [5, 6, 7, 8]
+    assert pm.current["prompt"] == TYPED and "shown" not in pm.current["per_prompt"]
+
+
 def test_patching_map_bad_input_shows_a_message(setup):
     model, en, zh, heads, freq = setup
     pm = PatchingMap(heads, model=model)
