@@ -542,6 +542,24 @@ def encode(tokenizer, text: str, prepend_bos: bool | None = None) -> list[int]:
     return ([] if bos is None else [bos]) + list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def first_token(tokenizer, text: str, word: str) -> int:
+    """The first token ``word`` adds after ``text``: the id a metric reads for a typed answer, as the builders
+    read a name's (``word`` with its joining space in English: ``" Mary"``; none in Chinese).
+
+    Raises ``ValueError`` saying why when ``word`` merges with the text's last token, adds nothing, or has a
+    token unknown to the tokenizer or a byte piece of a character.
+
+    >>> first_token(gpt2_tokenizer, "John gave a drink to", " Mary")   # doctest: +SKIP
+    5335
+    """
+    tokens = _Tokens(tokenizer)
+    ids = tokens.after(text, word)
+    problem = _word_problem(tokens, ids, max_tokens=None)
+    if problem is not None:
+        raise ValueError(f"{word!r} after {text[-30:]!r}: {problem}; type it as it continues the text")
+    return ids[0]
+
+
 def _count(n: int | None) -> int:
     n = DEFAULT_N if n is None else int(n)
     if n < 1:

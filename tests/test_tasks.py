@@ -828,6 +828,7 @@ def zoo_mismatch():
 def _methods():
     from lsa import ablation, attribution, behaviour, circuits, patching
     from lsa.circuits import Circuit, Component
+    from widgets.behaviour import BehaviourExplorer
     from widgets.heads import HeadExplorer
 
     def circuit(model):
@@ -845,6 +846,7 @@ def _methods():
         "circuits.faithfulness": lambda m, p: circuits.faithfulness(m, circuit(m), p),
         "circuits.discover": lambda m, p: circuits.discover(m, p, max_steps=1),
         "HeadExplorer": lambda m, p: HeadExplorer(m, {"en": p}),
+        "BehaviourExplorer": lambda m, p: BehaviourExplorer(m, {"en": p}),
     }
 
 

@@ -22,6 +22,7 @@ from helpers import FAMILIES, make_prompts, tiny_model, word_tokenizer  # noqa: 
 from lsa import flow as F  # noqa: E402
 from lsa import patching as P  # noqa: E402
 from lsa.configs import random_model  # noqa: E402
+from widgets.behaviour import BehaviourExplorer  # noqa: E402
 from widgets.heads import TYPED, HeadExplorer  # noqa: E402
 from widgets.patching import PatchingMap  # noqa: E402
 
@@ -405,3 +406,44 @@ def test_patching_map_slices_a_head_by_position_result_and_maps_grouped_path_pat
     assert pm.current["per_prompt"]["effect"].tolist() == pytest.approx(
         (path.patched[1] - path.clean).tolist(), abs=1e-6
     )
+
+
+# ---------------------------------------------------------------------------- BehaviourExplorer
+def _end_logits_by_hand(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hf(tokens[None]).logits[0, -1]
+
+
+def test_behaviour_explorer_shows_a_set_prompts_answers_and_top_predictions_as_the_model_gives_them(setup):
+    model, en, zh, heads, freq = setup
+    ex = BehaviourExplorer(model, {("random", "en"): en, ("random", "zh"): zh}, k=5)
+    ex.prompt.value = ("random/zh", 1)
+    n = int(zh.lengths[1])
+    logits = _end_logits_by_hand(model, zh.clean[1, :n])
+    assert ex.current["tokens"].tolist() == zh.clean[1, :n].tolist()
+    assert ex.current["top"]["token_id"].tolist() == logits.topk(5).indices.tolist()
+    answers = ex.current["answers"].set_index("answer")
+    for name, token in (("answer", zh.answer[1]), ("distractor", zh.distractor[1])):
+        assert answers.loc[name, "token_id"] == int(token)
+        assert answers.loc[name, "logit"] == pytest.approx(float(logits[token]), abs=1e-5)
+        assert answers.loc[name, "prob"] == pytest.approx(float(logits.softmax(-1)[token]), abs=1e-6)
+        assert answers.loc[name, "rank"] == 1 + sum(float(v) > float(logits[token]) for v in logits)
+    assert ex.current["logit_diff"] == pytest.approx(float(logits[zh.answer[1]] - logits[zh.distractor[1]]), abs=1e-5)
+    assert "logit(answer) − logit(distractor)" in ex.answers_html.value
+    assert ex.answer.value == f"w{int(zh.answer[1])}"  # the set's answer, filled in for typing a variant
+
+
+def test_behaviour_explorer_scores_a_typed_prompt_and_typed_answers(setup):
+    model, en, zh, heads, freq = setup
+    ex = BehaviourExplorer(model, {"en": en})
+    ex.answer.value, ex.distractor.value = " w40", " w41"  # with a set's prompt shown, they wait for a typed one
+    assert ex.current["prompt"] == ("en", 0)
+    ex.text.value = "w10 w11 w12"
+    assert ex.prompt.value == TYPED and ex.current["tokens"].tolist() == [10, 11, 12]
+    logits = _end_logits_by_hand(model, torch.tensor([10, 11, 12]))
+    assert ex.current["answers"]["token_id"].tolist() == [40, 41]
+    assert ex.current["logit_diff"] == pytest.approx(float(logits[40] - logits[41]), abs=1e-5)
+    ex.answer.value = " nonsense"
+    assert "unknown to the tokenizer" in ex.message.value and ex.error
+    ex.text.value = " "
+    assert "type a prompt" in ex.message.value
