@@ -244,12 +244,15 @@ def test_patching_map_and_its_head_explorer_share_the_language_and_the_prompt(se
     shown = pm.current["per_prompt"].query("shown")
     assert pm.current["prompt"] == ("zh", 2) and shown[["language", "prompt"]].values.tolist() == [["zh", 2]]
     assert shown["effect"].item() == pytest.approx(float(heads["zh"].patched[1 * 4 + 2, 2] - heads["zh"].base[2]))
+    ex.prompt.value = ("zh", 1)  # another prompt of the same language: marked
+    assert pm.current["per_prompt"].query("shown")["prompt"].tolist() == [1] and pm.language.value == "zh"
     # a prompt of the other language picked in the explorer switches the map
     ex.prompt.value = ("en", 1)
     assert pm.language.value == "en" and torch.equal(pm.current["grid"], heads["en"].grid("normalized"))
     assert pm.current["prompt"] == ("en", 1) and ex.current["tokens"].tolist() == en.clean[1].tolist()
-    # a typed prompt stays when the language changes
+    # a typed prompt stays when the language changes, and no row is marked for it
     ex.text.value = "w5 w6 w7 w8"
+    assert pm.current["prompt"] == TYPED and "shown" not in pm.current["per_prompt"]
     pm.language.value = "zh"
     assert ex.prompt.value == TYPED and ex.current["tokens"].tolist() == [5, 6, 7, 8]
     assert pm.current["prompt"] == TYPED and "shown" not in pm.current["per_prompt"]

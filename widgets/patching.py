@@ -233,9 +233,6 @@ class PatchingMap(w.VBox):
             [cell_prompts(self.results[lang], cell, lang) for lang in shown if self._has_grid(lang)], ignore_index=True
         )
         follow = self._explorer_prompt()
-        prompt = follow or (self.explorer.prompt.value if self.explorer is not None else None)
-        if prompt is not None and prompt != TYPED and len(per_prompt):
-            per_prompt["shown"] = (per_prompt["language"] == prompt[0]) & (per_prompt["prompt"] == prompt[1])
         self.current = {
             "language": language,
             "value": value,
@@ -246,12 +243,10 @@ class PatchingMap(w.VBox):
             "cell": cell,
             "cell_value": float(grid[i, j]),
             "summary": summary,
-            "per_prompt": per_prompt,
-            "prompt": prompt,
         }
         name = ", ".join(f"{d} {lab}" for d, lab in cell.items())
         self.summary_html.value = table_html(summary, title=f"{name}: mean over prompts")
-        self.prompts_html.value = table_html(per_prompt, title=f"{name}: per prompt")
+        self._show_prompts(per_prompt, follow or (self.explorer.prompt.value if self.explorer is not None else None))
         self._paint(grid, (i, j), row_dim, col_dim)
         grids = {}
         for lang in shown:
@@ -306,10 +301,24 @@ class PatchingMap(w.VBox):
         return None if shown == language else (language, min(index, len(ex.prompts[language]) - 1))
 
     def _on_explorer_prompt(self, change) -> None:
-        """A prompt of another language picked in the explorer switches the map to that language."""
+        """A prompt of another language picked in the explorer switches the map to that language; any other
+        prompt is marked in the per-prompt table."""
         new = change["new"]
-        if not self._busy and new != TYPED and new[0] in self.results and new[0] != self.language.value:
+        if self._busy or not self.current:
+            return
+        if new != TYPED and new[0] in self.results and new[0] != self.language.value:
             self.select(language=new[0])
+        else:
+            self._show_prompts(self.current["per_prompt"], new)
+
+    def _show_prompts(self, per_prompt: pd.DataFrame, prompt) -> None:
+        """The selected cell's per-prompt table, ``shown`` marking the explorer's prompt (none for a typed one)."""
+        per_prompt = per_prompt.drop(columns="shown", errors="ignore")
+        if prompt not in (None, TYPED) and len(per_prompt):
+            per_prompt["shown"] = (per_prompt["language"] == prompt[0]) & (per_prompt["prompt"] == prompt[1])
+        self.current.update(per_prompt=per_prompt, prompt=prompt)
+        name = ", ".join(f"{d} {lab}" for d, lab in self.current["cell"].items())
+        self.prompts_html.value = table_html(per_prompt, title=f"{name}: per prompt")
 
     def _has_grid(self, language: str) -> bool:
         return tuple(self.results[language].dims) == tuple(self.result.dims)
