@@ -5,14 +5,22 @@ Components are plain tuples: ``("head", layer, head)``, ``("mlp", layer)``,
 attention output projection's input, an MLP by overwriting the MLP output
 projection's output, a neuron by overwriting its entry of that projection's input.
 
-Methods:
-- ``"zero"``: zeros;
-- ``"mean"``: the mean over a reference set (default: the prompts' own
-  counterfactuals, the IOI paper's "ABC" distribution), per position over the
-  reference prompts that reach it (``per_position=False``: over all real tokens);
-  positions no reference prompt reaches get the all-token mean;
-- ``"resample"``: each prompt gets the activation of one reference prompt at the
-  same position (a random one per prompt, or ``index``).
+Methods (``method``), each replacing a component's activation by one taken from the prompts'
+counterfactuals (the builders make them token-aligned with the prompts, the IOI paper's "ABC"
+distribution):
+
+- ``"interchange"`` (the default): the prompt's own counterfactual. The default because it is
+  what patching effects are normalised by (0 = clean, -1 = counterfactual behaviour) and what
+  edge attribution scores estimate, every position holds the same part of the sentence by
+  construction, and no reference set is needed;
+- ``"mean"``: the mean over the counterfactuals of the prompt's group (one template, the same
+  length and named positions: :meth:`lsa.tasks.PromptSet.groups`), so that each position's mean
+  is over one part of the sentence;
+- ``"resample"``: the counterfactual of another prompt of its group, at random;
+- ``"zero"``: zeros.
+
+With a ``reference`` set, ``"mean"`` is its mean per position and ``"resample"`` a random row of
+it (:func:`ablation_values`).
 
 Circuit faithfulness (Wang et al. 2022) = the metric with everything outside the
 circuit ablated, relative to the full model: ``faithfulness = F(C) / F(M)`` and
@@ -33,10 +41,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from lsa import engine
+from lsa import bootstrap, engine
 from lsa import metrics as lsa_metrics
 from lsa.engine import Edit, Plan, Read
+from lsa.graph import AblatedInputs, Graph, read_writes, split
 from lsa.model import Model
 from lsa.patching import (
     Metric,
@@ -56,17 +66,23 @@ from lsa.patching import (
 from lsa.tasks import PromptSet
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "Faithfulness",
     "ablate",
+    "ablate_edges",
     "ablation_sweep",
     "ablation_values",
+    "check_method",
     "complement",
+    "donors",
     "faithfulness",
+    "group_mean",
     "parse_components",
 ]
 
-METHODS = ("zero", "mean", "resample")
+METHODS = ("interchange", "mean", "resample", "zero")
+DEFAULT_METHOD = "interchange"  # why: module docstring
 KINDS = {"head": ("head", 3), "mlp": ("mlp_out", 2), "neuron": ("neuron", 3)}
 
 
@@ -98,9 +114,7 @@ def parse_components(model: Model, components: Iterable) -> list[tuple]:
 
 
 def _reference(prompts: PromptSet, reference) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [m, pos], lengths [m])`` of the reference set."""
-    if reference is None:
-        return prompts.corrupt, prompts.lengths
+    """``(tokens [m, pos], lengths [m])`` of a given reference set."""
     if isinstance(reference, PromptSet):
         return reference.clean, reference.lengths
     tokens = torch.as_tensor(reference)
@@ -109,32 +123,92 @@ def _reference(prompts: PromptSet, reference) -> tuple[torch.Tensor, torch.Tenso
     return tokens, torch.full((tokens.shape[0],), tokens.shape[1])
 
 
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"ablation method must be one of {', '.join(METHODS)}, got {method!r}")
+    return method
+
+
+def donors(prompts: PromptSet, method: str, seed: int = 0) -> torch.Tensor:
+    """``[n]``: whose counterfactual each prompt reads: its own (``"interchange"``), or (``"resample"``) another
+    prompt's of its group (:meth:`lsa.tasks.PromptSet.groups`), drawn at random; a group of one reads its own."""
+    check_method(method)
+    n = len(prompts)
+    if method != "resample":
+        return torch.arange(n)
+    groups, g = prompts.groups(), torch.Generator().manual_seed(seed)
+    out = torch.arange(n)
+    for group in groups.unique():
+        rows = (groups == group).nonzero().flatten()
+        if len(rows) > 1:  # a random shift of a random order: nobody reads their own
+            order = rows[torch.randperm(len(rows), generator=g)]
+            shift = 1 + int(torch.randint(len(rows) - 1, (1,), generator=g))
+            out[order] = order.roll(shift)
+    return out
+
+
+def group_mean(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each row replaced by the mean of its group's rows: ``values`` ``[n, ...]``, ``groups`` ``[n]``."""
+    sums = torch.zeros(int(groups.max()) + 1, *values.shape[1:], dtype=torch.float64, device=values.device)
+    sums.index_add_(0, groups.to(values.device), values.double())
+    counts = torch.bincount(groups).to(values.device).double().view(-1, *[1] * (values.ndim - 1))
+    return (sums / counts)[groups.to(values.device)].to(values.dtype)
+
+
 @torch.no_grad()
 def ablation_values(
     model: Model,
     prompts: PromptSet,
     sites: Iterable[tuple[str, int]],
-    method: str = "mean",
+    method: str = "interchange",
     *,
     reference=None,
     per_position: bool = True,
     index: torch.Tensor | None = None,
     seed: int = 0,
 ) -> dict[tuple[str, int], torch.Tensor]:
-    """Replacement activations ``[n, pos, width]`` per ``(site, layer)``, aligned with ``prompts.clean``."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    """Replacement activations ``[n, pos, width]`` per ``(site, layer)``, aligned with ``prompts.clean``.
+
+    Without ``reference``, from the prompts' own counterfactuals (module docstring); with one
+    (a :class:`PromptSet`, whose clean prompts are used, or tokens ``[m, pos]``), ``"mean"`` is the
+    mean over it per position (``per_position=False``: over all its real tokens) and ``"resample"``
+    a random row of it per prompt (or ``index`` ``[n]``).
+    """
+    check_method(method)
     sites = sorted(set(sites))
     n, width = prompts.clean.shape
     dev = model.device
     if method == "zero":
         widths = {s: units(model, s[0]) for s in sites}
         return {s: torch.zeros(n, width, u * w, device=dev) for s, (u, w) in widths.items()}
+    if reference is not None:
+        if method == "interchange":
+            raise ValueError("interchange ablation reads each prompt's own counterfactual: pass no reference")
+        return _from_reference(model, prompts, sites, method, reference, per_position, index, seed)
+    acts = engine.run(model, prompts.corrupt.to(dev), Plan(reads=[Read(*s) for s in sites], logits=None)).values
+    if method == "mean":
+        return {s: group_mean(acts[s], prompts.groups()) for s in sites}
+    rows = donors(prompts, method, seed) if index is None else _checked_index(index, n, n)
+    return {s: acts[s][rows.to(dev)] for s in sites}
+
+
+def _checked_index(index, n: int, m: int) -> torch.Tensor:
+    idx = torch.as_tensor(index)
+    if idx.shape != (n,) or idx.min() < 0 or idx.max() >= m:
+        raise ValueError(f"index must be [n={n}] reference rows in 0..{m - 1}")
+    return idx
+
+
+def _from_reference(model, prompts, sites, method, reference, per_position, index, seed):
+    """:func:`ablation_values` from a given reference set (see there)."""
+    n, width = prompts.clean.shape
+    dev = model.device
     tokens, lengths = _reference(prompts, reference)
     tokens, lengths = tokens.to(dev), lengths.to(dev)
     acts = engine.run(model, tokens, Plan(reads=[Read(*s) for s in sites], logits=None)).values
     m, ref_width = tokens.shape
     real = torch.arange(ref_width, device=dev)[None, :] < lengths[:, None]  # [m, pos]
+    keep = min(width, ref_width)
     out = {}
     for s in sites:
         a = acts[s].float()
@@ -145,21 +219,16 @@ def ablation_values(
                 per_pos = (a * real[..., None]).sum(0) / count.clamp(min=1)[:, None]
                 per_pos = torch.where((count > 0)[:, None], per_pos, overall)
                 value = overall.expand(width, -1).clone()
-                keep = min(width, ref_width)
                 value[:keep] = per_pos[:keep]
             else:
                 value = overall.expand(width, -1)
             out[s] = value.expand(n, -1, -1).to(acts[s].dtype)
         else:
             if index is None:
-                g = torch.Generator().manual_seed(seed)
-                idx = torch.randint(m, (n,), generator=g)
+                idx = torch.randint(m, (n,), generator=torch.Generator().manual_seed(seed))
             else:
-                idx = torch.as_tensor(index)
-                if idx.shape != (n,) or idx.min() < 0 or idx.max() >= m:
-                    raise ValueError(f"index must be [n={n}] reference rows in 0..{m - 1}")
+                idx = _checked_index(index, n, m)
             value = overall.expand(n, width, -1).clone()
-            keep = min(width, ref_width)
             value[:, :keep] = a[idx.to(dev), :keep]
             out[s] = value.to(acts[s].dtype)
     return out
@@ -205,7 +274,7 @@ def ablate(
     prompts: PromptSet,
     components: Iterable,
     *,
-    method: str = "mean",
+    method: str = DEFAULT_METHOD,
     reference=None,
     metric: Metric | None = None,
     per_position: bool = True,
@@ -232,13 +301,17 @@ def ablate(
 
 @dataclass
 class Faithfulness:
-    """Metric per prompt ``[n]`` of the circuit alone (``circuit``), the full model and everything ablated."""
+    """Metric per prompt ``[n]`` of the circuit alone (``circuit``), the full model and everything ablated.
+
+    ``method``: the ablation; ``scope``: what it was applied to (e.g. "every edge outside the circuit").
+    """
 
     circuit: torch.Tensor
     full: torch.Tensor
     empty: torch.Tensor
     method: str
     n_components: int
+    scope: str = "every head outside the circuit"
 
     @property
     def faithfulness(self) -> float:
@@ -251,21 +324,34 @@ class Faithfulness:
         return float((self.circuit.mean() - self.empty.mean()) / (self.full.mean() - self.empty.mean()))
 
     @property
+    def ci(self) -> tuple[float, float]:
+        """95% bootstrap interval of :attr:`normalized` over the prompts (:mod:`lsa.bootstrap`)."""
+        idx = bootstrap.resamples(len(self.circuit))
+        return bootstrap.interval(bootstrap.normalized_means(self.circuit, self.full, self.empty, idx))
+
+    @property
+    def ablation(self) -> str:
+        """The ablation in words, as figures and tables name it."""
+        return f"{self.method} ablation of {self.scope}"
+
+    @property
     def frame(self) -> pd.DataFrame:
-        """One summary row."""
-        return pd.DataFrame(
-            [
-                {
-                    "method": self.method,
-                    "components": self.n_components,
-                    "full": float(self.full.mean()),
-                    "circuit": float(self.circuit.mean()),
-                    "empty": float(self.empty.mean()),
-                    "faithfulness": self.faithfulness,
-                    "normalized": self.normalized,
-                }
-            ]
-        )
+        """One summary row, with the interval (``ci_low``, ``ci_high``) and the ablation named."""
+        lo, hi = self.ci
+        row = {
+            "method": self.method,
+            "ablation": self.ablation,
+            "components": self.n_components,
+            "prompts": len(self.circuit),
+            "full": float(self.full.mean()),
+            "circuit": float(self.circuit.mean()),
+            "empty": float(self.empty.mean()),
+            "faithfulness": self.faithfulness,
+            "normalized": self.normalized,
+            "ci_low": lo,
+            "ci_high": hi,
+        }
+        return pd.DataFrame([row])
 
 
 def complement(model: Model, components: Iterable, kinds: Iterable[str] | None = None) -> list[tuple]:
@@ -300,7 +386,7 @@ def faithfulness(
     prompts: PromptSet,
     components: Iterable,
     *,
-    method: str = "mean",
+    method: str = DEFAULT_METHOD,
     reference=None,
     metric: Metric | None = None,
     kinds: Iterable[str] | None = None,
@@ -323,7 +409,8 @@ def faithfulness(
     outside = complement(model, comps, kinds)
     circuit = ablate(model, prompts, outside, **kw) if outside else full.clone()
     empty = ablate(model, prompts, complement(model, [], kinds), **kw)
-    return Faithfulness(circuit=circuit, full=full, empty=empty, method=method, n_components=len(comps))
+    scope = "every " + " and ".join({"head": "head", "mlp": "MLP"}[k] for k in sorted(kinds)) + " outside the circuit"
+    return Faithfulness(circuit, full, empty, method, len(comps), scope)
 
 
 @torch.no_grad()
@@ -332,7 +419,7 @@ def ablation_sweep(
     prompts: PromptSet,
     site: str = "head",
     *,
-    method: str = "mean",
+    method: str = DEFAULT_METHOD,
     reference=None,
     layers=None,
     heads=None,
@@ -394,3 +481,85 @@ def ablation_sweep(
         method=f"{method} ablation",
         meta=sweep_meta(model, prompts, site, axes, n_given),
     )
+
+
+# ============================================================== edges
+EDGE_BUDGET = 2**30  # bytes of sender writes (reference and difference) per forward of edge ablation
+
+
+@torch.no_grad()
+def ablate_edges(
+    model: Model,
+    prompts: PromptSet,
+    kept: torch.Tensor,
+    *,
+    method: str = DEFAULT_METHOD,
+    metric: Metric | None = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The metric ``[n]`` with every edge of the residual graph outside ``kept`` ablated.
+
+    ``kept``: ``[senders, receivers]`` bool over :class:`lsa.graph.Graph` (an edge circuit), or a
+    stack ``[k, senders, receivers]`` of circuits (then ``[k, n]``, the prompts' reference writes
+    read once for all). An ablated edge ``s -> r`` gives the receiver ``r`` the sender's write under
+    the ablation (``method``, the module docstring: its write in the prompt's counterfactual run,
+    ...) in place of its write in this run; every other edge carries this run's write, which moves
+    with what the sender's own inputs read (:class:`lsa.graph.AblatedInputs`). Keeping every edge
+    gives the model; keeping none under interchange ablation gives the counterfactual run.
+
+    Cost: per chunk of prompts one forward for the reference writes (mean: one pass over all
+    prompts first), then one forward per circuit; memory: two ``[batch, pos, senders, d_model]``
+    buffers per chunk (:data:`EDGE_BUDGET`). Local models only.
+    """
+    check_prompts(prompts, model)
+    check_method(method)
+    if model.remote:
+        raise ValueError("edge ablation splits the receivers' inputs in the local model: load it without remote=")
+    metric = metric or lsa_metrics.logit_diff
+    graph = Graph.of(model)
+    stack = kept.bool().cpu()
+    single = stack.ndim == 2
+    stack = stack[None] if single else stack
+    if stack.shape[1:] != graph.valid.shape:
+        raise ValueError(
+            f"kept must be [senders, receivers] = {tuple(graph.valid.shape)} for this model, got {tuple(kept.shape)}"
+        )
+    ablated = graph.valid & ~stack
+    budget = EDGE_BUDGET // (8 * len(graph.senders) * model.adapter.d_model)
+    size = max(1, (max_tokens or budget) // prompts.clean.shape[1])
+    chunks = [torch.arange(len(prompts))[i : i + size] for i in range(0, len(prompts), size)]
+    reference = _edge_reference(model, graph, prompts, method, seed, chunks)
+    out = torch.empty(len(stack), len(prompts))
+    bar = tqdm(total=len(chunks) * len(stack), desc=f"{method}-ablating edges", disable=not progress, leave=False)
+    for rows in chunks:
+        part = prompts.subset(rows)
+        ref = reference(rows, part)
+        columns, compact = lsa_metrics.answer_columns(metric, part)
+        for i, mask in enumerate(ablated):
+            inputs = AblatedInputs(model, graph, ref, mask)
+            plan = Plan(reads=inputs.reads(), split=split(model, inputs), end=part.end, columns=columns)
+            out[i, rows] = run_metric(metric, engine.run(model, part.clean, plan).logits, compact).cpu()
+            bar.update(1)
+    bar.close()
+    return out[0] if single else out
+
+
+def _edge_reference(model, graph, prompts: PromptSet, method: str, seed: int, chunks):
+    """``reference(rows, part)``: the senders' writes under the ablation ``[b, pos, senders, d_model]`` for a chunk."""
+    if method == "zero":
+        return lambda rows, part: torch.zeros(
+            *part.clean.shape, len(graph.senders), model.adapter.d_model, device=model.device
+        )
+    if method == "mean":
+        groups, width = prompts.groups(), prompts.clean.shape[1]
+        sums = torch.zeros(int(groups.max()) + 1, width, len(graph.senders), model.adapter.d_model, dtype=torch.float64)
+        for rows in chunks:
+            part = prompts.subset(rows)
+            writes = read_writes(model, graph, part.corrupt.to(model.device)).values.double().cpu()
+            sums[:, : writes.shape[1]].index_add_(0, groups[rows], writes)
+        means = (sums / torch.bincount(groups).double().view(-1, 1, 1, 1)).float()
+        return lambda rows, part: means[groups[rows], : part.clean.shape[1]].to(model.device)
+    rows_read = donors(prompts, method, seed)
+    return lambda rows, part: read_writes(model, graph, prompts.subset(rows_read[rows]).corrupt.to(model.device)).values

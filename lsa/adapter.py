@@ -354,14 +354,23 @@ class Adapter:
         this run's value, a linear map under which any split of ``raw`` into parts splits the
         write into parts ``part * factor`` that sum to it.
         """
+        found = self.write_norm(model, sublayer, layer)
+        if found is None:
+            return None
+        gain, eps = found
+        x = raw.float()
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain.to(x.device)
+
+    def write_norm(self, model: nn.Module, sublayer: str, layer: int) -> tuple[torch.Tensor, float] | None:
+        """The sandwich RMSNorm on ``sublayer``'s output as ``(gain [d_model], eps)``: ``norm(o) = o * gain / sqrt(mean(o**2) + eps)``;
+        ``None`` where the family has none."""
         norm = self.post_norm(model, sublayer, layer)
         if norm is None:
             return None
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         if eps is None or getattr(norm, "bias", None) is not None:
             raise ValueError(f"sandwich norm {type(norm).__name__} is not an RMSNorm with eps: cannot freeze its scale")
-        x = raw.float()
-        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(eps)) * self.norm_gain(norm).to(x.device)
+        return self.norm_gain(norm), float(eps)
 
     # ----------------------------------------------------------------- weights
     def o_proj_by_head(self, model: nn.Module, layer: int) -> torch.Tensor:

@@ -242,6 +242,15 @@ class PromptSet:
         groups = [self.subset((keys == k).all(1)) for k in keys.unique(dim=0)]
         return sorted(groups, key=len, reverse=True)
 
+    def groups(self) -> torch.Tensor:
+        """``[n]`` group ids from 0: prompts of one template whose length and named positions coincide, so
+        that each position holds the same part of the sentence in every prompt of a group (ablation means
+        and resampled rows are taken within a group). Without a ``template`` column, by positions alone."""
+        keys = torch.stack([self.lengths, *self.positions.values()], dim=1).tolist()
+        templates = self.meta["template"].tolist() if "template" in self.meta else [None] * len(self)
+        ids: dict = {}
+        return torch.tensor([ids.setdefault((t, *k), len(ids)) for t, k in zip(templates, keys)], dtype=torch.long)
+
     def to(self, device) -> PromptSet:
         self.clean, self.corrupt = self.clean.to(device), self.corrupt.to(device)
         return self

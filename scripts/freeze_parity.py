@@ -13,6 +13,10 @@ it only on purpose: a refreeze makes the old outputs the new reference, so do it
 before a refactor, never to make a failing parity test pass. ~1 minute on one thread.
 
     python scripts/freeze_parity.py [--families gpt2 qwen2] [--out tests/parity/frozen]
+
+``--cases PATTERN ...`` (shell-style, e.g. ``'*/ablate/mean'``) refreezes only the matching cases of
+the existing files, the rest byte for byte as they were, and prints each refrozen case's fields that
+moved: for a deliberate change of what a method computes, recorded with its reason.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import fnmatch  # noqa: E402
 import hashlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from parity import cases  # noqa: E402
-from parity.plain import plain  # noqa: E402
+from parity.plain import differences, plain  # noqa: E402
 
 
 def versions() -> dict[str, str]:
@@ -62,17 +67,33 @@ def freeze(family: str) -> dict:
     return {"format": cases.FORMAT, "family": family, "versions": versions(), "cases": results}
 
 
+def refreeze(family: str, patterns: list[str], folder: Path) -> dict:
+    """The family's frozen payload with the cases matching ``patterns`` run again; prints what moved."""
+    payload = cases.load_frozen(family, folder)
+    ctx = cases.Context(family)
+    for case in cases.cases_for(family):
+        if not any(fnmatch.fnmatch(case.id, p) for p in patterns):
+            continue
+        new = plain(case.run(ctx))
+        old = payload["cases"].get(case.id)
+        moved = ["new case"] if old is None else differences(new, old, rtol=1e-6, atol=1e-6)
+        print(f"{family} {case.id}: " + ("; ".join(moved[:6]) if moved else "unchanged"))
+        payload["cases"][case.id] = new
+    return payload
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=list(cases.FAMILIES), choices=cases.FAMILIES)
     parser.add_argument("--out", type=Path, default=cases.FROZEN_DIR)
+    parser.add_argument("--cases", nargs="*", help="refreeze only these case ids (shell patterns) in place")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0
     for family in args.families:
         start = time.perf_counter()
-        payload = freeze(family)
+        payload = refreeze(family, args.cases, args.out) if args.cases else freeze(family)
         path = cases.frozen_path(family, args.out)
         cases.save_frozen(payload, path)
         size = path.stat().st_size

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import FAMILIES, make_prompts, random_tokens, tiny_model
 
-from lsa.ablation import ablate, ablation_sweep, complement, faithfulness
+from lsa.ablation import ablate, ablation_sweep, complement, donors, faithfulness
 from lsa.metrics import logit_diff
 
 TOL = 1e-5
@@ -120,6 +120,24 @@ def test_resample_ablation_takes_the_chosen_reference_rows(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_interchange_mean_and_resample_take_the_counterfactuals_of_the_prompt_or_its_group(family):
+    model = tiny_model(family)
+    prompts = make_prompts(n=5, pos=6, lengths=[6, 5, 6, 6, 5], seed=31)  # groups {0, 2, 3}, {1, 4}
+    groups = prompts.groups()
+    assert groups.tolist() == [0, 1, 0, 0, 1]
+    own = _ref_values(model, prompts.corrupt, torch.arange(5))  # each prompt's own counterfactual
+    got = ablate(model, prompts, COMPONENTS, method="interchange")
+    assert (got - ref_ablate(model, prompts, COMPONENTS, own)).abs().max() <= TOL
+    means = [torch.stack([v[groups == g].mean(0) for g in groups.tolist()]) for v in own]
+    got = ablate(model, prompts, COMPONENTS, method="mean")
+    assert (got - ref_ablate(model, prompts, COMPONENTS, means)).abs().max() <= TOL
+    rows = donors(prompts, "resample", seed=3)
+    assert (groups[rows] == groups).all() and (rows != torch.arange(5)).all()  # its group, never itself
+    got = ablate(model, prompts, COMPONENTS, method="resample", seed=3)
+    assert (got - ref_ablate(model, prompts, COMPONENTS, [v[rows] for v in own])).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_faithfulness_ablates_everything_outside_the_circuit(family):
     model = tiny_model(family)
     a = model.adapter
@@ -136,7 +154,12 @@ def test_faithfulness_ablates_everything_outside_the_circuit(family):
     assert (res.empty - _ref_heads(model, prompts, every, [0.0] * len(every))).abs().max() <= TOL
     assert res.faithfulness == pytest.approx(float(res.circuit.mean() / full.mean()), rel=1e-4)
     frame = res.frame
-    assert list(frame.columns) == ["method", "components", "full", "circuit", "empty", "faithfulness", "normalized"]
+    assert list(frame.columns) == [
+        "method", "ablation", "components", "prompts", "full", "circuit", "empty", "faithfulness", "normalized",
+        "ci_low", "ci_high",
+    ]  # fmt: skip
+    assert frame["ablation"][0] == "zero ablation of every head outside the circuit"
+    assert frame["ci_low"][0] <= res.normalized <= frame["ci_high"][0]
     # the whole model as the circuit: nothing is ablated
     kept = faithfulness(model, prompts, every, method="mean")
     assert kept.faithfulness == pytest.approx(1.0, abs=1e-5)

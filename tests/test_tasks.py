@@ -828,12 +828,17 @@ def zoo_mismatch():
 def _methods():
     from lsa import ablation, attribution, behaviour, circuits, patching
     from lsa.circuits import Circuit, Component
+    from lsa.graph import Graph
     from widgets.behaviour import BehaviourExplorer
     from widgets.heads import HeadExplorer
 
     def circuit(model):
         a = model.adapter
         return Circuit(model.name, a.n_layers, a.n_heads, "ioi", "en", [Component("head", 0, 0)], d_mlp=a.d_mlp)
+
+    def edges(model):  # every edge of the residual graph kept
+        graph = Graph.of(model)
+        return torch.ones(len(graph.senders), len(graph.receivers), dtype=torch.bool)
 
     return {
         "behaviour.score": lambda m, p: behaviour.score(m, p),
@@ -845,6 +850,8 @@ def _methods():
         "ablation.faithfulness": lambda m, p: ablation.faithfulness(m, p, [(0, 0)]),
         "circuits.faithfulness": lambda m, p: circuits.faithfulness(m, circuit(m), p),
         "circuits.discover": lambda m, p: circuits.discover(m, p, max_steps=1),
+        "edge_attribution": lambda m, p: attribution.edge_attribution(m, p, steps=1, progress=False),
+        "ablate_edges": lambda m, p: ablation.ablate_edges(m, p, edges(m)),
         "HeadExplorer": lambda m, p: HeadExplorer(m, {"en": p}),
         "BehaviourExplorer": lambda m, p: BehaviourExplorer(m, {"en": p}),
     }

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from lsa.engine import local, traced
-from lsa.engine.plan import SITES, AttnCache, Edit, Plan, Projection, Read, Run, Site, Start
+from lsa.engine.plan import SITES, AttnCache, Edit, Plan, Projection, Read, Run, Site, Split, Start
 
-__all__ = ["SITES", "AttnCache", "Edit", "Plan", "Projection", "Read", "Run", "Site", "Start", "run"]
+__all__ = ["SITES", "AttnCache", "Edit", "Plan", "Projection", "Read", "Run", "Site", "Split", "Start", "run"]
 
 
 def run(model, tokens: torch.Tensor, plan: Plan | None = None) -> Run:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -210,6 +211,69 @@ def _site_hook(key, kind: str, index: int, fns, read, pre_cache, values, stop: b
     return out_hook
 
 
+def _split(model, split) -> tuple[list[tuple[nn.Module, str, Callable]], list[tuple[nn.Module, Callable]]]:
+    """Hooks and module stubs that give each receiver its own input (:class:`~lsa.engine.plan.Split`).
+
+    The block's input is kept as the forward reaches it; each query / key / value projection is
+    replaced for the run by one that makes its output head by head from
+    ``ln1(inputs(layer, kind, x))`` and that head's columns of the projection (so the block's own
+    norm output is never projected); the MLP's norm and the final norm take their receiver's input
+    instead of theirs.
+    """
+    a, hf = model.adapter, model.hf
+    resid: dict[int, torch.Tensor] = {}
+    hooks, stubs = [], []
+    for layer in range(a.n_layers):
+        hooks.append((a.block(hf, layer), "pre", partial(_keep_input, resid, layer)))
+        norm = a.module(hf, "ln1", layer)
+        for module, (width, parts) in _qkv_parts(model, layer).items():
+            stubs.append((module, partial(_split_qkv, split, norm, layer, parts, resid, width)))
+        hooks.append((a.module(hf, "ln2", layer), "pre", partial(_split_input, split, layer, "mlp")))
+    hooks.append((model.module("final_norm"), "pre", partial(_split_input, split, a.n_layers, "logits")))
+    return hooks, stubs
+
+
+def _keep_input(store: dict, layer: int, module, args, kwargs) -> None:
+    store[layer] = hidden_in(args, kwargs)
+
+
+def _split_input(split, layer: int, kind: str, module, args, kwargs):
+    """A norm's input replaced by its one receiver's: ``inputs(layer, kind, x)[:, :, 0]``."""
+    return _with_hidden_in(args, kwargs, split.inputs(layer, kind, hidden_in(args, kwargs))[:, :, 0])
+
+
+def _qkv_parts(model, layer: int) -> dict[nn.Module, tuple[int, list]]:
+    """Per query / key / value projection module: its output width and, per kind it makes,
+    ``(kind, columns [n, d_head], weight [n, d_head, d_model], bias)``; ``columns`` index the module's
+    output, one row per head of that kind (key/value heads for k and v)."""
+    a, hf = model.adapter, model.hf
+    parts: dict = {}
+    for kind in "qkv":
+        n = a.n_heads if kind == "q" else a.n_kv_heads
+        found = [a.qkv_columns(hf, kind, layer, head) for head in range(n)]
+        module = found[0][0]
+        cols = torch.stack([torch.arange(s.start, s.stop) for _, s in found]).to(module.weight.device)
+        weight = module.weight.T if a.layout.conv1d else module.weight  # [out, d_model]
+        bias = None if module.bias is None else module.bias[cols]
+        parts.setdefault(module, (weight.shape[0], []))[1].append((kind, cols, weight[cols], bias))
+    return parts
+
+
+def _split_qkv(split, norm: nn.Module, layer: int, parts, resid: dict, width: int, *args, **kwargs):
+    """A projection's output ``[batch, pos, width]`` made head by head from each head's own normed input."""
+    index, values = [], []
+    for kind, cols, weight, bias in parts:
+        x = norm.forward(split.inputs(layer, kind, resid[layer]))  # [batch, pos, n, d_model]
+        y = torch.einsum("bpnd,ned->bpne", x.to(weight.dtype), weight)
+        if bias is not None:
+            y = y + bias
+        index.append(cols.reshape(-1))
+        values.append(y.reshape(*y.shape[:2], -1))
+    y = torch.cat(values, -1)
+    out = y.new_empty(*y.shape[:2], width)
+    return out.index_copy(-1, torch.cat(index), y)
+
+
 def _module(model, part: str, layer: int) -> nn.Module:
     a, hf = model.adapter, model.hf
     return a.block(hf, layer) if part == "block" else a.module(hf, part, layer)
@@ -263,6 +327,10 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
                 lambda m, args, kwargs, layer=layer: pre_cache.__setitem__(layer, hidden_in(args, kwargs)),
             )
         )
+    split_stubs = []
+    if plan.split is not None:  # after the edits, so that the receivers read the edited residual stream
+        split_hooks, split_stubs = _split(model, plan.split)
+        hooks += split_hooks
     for p in plan.projections:
         proj = p.module(p.given)  # before the hook is in place
         hooks.append((p.module, "out", lambda m, args, out, proj=proj, mask=p.mask: torch.where(mask, proj, out)))
@@ -270,7 +338,7 @@ def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     prefix = start.prefix if start is not None else 0
     if plan.given_heads:
         returns_tuple(model, "attn")  # probed before the stubs are in place
-    stubs += [_idle_mlp_stub(model, layer) for layer in plan.idle_mlps]
+    stubs += [_idle_mlp_stub(model, layer) for layer in plan.idle_mlps] + split_stubs
     for layer, z in sorted(plan.given_heads.items()):
         stubs.append(_given_heads_stub(model, layer, _from_prefix(z, tokens.shape[1], prefix)))
     if start is not None and start.attn is not None:

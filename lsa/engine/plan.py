@@ -153,6 +153,29 @@ class Projection:
 
 
 @dataclass
+class Split:
+    """Receivers that each read their own copy of the residual stream (edge attribution and edge ablation).
+
+    ``inputs(layer, kind, x)`` returns the inputs ``[batch, pos, n, d_model]`` of layer ``layer``'s
+    receivers of ``kind``, given the residual stream ``x`` ``[batch, pos, d_model]`` they read in
+    this run:
+
+    - ``"q"`` (``n = n_heads``), ``"k"`` and ``"v"`` (``n = n_kv_heads``, one per key/value head)
+      from the block's input: each head's query, key and value are then made from its own input,
+      through the block's first norm and that head's columns of the projection;
+    - ``"mlp"`` (``n = 1``) from the MLP's input residual (the mid residual; the block's input where
+      attention and MLP run in parallel): the MLP's norm then reads it;
+    - ``"logits"`` (``layer = n_layers``, ``n = 1``) from the final norm's input.
+
+    Returning ``x`` itself for every receiver leaves the forward's values unchanged, and the inputs
+    are then the tensors to differentiate for each receiver's gradient. Local executor only, in a
+    whole forward (no start, given heads, idle MLPs or projections).
+    """
+
+    inputs: Callable[[int, str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
 class Plan:
     """One forward: edits, reads, and what comes back.
 
@@ -181,7 +204,8 @@ class Plan:
     residual stream (locally it does not run; for runs whose residual stream after those layers
     is of no use, such as path patching's run for its receivers' keys and values, which come from
     given inputs). The traced executor runs every layer: it ignores ``start`` (a cached start
-    gives the same values) and zeroes the idle MLPs' writes.
+    gives the same values) and zeroes the idle MLPs' writes. ``split``: receivers that read their
+    own copy of the residual stream (:class:`Split`; local executor only).
     """
 
     edits: list[Edit] = field(default_factory=list)
@@ -200,6 +224,7 @@ class Plan:
     attention: str | None = None
     columns: torch.Tensor | None = None
     idle_mlps: tuple[int, ...] = ()
+    split: Split | None = None
 
 
 # the sites an idle MLP (Plan.idle_mlps) does not compute
@@ -252,6 +277,10 @@ def check(model, plan: Plan) -> list[Edit]:
         per_row = isinstance(plan.start.prefix, torch.Tensor)  # its ends are checked where it runs
         if not per_row and plan.end is not None and int(plan.end.min()) < plan.start.prefix:
             raise ValueError(f"end positions must lie at or after the reused prefix ({plan.start.prefix})")
+    if plan.split is not None and (plan.start or plan.given_heads or plan.idle_mlps or plan.projections):
+        raise ValueError(
+            "a split of the receivers' inputs runs a whole forward: no start, given heads, idle MLPs or projections"
+        )
     n_layers = model.adapter.n_layers
     for item in [*edits, *plan.reads]:
         site = SITES.get(item.site)

@@ -60,6 +60,8 @@ def _given(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     """Run ``plan`` on ``tokens`` ``[batch, pos]`` as one trace (see :func:`lsa.engine.run`)."""
     edits = check(model, plan)
+    if plan.split is not None:
+        raise ValueError("receivers with their own inputs (plan.split) run locally: use a local model")
     # given heads' outputs as edits replacing the heads' outputs whole (every layer runs in a trace)
     edits += [Edit("head", layer, partial(_given, z=z)) for layer, z in sorted(plan.given_heads.items())]
     edits += [Edit("mlp_out", layer, torch.zeros_like) for layer in plan.idle_mlps]

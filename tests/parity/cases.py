@@ -440,7 +440,7 @@ add(
 )
 add(
     "faithfulness/heads/mean",
-    lambda c, m: ablation.faithfulness(m, c.prompts, [("head", 1, 2), ("head", 0, 1)]),
+    lambda c, m: ablation.faithfulness(m, c.prompts, [("head", 1, 2), ("head", 0, 1)], method="mean"),
     remote=True,
 )
 add(
