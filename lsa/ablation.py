@@ -287,7 +287,7 @@ def ablate(
     ``positions``: ablate at one position only, a name of ``prompts.positions``, ``"end"``
     or an absolute position (default: every position).
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     metric = metric or lsa_metrics.logit_diff
     components = parse_components(model, components)
     targets = _targets(components)
@@ -399,7 +399,7 @@ def faithfulness(
     plus MLPs when the set names an MLP or neuron; MLPs are otherwise left intact,
     as in the IOI paper).
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     metric = metric or lsa_metrics.logit_diff
     comps = parse_components(model, components)
     kinds = set(kinds) if kinds is not None else {"head"} | ({"mlp"} if any(c[0] != "head" for c in comps) else set())
@@ -440,7 +440,7 @@ def ablation_sweep(
     before ``p`` changes). Returns a :class:`lsa.patching.PatchResult` on the clean prompts
     (``corrupt`` holds the counterfactual run's metric, so ``normalized`` reads as in patching).
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     if site not in ("head", "mlp_out", "neuron"):
         raise ValueError(f"ablation_sweep ablates 'head', 'mlp_out' or 'neuron', got {site!r}")
     metric = metric or lsa_metrics.logit_diff
@@ -513,7 +513,7 @@ def ablate_edges(
     prompts first), then one forward per circuit; memory: two ``[batch, pos, senders, d_model]``
     buffers per chunk (:data:`EDGE_BUDGET`). Local models only.
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_method(method)
     if model.remote:
         raise ValueError("edge ablation splits the receivers' inputs in the local model: load it without remote=")

@@ -97,7 +97,7 @@ def attribution_patching(
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
     n_given = len(prompts)
@@ -362,7 +362,7 @@ def edge_attribution(
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if model.remote:
         raise ValueError("edge attribution differentiates the local model: load it without remote=")
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
     graph = Graph.of(model)

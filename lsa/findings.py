@@ -24,37 +24,44 @@ from collections.abc import Iterable
 from pathlib import Path
 from string import Formatter
 
-import numpy as np
-import torch
-
+from lsa.circuits.data import json_safe
 from lsa.tasks import TASKS
 
 
-def _plain(value):
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value.item() if value.size == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _nulls(value) -> bool:
+    """Whether a JSON-safe value is or holds ``None`` (a missing or undefined number)."""
+    if isinstance(value, list):
+        return any(_nulls(v) for v in value)
+    return value is None
 
 
 class Findings:
     """A dict of ``key -> {"value", "statement"}`` mirrored to ``<output_dir>/findings.json`` on every add.
 
-    A new ``Findings`` starts empty and replaces the file at its first ``add``: a rerun
-    never keeps a key that the run itself did not state.
+    The file is strict JSON (``JSON.parse``, ``jq``): a missing or undefined number (``None``,
+    NaN, infinite) is written ``null``, and its item gets a ``"note"`` saying why. A new
+    ``Findings`` starts empty and replaces the file at its first ``add``: a rerun never keeps a
+    key that the run itself did not state.
     """
 
     def __init__(self, output_dir: str | Path):
         self.path = Path(output_dir) / "findings.json"
         self.items: dict[str, dict] = {}
 
-    def add(self, key: str, value, statement: str = "") -> None:
-        self.items[key] = {"value": _plain(value), "statement": statement}
+    def add(self, key: str, value, statement: str = "", note: str = "") -> None:
+        """State ``key = value``. ``note``: why the value is missing or undefined, where it is (a default
+        note says what was computed otherwise), or any caveat."""
+        plain = json_safe(value)
+        item = {"value": plain, "statement": statement}
+        if note or _nulls(plain):
+            item["note"] = note or (
+                "missing: no value was given"
+                if value is None
+                else f"undefined: the computation gave {value!r} (not a finite number), written as null"
+            )
+        self.items[key] = item
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.items, indent=2, ensure_ascii=False))
+        self.path.write_text(json.dumps(self.items, indent=2, ensure_ascii=False, allow_nan=False))
 
     def __getitem__(self, key: str):
         return self.items[key]["value"]

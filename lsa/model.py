@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lsa.adapter import Adapter, check_config
+from lsa.tasks import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_DIR = ROOT / "data" / "models"
@@ -191,10 +192,14 @@ class Model:
             obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
         return obj
 
-    def to_tokens(self, text: str | list[str]) -> torch.Tensor:
-        """Token ids ``[batch, pos]`` (no special tokens added)."""
+    def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> torch.Tensor:
+        """Token ids ``[batch, pos]`` of typed text, made as the task builders make prompts (:func:`lsa.tasks.encode`):
+        the tokenizer's BOS first where it adds one itself (Gemma 3), no other special token.
+
+        >>> model.to_tokens("When Mary and John")   # doctest: +SKIP
+        """
         texts = [text] if isinstance(text, str) else list(text)
-        ids = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        ids = [encode(self.tokenizer, t, prepend_bos) for t in texts]
         lengths = {len(i) for i in ids}
         if len(lengths) != 1:
             raise ValueError(f"texts tokenize to different lengths {sorted(lengths)}; pass them one at a time")

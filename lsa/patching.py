@@ -57,7 +57,7 @@ from lsa import metrics as lsa_metrics
 from lsa.engine import AttnCache, Edit, Plan, Projection, Read, Start
 from lsa.engine.plan import check_defined
 from lsa.model import Model
-from lsa.tasks import PromptSet
+from lsa.tasks import PromptSet, check_tokenizer
 
 __all__ = [
     "SITES",
@@ -91,8 +91,9 @@ def check_direction(direction: str) -> str:
     return direction
 
 
-def check_prompts(prompts: PromptSet) -> None:
-    """Clean and counterfactual prompts must pair up token for token."""
+def check_prompts(prompts: PromptSet, model: Model) -> None:
+    """Clean and counterfactual prompts must pair up token for token, built with the model's tokenizer."""
+    check_tokenizer(prompts, model.tokenizer, model.name)
     if prompts.clean.shape != prompts.corrupt.shape:
         raise ValueError(
             f"clean prompts {tuple(prompts.clean.shape)} and counterfactual prompts "
@@ -717,7 +718,7 @@ def activation_patching(
     >>> res = activation_patching(model, prompts, "resid_pre", positions="each")  # doctest: +SKIP
     >>> res.array.shape   # [layer, pos]                                           # doctest: +SKIP
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
     n_given = len(prompts)
@@ -909,7 +910,7 @@ def path_runs(model: Model, prompts: PromptSet, direction: str = "noising") -> P
     Iterated path patching calls it once per receiver set and input; sharing spares two forwards
     of the prompts per call.
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     base_tokens, donor_tokens = runs(model, prompts, direction)
     n_layers = model.adapter.n_layers
@@ -985,7 +986,7 @@ def path_patching(
     Returns a :class:`PatchResult` with one row per sender (``layer``, ``head``;
     ``array`` ``[layer, head]`` when every sender is a single head).
     """
-    check_prompts(prompts)
+    check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
     a = model.adapter

@@ -119,6 +119,8 @@ def collect(output: Path) -> list[dict]:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "n/a"  # findings.json's null: a missing or undefined number (its note says why)
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
@@ -350,7 +352,8 @@ def write_report(output: Path, runs: list[dict], wall_s: float, note: str = "") 
             lines += [f"**Failed**: `{prov['error']}` (see `{rel}/notebook.ipynb`)", ""]
         for key, item in run["findings"].items():
             if isinstance(item, dict):
-                lines.append(f"- **{key}** = {_fmt(item.get('value'))}: {item.get('statement', '')}")
+                note = f" ({item['note']})" if item.get("note") else ""
+                lines.append(f"- **{key}** = {_fmt(item.get('value'))}: {item.get('statement', '')}{note}")
             else:
                 lines.append(f"- **{key}** = {_fmt(item)}")
         lines.append("")

@@ -381,14 +381,41 @@ def plan(
             raise GridError(
                 f"{notebook.name} has no parameter {', '.join(unknown)}; its parameters: {', '.join(sorted(declared))}"
             )
-        for model, language, combo in itertools.product(models, languages, combos):
+        for given, language, combo in itertools.product(models, languages, combos):
+            model = run_models(given, combo)
             folder = output / notebook.stem / slug(model) / slug(language)
             if len(combos) > 1:
                 folder = folder / slug(",".join(f"{k}={v}" for k, v in sorted(combo.items())))
+            if twin := next((c for c in cells if c.folder == folder), None):
+                raise GridError(
+                    f"{twin.label} and {notebook.stem} | {given} | {language} would share the folder {folder}: "
+                    f"the run's circuits or models name {model!r}, whatever -m says; give -m once"
+                )
             cell = Cell(notebook, model, language, dict(combo), folder, output)
             check_cell(cell, declared)
             cells.append(cell)
     return cells
+
+
+def run_models(model: str, params: dict) -> str:
+    """The models a run is filed under: ``model``, or, where its ``models`` parameter or the saved ``circuits``
+    it compares (their ``"model"`` field) name other models, those joined by ``+`` (``"toy-en+toy-zh"``).
+
+    A label that already names a pair (``"toy-en+toy-zh"``, as the presets write) is kept, and so is
+    ``model`` while a circuit file does not exist yet (a grid's earlier cell writes it).
+    """
+    if "+" in model:
+        return model
+    names = [str(m) for m in params.get("models") or []]
+    if not names:
+        paths = [Path(p) for p in params.get("circuits") or []]
+        if not paths or not all(p.is_file() for p in paths):
+            return model
+        try:
+            names = [str(json.loads(p.read_text(encoding="utf-8"))["model"]) for p in paths]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GridError(f"cannot read the model of a circuit in {[str(p) for p in paths]}: {exc}") from None
+    return "+".join(dict.fromkeys(names))
 
 
 def plan_preset(

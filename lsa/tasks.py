@@ -39,10 +39,12 @@ languages are still analysed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +107,64 @@ class DropReport:
         return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class TokenizerStamp:
+    """What a tokenizer does, in short: a SHA-256 ``digest`` of its vocabulary (every token with its id) and of
+    whether it puts its BOS first, and its ``size``. Two loads of one vocabulary are equal; ``name`` (where it
+    was loaded from, for messages) is not compared."""
+
+    digest: str
+    size: int
+    name: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.name or 'unnamed'}: {self.size} tokens, vocabulary {self.digest[:12]}"
+
+
+_STAMPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its stamp)
+
+
+def tokenizer_stamp(tokenizer) -> TokenizerStamp:
+    """The :class:`TokenizerStamp` of a Hugging Face tokenizer (computed once per tokenizer object and size;
+    Gemma 3's 262k tokens take about 0.3 s).
+
+    >>> tokenizer_stamp(gemma.tokenizer) == tokenizer_stamp(AutoTokenizer.from_pretrained(path))   # doctest: +SKIP
+    True
+    """
+    size = len(tokenizer)
+    cached = _STAMPS.get(tokenizer)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    digest = hashlib.sha256(f"adds_bos={adds_bos(tokenizer)}\n".encode())
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index} {token}\n".encode("utf-8", "surrogatepass"))
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name or type(tokenizer).__name__
+    stamp = TokenizerStamp(digest.hexdigest(), size, name)
+    _STAMPS[tokenizer] = (size, stamp)
+    return stamp
+
+
+class TokenizerMismatch(ValueError):
+    """Prompts built with one tokenizer given to a model with another: their token ids would mean other words."""
+
+
+def check_tokenizer(prompts: PromptSet, tokenizer, model_name: str = "the model") -> None:
+    """Refuse ``prompts`` built with another tokenizer than ``tokenizer`` (:class:`TokenizerMismatch`).
+
+    Sets made by hand from token ids (``built_with=None``) and models without a tokenizer pass: there is
+    nothing to compare.
+    """
+    if prompts.built_with is None or tokenizer is None:
+        return
+    have = tokenizer_stamp(tokenizer)
+    if prompts.built_with != have:
+        raise TokenizerMismatch(
+            f"these {prompts.task}/{prompts.language} prompts were built with another tokenizer "
+            f"({prompts.built_with}) than {model_name}'s ({have}): their token ids would stand for other text. "
+            f"Build them for this model: lsa.tasks.build({prompts.task!r}, {prompts.language!r}, model.tokenizer, ...)"
+        )
+
+
 @dataclass
 class PromptSet:
     """Clean / counterfactual prompt pairs for one task in one language.
@@ -112,7 +172,9 @@ class PromptSet:
     Shapes: ``clean``, ``corrupt``: ``[n, pos]`` token ids (right-padded with
     ``pad_id``); ``lengths``, ``answer``, ``distractor``, ``corrupt_answer``: ``[n]``;
     ``positions[name]``: ``[n]``.
-    ``meta`` has one row per prompt (template, names or verb, texts).
+    ``meta`` has one row per prompt (template, names or verb, texts). ``built_with``: the
+    tokenizer the builder used (:func:`tokenizer_stamp`; ``None`` for a set made by hand
+    from token ids), which every method checks against the model's (:func:`check_tokenizer`).
     """
 
     task: str
@@ -126,6 +188,7 @@ class PromptSet:
     meta: pd.DataFrame
     report: DropReport
     pad_id: int = 0
+    built_with: TokenizerStamp | None = None
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -160,6 +223,7 @@ class PromptSet:
             meta=self.meta.iloc[index.tolist()].reset_index(drop=True),
             report=self.report,
             pad_id=self.pad_id,
+            built_with=self.built_with,
         )
 
     def by_length(self) -> list[PromptSet]:
@@ -476,6 +540,35 @@ def _bos(tokenizer, prepend_bos: bool | None) -> int | None:
     return int(bos)
 
 
+def encode(tokenizer, text: str, prepend_bos: bool | None = None) -> list[int]:
+    """The token ids of ``text`` as the builders make a prompt's: no special tokens, then the BOS first where
+    the tokenizer adds one itself (:func:`adds_bos`; ``prepend_bos`` overrides, as in :func:`build`).
+
+    >>> encode(gemma_tokenizer, "When Mary")[0] == gemma_tokenizer.bos_token_id   # doctest: +SKIP
+    True
+    """
+    bos = _bos(tokenizer, prepend_bos)
+    return ([] if bos is None else [bos]) + list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def first_token(tokenizer, text: str, word: str) -> int:
+    """The first token ``word`` adds after ``text``: the id a metric reads for a typed answer, as the builders
+    read a name's (``word`` with its joining space in English: ``" Mary"``; none in Chinese).
+
+    Raises ``ValueError`` saying why when ``word`` merges with the text's last token, adds nothing, or has a
+    token unknown to the tokenizer or a byte piece of a character.
+
+    >>> first_token(gpt2_tokenizer, "John gave a drink to", " Mary")   # doctest: +SKIP
+    5335
+    """
+    tokens = _Tokens(tokenizer)
+    ids = tokens.after(text, word)
+    problem = _word_problem(tokens, ids, max_tokens=None)
+    if problem is not None:
+        raise ValueError(f"{word!r} after {text[-30:]!r}: {problem}; type it as it continues the text")
+    return ids[0]
+
+
 def _count(n: int | None) -> int:
     n = DEFAULT_N if n is None else int(n)
     if n < 1:
@@ -544,6 +637,7 @@ def _finish(task, language, rows, dropped: dict[str, int], report: DropReport, t
         meta=meta,
         report=report,
         pad_id=pad_id,
+        built_with=tokenizer_stamp(tokenizer),
     )
 
 

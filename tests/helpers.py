@@ -119,3 +119,13 @@ def oriented(model: Model, prompts):
     if clean < corrupt:
         prompts.answer, prompts.distractor = prompts.distractor, prompts.answer
     return prompts
+
+
+def strict_json(text: str):
+    """``json.loads`` refusing what strict parsers (JavaScript's ``JSON.parse``, ``jq``) refuse: NaN and infinities."""
+    import json
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON: strict parsers (JSON.parse, jq) refuse it")
+
+    return json.loads(text, parse_constant=refuse)

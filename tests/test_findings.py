@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import strict_json
 
 from lsa import findings as keys
 from lsa import reproduce, runner
@@ -35,6 +36,41 @@ def test_values_are_saved_as_plain_json_numbers_and_lists(tmp_path):
     saved = json.loads((tmp_path / "findings.json").read_text())
     assert saved["scalar"]["value"] == 0.25 and saved["vector"]["value"] == [1, 2, 3]
     assert f["vector"] == [1, 2, 3]
+
+
+def test_undefined_and_missing_numbers_are_written_as_null_with_a_note_saying_why(tmp_path):
+    f = Findings(tmp_path)
+    f.add("nan", float("nan"), "a correlation")
+    f.add("inf", np.float64("inf"), "a ratio")
+    f.add("missing", None, "a number nobody computed")
+    f.add("partly", torch.tensor([1.0, float("nan")]), "two means")
+    f.add("explained", float("nan"), "a correlation", note="the effects do not vary: no correlation")
+    f.add("fine", 0.5, "a share")
+    saved = strict_json((tmp_path / "findings.json").read_text())
+    assert [saved[k]["value"] for k in ("nan", "inf", "missing", "partly", "fine")] == [
+        None,
+        None,
+        None,
+        [1.0, None],
+        0.5,
+    ]
+    assert "nan" in saved["nan"]["note"] and "inf" in saved["inf"]["note"] and "missing" in saved["missing"]["note"]
+    assert "nan" in saved["partly"]["note"]
+    assert saved["explained"]["note"] == "the effects do not vary: no correlation"
+    assert "note" not in saved["fine"]
+
+
+def test_the_report_shows_a_null_finding_with_its_note(tmp_path):
+    run = tmp_path / "05_activation_patching" / "toy-bilingual" / "en+zh"
+    Findings(run).add(keys.HEAD_EFFECT_CORRELATION, float("nan"), "per-head correlation", note="one language only")
+    (run / "provenance.json").write_text(
+        json.dumps(
+            {"notebook": "05_activation_patching.ipynb", "model": "toy-bilingual", "language": "en+zh", "status": "ok"}
+        )
+    )
+    reproduce.write_report(tmp_path, reproduce.collect(tmp_path), 1.0)
+    report = (tmp_path / "report.md").read_text()
+    assert f"**{keys.HEAD_EFFECT_CORRELATION}** = n/a: per-head correlation (one language only)" in report
 
 
 # ---------------------------------------------------------------- keys shared by the notebooks and the report

@@ -126,3 +126,19 @@ def test_explorer_from_a_report_lists_plnd_neurons():
     assert (layer, neuron) == (first.layer, first.neuron)
     ex.row.value = (layer, neuron)
     assert ex.current == (layer, neuron)
+
+
+def test_the_explorer_opens_on_the_strongest_neuron_of_the_first_languages_set():
+    model, texts, stats, lape = _setup()
+    first = lape.languages[0]
+    mask = lape.mask(first)
+    assert sum(len(m) for m in mask) > 0
+    # by hand: the neuron of the first language's mask with the highest activation probability in that language
+    j = list(stats.languages).index(first)
+    candidates = [(float(stats.prob[j, layer, n]), layer, int(n)) for layer, idx in enumerate(mask) for n in idx]
+    _, layer, neuron = max(candidates, key=lambda c: c[0])
+    ex = NeuronExplorer(stats, model=model, lape=lape, texts=texts)
+    assert ex.current == (layer, neuron) and ex.row.value == (layer, neuron)
+    assert f"L{layer} N{neuron}  [{first}]" in ex.row.label
+    assert ex.profile["prob"].tolist() == stats.prob[:, layer, neuron].tolist()
+    assert lape.strongest("zh") in {(lay, int(n)) for lay, idx in enumerate(lape.mask("zh")) for n in idx}

@@ -405,6 +405,24 @@ def test_shipped_corpus_has_parallel_english_and_chinese_lines():
         N.load_corpus("xx")
 
 
+def test_study_texts_take_the_users_files_else_the_zoo_world_else_the_shipped_corpus(tmp_path):
+    (tmp_path / "en.txt").write_text("  first text \n\nsecond text\nthird\n", encoding="utf-8")
+    (tmp_path / "zh.txt").write_text("第一句。\n  第二句。\n", encoding="utf-8")
+    files = {"en": str(tmp_path / "en.txt"), "zh": str(tmp_path / "zh.txt")}
+    texts, source = N.study_texts("gemma-3-270m", ["en", "zh"], 2, files=files)
+    assert texts == {"en": ["first text", "second text"], "zh": ["第一句。", "第二句。"]}
+    assert source.startswith("your text files") and files["zh"] in source
+    with pytest.raises(ValueError, match=r"no file for \['zh'\]"):
+        N.study_texts("gemma-3-270m", ["en", "zh"], 2, files={"en": files["en"]})
+    with pytest.raises(FileNotFoundError, match="one text per line"):
+        N.study_texts("gemma-3-270m", ["en"], 2, files={"en": str(tmp_path / "none.txt")})
+    shipped, source = N.study_texts("gemma-3-270m", ["zh"], 5)
+    by_hand = (N.CORPUS_DIR / "zh.txt").read_text(encoding="utf-8").splitlines()[:5]
+    assert shipped == {"zh": by_hand} and source == N.SHIPPED
+    zoo, source = N.study_texts("toy-bilingual", ["en"], 3, seed=0)
+    assert zoo == N.zoo_texts(("en",), n=3, seed=1234) and "toy zoo" in source
+
+
 def test_figures_draw_the_counts_and_overlap_of_a_result():
     import matplotlib
 

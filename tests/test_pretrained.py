@@ -251,3 +251,30 @@ def test_random_stand_ins_have_the_real_models_layer_head_and_window_layout(name
         real.num_attention_heads,
         real.num_key_value_heads,
     )
+
+
+# ----------------------------------------------------------------- typed text and another model's prompts
+def test_gemma_typed_text_starts_with_bos_as_hf_tokenizes_it_and_as_the_builders_do(gemma, gemma_ioi):
+    from widgets.heads import TYPED, HeadExplorer
+
+    text = gemma_ioi.meta["clean_text"][0]
+    tokens = gemma.to_tokens(text)[0]
+    assert int(tokens[0]) == gemma.tokenizer.bos_token_id == 2
+    assert tokens.tolist() == gemma.tokenizer(text)["input_ids"]  # HF's own special tokens: BOS and nothing else
+    assert tokens.tolist() == gemma_ioi.clean[0, : int(gemma_ioi.lengths[0])].tolist()
+    explorer = HeadExplorer(gemma, text="当小明和小红去商店时，小明把一杯饮料给了")
+    assert explorer.prompt.value == TYPED and int(explorer.current["tokens"][0]) == 2
+
+
+def test_prompts_built_with_smollm2s_tokenizer_are_refused_on_gemma_naming_both(gemma):
+    from transformers import AutoTokenizer
+
+    from lsa import behaviour
+
+    smol = tasks.build("ioi", "en", AutoTokenizer.from_pretrained(pretrained.folder(SMOL)), n=4, seed=0)
+    with pytest.raises(
+        tasks.TokenizerMismatch, match=r"\(smollm2-135m: 49152 tokens.*gemma-3-270m's \(gemma-3-270m: 262144"
+    ):
+        behaviour.score(gemma, smol)
+    with pytest.raises(tasks.TokenizerMismatch):
+        activation_patching(gemma, smol, "head", progress=False)

@@ -286,3 +286,30 @@ def test_parallel_jobs_share_the_cores_unless_the_environment_sets_threads(monke
     with runner.threads_per_job(2):
         assert runner.os.environ["OMP_NUM_THREADS"] == "3"
     assert runner.os.environ["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_cross_model_comparison_is_filed_under_its_circuits_models_not_the_model_flag(tmp_path):
+    from lsa.circuits import Circuit, Component
+
+    paths = []
+    for name, language in (("toy-en", "en"), ("toy-zh", "zh"), ("toy-en", "en")):
+        circuit = Circuit(name, 4, 4, "ioi", language, [Component("head", 3, 0)])
+        paths.append(str(circuit.to_json(tmp_path / f"{name}_{language}_{len(paths)}.json")))
+    out = tmp_path / "runs"
+    params = {"circuits": [paths[:2]]}
+    (cell,) = runner.plan(["compare_circuits"], ["toy-bilingual"], ["en+zh"], params, out)
+    assert cell.model == "toy-en+toy-zh"
+    assert cell.folder == out / "03_compare_circuits" / "toy-en+toy-zh" / "en+zh"
+    runner.check_models([cell])
+    # two circuits of one model: that model, however -m reads
+    (same,) = runner.plan(["compare_circuits"], ["toy-zh"], ["en"], {"circuits": [[paths[0], paths[2]]]}, out)
+    assert same.folder == out / "03_compare_circuits" / "toy-en" / "en"
+    # one model per language, by name
+    models = runner.parse_params(['models=["toy-en", "toy-zh"]'])
+    (named,) = runner.plan(["compare_circuits"], ["toy-bilingual"], ["en+zh"], models, out)
+    assert named.folder == out / "03_compare_circuits" / "toy-en+toy-zh" / "en+zh"
+    # without circuits or models, -m is what ran
+    (own,) = runner.plan(["compare_circuits"], ["toy-bilingual"], ["en+zh"], {}, out)
+    assert own.folder == out / "03_compare_circuits" / "toy-bilingual" / "en+zh"
+    with pytest.raises(runner.GridError, match="would share the folder.*give -m once"):
+        runner.plan(["compare_circuits"], ["toy-bilingual", "toy-en"], ["en+zh"], params, out)

@@ -769,3 +769,98 @@ def test_build_sets_skips_chinese_for_the_smollm2_tokenizer_and_keeps_english(ca
     assert list(sets) == [("ioi", "en")] and len(sets["ioi", "en"]) == 16
     out = capsys.readouterr().out
     assert re.search(r"ioi zh: skipped: ioi/zh: only 1 of \d+ names are usable.*byte pieces", out)
+
+
+# ---------------------------------------------------------------------------
+# a prompt set records its tokenizer; methods refuse another tokenizer's prompts
+# ---------------------------------------------------------------------------
+
+
+def _adds_special(tok) -> bool:
+    """Whether encoding with special tokens gives more than without (independent of tasks.adds_bos)."""
+    return len(tok("When")["input_ids"]) > len(enc(tok, "When"))
+
+
+def test_tokenizer_stamps_are_equal_exactly_when_the_vocabularies_and_bos_agree():
+    from transformers import AutoTokenizer
+
+    from lsa.model import resolve_name
+
+    toks = {
+        "gpt2": gpt2(),
+        "gpt2 again": gpt2_tokenizer(),  # another object, the same vocabulary
+        "words 97": word_tokenizer(97),
+        "words 98": word_tokenizer(98),
+        "chinese": chinese_tokenizer(),
+        "chinese with BOS": chinese_tokenizer(bos=True),  # the same vocabulary, a BOS added
+        **{name: AutoTokenizer.from_pretrained(resolve_name(name)) for name in ("toy-en", "toy-zh", "toy-bilingual")},
+    }
+    for a, ta in toks.items():
+        for b, tb in toks.items():
+            same = ta.get_vocab() == tb.get_vocab() and _adds_special(ta) == _adds_special(tb)
+            assert (tasks.tokenizer_stamp(ta) == tasks.tokenizer_stamp(tb)) == same, (a, b)
+    assert tasks.tokenizer_stamp(toks["gpt2"]).size == 50257
+
+
+def test_a_built_set_and_its_subsets_record_the_tokenizer_and_another_tokenizer_is_refused_by_name():
+    p = tasks.build("ioi", "en", gpt2(), n=6, seed=0)
+    assert p.built_with == tasks.tokenizer_stamp(gpt2_tokenizer())
+    assert p.subset([0, 2]).built_with == p.built_with and p.aligned()[0].built_with == p.built_with
+    tasks.check_tokenizer(p, gpt2_tokenizer(), "gpt2")  # a second load of the same tokenizer passes
+    with pytest.raises(
+        tasks.TokenizerMismatch, match=r"ioi/en prompts were built with another tokenizer.*50257 tokens"
+    ):
+        tasks.check_tokenizer(p, word_tokenizer(), "tiny")
+    p.built_with = None  # a set made by hand from token ids: nothing to compare
+    tasks.check_tokenizer(p, word_tokenizer(), "tiny")
+
+
+@pytest.fixture(scope="module")
+def zoo_mismatch():
+    """toy-bilingual, and IOI prompts built with toy-en's tokenizer (a smaller vocabulary: valid ids, other words)."""
+    import lsa
+
+    model = lsa.load_model("toy-bilingual", device="cpu")
+    other = lsa.load_model("toy-en", device="cpu")
+    return model, tasks.build("ioi", "en", other.tokenizer, n=4, seed=0)
+
+
+def _methods():
+    from lsa import ablation, attribution, behaviour, circuits, patching
+    from lsa.circuits import Circuit, Component
+    from lsa.graph import Graph
+    from widgets.behaviour import BehaviourExplorer
+    from widgets.heads import HeadExplorer
+
+    def circuit(model):
+        a = model.adapter
+        return Circuit(model.name, a.n_layers, a.n_heads, "ioi", "en", [Component("head", 0, 0)], d_mlp=a.d_mlp)
+
+    def edges(model):  # every edge of the residual graph kept
+        graph = Graph.of(model)
+        return torch.ones(len(graph.senders), len(graph.receivers), dtype=torch.bool)
+
+    return {
+        "behaviour.score": lambda m, p: behaviour.score(m, p),
+        "activation_patching": lambda m, p: patching.activation_patching(m, p, "head", progress=False),
+        "path_patching": lambda m, p: patching.path_patching(m, p, [(0, 0)], "logits", progress=False),
+        "attribution_patching": lambda m, p: attribution.attribution_patching(m, p, "head"),
+        "ablate": lambda m, p: ablation.ablate(m, p, [(0, 0)]),
+        "ablation_sweep": lambda m, p: ablation.ablation_sweep(m, p, "head"),
+        "ablation.faithfulness": lambda m, p: ablation.faithfulness(m, p, [(0, 0)]),
+        "circuits.faithfulness": lambda m, p: circuits.faithfulness(m, circuit(m), p),
+        "circuits.discover": lambda m, p: circuits.discover(m, p, max_steps=1),
+        "edge_attribution": lambda m, p: attribution.edge_attribution(m, p, steps=1, progress=False),
+        "ablate_edges": lambda m, p: ablation.ablate_edges(m, p, edges(m)),
+        "HeadExplorer": lambda m, p: HeadExplorer(m, {"en": p}),
+        "BehaviourExplorer": lambda m, p: BehaviourExplorer(m, {"en": p}),
+    }
+
+
+@pytest.mark.parametrize("method", list(_methods()))
+def test_every_method_refuses_prompts_built_with_another_tokenizer(zoo_mismatch, method):
+    model, prompts = zoo_mismatch
+    with pytest.raises(
+        tasks.TokenizerMismatch, match=r"toy-en: 959 tokens.*than toy-bilingual's \(toy-bilingual: 1312"
+    ):
+        _methods()[method](model, prompts)

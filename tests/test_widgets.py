@@ -22,6 +22,7 @@ from helpers import FAMILIES, make_prompts, tiny_model, word_tokenizer  # noqa: 
 from lsa import flow as F  # noqa: E402
 from lsa import patching as P  # noqa: E402
 from lsa.configs import random_model  # noqa: E402
+from widgets.behaviour import BehaviourExplorer  # noqa: E402
 from widgets.heads import TYPED, HeadExplorer  # noqa: E402
 from widgets.patching import PatchingMap  # noqa: E402
 
@@ -226,6 +227,37 @@ def test_patching_map_with_a_model_opens_the_selected_head_in_a_head_explorer(se
     assert torch.allclose(pm.explorer.current["pattern"], pattern, atol=1e-5)
 
 
+def test_patching_map_and_its_head_explorer_share_the_language_and_the_prompt(setup):
+    model, en, zh, heads, freq = setup
+    pm = PatchingMap(heads, model=model, prompts={"en": en, "zh": zh})
+    ex = pm.explorer
+    pm.select(1, 2)
+    assert ex.prompt.value == ("en", 0)
+    # the map's language moves the explorer to the same prompt number in that language's set
+    ex.select(prompt=("en", 2))
+    pm.language.value = "zh"
+    assert ex.prompt.value == ("zh", 2) and (ex.current["layer"], ex.current["head"]) == (1, 2)
+    n = int(zh.lengths[2])
+    assert ex.current["tokens"].tolist() == zh.clean[2, :n].tolist()
+    pattern, _ = _by_hand(model, zh.clean[2, :n], 1, 2, n - 1)
+    assert torch.allclose(ex.current["pattern"], pattern, atol=1e-5)
+    shown = pm.current["per_prompt"].query("shown")
+    assert pm.current["prompt"] == ("zh", 2) and shown[["language", "prompt"]].values.tolist() == [["zh", 2]]
+    assert shown["effect"].item() == pytest.approx(float(heads["zh"].patched[1 * 4 + 2, 2] - heads["zh"].base[2]))
+    ex.prompt.value = ("zh", 1)  # another prompt of the same language: marked
+    assert pm.current["per_prompt"].query("shown")["prompt"].tolist() == [1] and pm.language.value == "zh"
+    # a prompt of the other language picked in the explorer switches the map
+    ex.prompt.value = ("en", 1)
+    assert pm.language.value == "en" and torch.equal(pm.current["grid"], heads["en"].grid("normalized"))
+    assert pm.current["prompt"] == ("en", 1) and ex.current["tokens"].tolist() == en.clean[1].tolist()
+    # a typed prompt stays when the language changes, and no row is marked for it
+    ex.text.value = "w5 w6 w7 w8"
+    assert pm.current["prompt"] == TYPED and "shown" not in pm.current["per_prompt"]
+    pm.language.value = "zh"
+    assert ex.prompt.value == TYPED and ex.current["tokens"].tolist() == [5, 6, 7, 8]
+    assert pm.current["prompt"] == TYPED and "shown" not in pm.current["per_prompt"]
+
+
 def test_patching_map_bad_input_shows_a_message(setup):
     model, en, zh, heads, freq = setup
     pm = PatchingMap(heads, model=model)
@@ -377,3 +409,44 @@ def test_patching_map_slices_a_head_by_position_result_and_maps_grouped_path_pat
     assert pm.current["per_prompt"]["effect"].tolist() == pytest.approx(
         (path.patched[1] - path.clean).tolist(), abs=1e-6
     )
+
+
+# ---------------------------------------------------------------------------- BehaviourExplorer
+def _end_logits_by_hand(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.hf(tokens[None]).logits[0, -1]
+
+
+def test_behaviour_explorer_shows_a_set_prompts_answers_and_top_predictions_as_the_model_gives_them(setup):
+    model, en, zh, heads, freq = setup
+    ex = BehaviourExplorer(model, {("random", "en"): en, ("random", "zh"): zh}, k=5)
+    ex.prompt.value = ("random/zh", 1)
+    n = int(zh.lengths[1])
+    logits = _end_logits_by_hand(model, zh.clean[1, :n])
+    assert ex.current["tokens"].tolist() == zh.clean[1, :n].tolist()
+    assert ex.current["top"]["token_id"].tolist() == logits.topk(5).indices.tolist()
+    answers = ex.current["answers"].set_index("answer")
+    for name, token in (("answer", zh.answer[1]), ("distractor", zh.distractor[1])):
+        assert answers.loc[name, "token_id"] == int(token)
+        assert answers.loc[name, "logit"] == pytest.approx(float(logits[token]), abs=1e-5)
+        assert answers.loc[name, "prob"] == pytest.approx(float(logits.softmax(-1)[token]), abs=1e-6)
+        assert answers.loc[name, "rank"] == 1 + sum(float(v) > float(logits[token]) for v in logits)
+    assert ex.current["logit_diff"] == pytest.approx(float(logits[zh.answer[1]] - logits[zh.distractor[1]]), abs=1e-5)
+    assert "logit(answer) − logit(distractor)" in ex.answers_html.value
+    assert ex.answer.value == f"w{int(zh.answer[1])}"  # the set's answer, filled in for typing a variant
+
+
+def test_behaviour_explorer_scores_a_typed_prompt_and_typed_answers(setup):
+    model, en, zh, heads, freq = setup
+    ex = BehaviourExplorer(model, {"en": en})
+    ex.answer.value, ex.distractor.value = " w40", " w41"  # with a set's prompt shown, they wait for a typed one
+    assert ex.current["prompt"] == ("en", 0)
+    ex.text.value = "w10 w11 w12"
+    assert ex.prompt.value == TYPED and ex.current["tokens"].tolist() == [10, 11, 12]
+    logits = _end_logits_by_hand(model, torch.tensor([10, 11, 12]))
+    assert ex.current["answers"]["token_id"].tolist() == [40, 41]
+    assert ex.current["logit_diff"] == pytest.approx(float(logits[40] - logits[41]), abs=1e-5)
+    ex.answer.value = " nonsense"
+    assert "unknown to the tokenizer" in ex.message.value and ex.error
+    ex.text.value = " "
+    assert "type a prompt" in ex.message.value

@@ -15,7 +15,10 @@ The model is needed only for what must run it (patterns and projections: one
 forward per prompt, cached). The logic is in the plain functions below; the
 class wires controls to them and keeps what it shows in ``current`` (and the
 HTML values) so it can be tested without a kernel. Bad input (an out-of-range
-head, a result for another model shape, an empty prompt) shows a message.
+head, a result for another model shape, an empty prompt) shows a message; prompt
+sets built with another tokenizer than the model's are refused
+(:class:`lsa.tasks.TokenizerMismatch`). A typed prompt is tokenized as the task
+builders tokenize (:meth:`lsa.model.Model.to_tokens`: the BOS first where the tokenizer adds one).
 
 >>> HeadExplorer(model, {"en": en, "zh": zh}, patching={"en": pe, "zh": pz}, frequency=freq)   # doctest: +SKIP
 """
@@ -32,6 +35,7 @@ import torch
 
 from lsa import lens as L
 from lsa.flow import Activations, capture
+from lsa.tasks import check_tokenizer
 from widgets.common import by_language, error_html, note_html, show_figure, table_html
 
 TYPED = "typed"  # the prompt dropdown's value for the typed prompt
@@ -225,6 +229,8 @@ class HeadExplorer(w.VBox):
     ):
         self.model, self.k, self.norm = model, k, norm
         self.prompts = by_language(prompts, "prompts")
+        for ps in self.prompts.values() if model is not None else ():
+            check_tokenizer(ps, model.tokenizer, model.name)
         self.patching = by_language(patching, "patching")
         self.frequency = frequency
         self._acts: dict[object, tuple[torch.Tensor, Activations]] = {}

@@ -9,6 +9,9 @@ Pick a layer and neuron (or a row of the LAPE table) and see:
 - a button that generates from a prompt with the neuron (or a language's LAPE set)
   deactivated or activated, side by side with the unchanged generation.
 
+It opens on the strongest neuron of the first language's set (:meth:`lsa.neurons.LapeResult.strongest`),
+or on layer 0, neuron 0 without one.
+
 All logic lives in :mod:`lsa.neurons` and :mod:`lsa.steering`; this class only
 wires controls to those functions and keeps what it shows in attributes
 (``profile``, ``top``, ``promoted``, ``generation``, ``message``) so it can be
@@ -108,7 +111,11 @@ class NeuronExplorer(w.VBox):
         for i, title in enumerate(["per language", "top tokens", "promoted tokens", "steer"]):
             tabs.set_title(i, title)
         super().__init__([w.HBox([self.row, self.layer, self.neuron]), self.message, tabs])
-        self.show(0, 0)
+        start = lape.strongest() if lape is not None else None
+        if start is None:
+            self.show(0, 0)
+        else:
+            self.row.value = start  # opens on the strongest neuron of the first language's set (its row shown)
 
     @classmethod
     def from_report(cls, report: N.LanguageReport, model=None, texts=None, *, method: str = "lape", **kwargs):

@@ -11,6 +11,11 @@ see:
 - its per-prompt effects (``PatchResult.to_frame(per_prompt=True)``);
 - with ``model=`` and a head grid, a :class:`widgets.heads.HeadExplorer` on that head.
 
+The map and its HeadExplorer share the language and the prompt: switching the map's
+language moves the explorer to the same prompt number in that language (a typed prompt
+stays), picking a prompt of another language in the explorer switches the map, and the
+per-prompt table marks the prompt the explorer shows (``shown``).
+
 Results for several languages (``{"en": res_en, "zh": res_zh}``) get a language
 toggle and a side-by-side switch (the static figure shows every language).
 What is shown is kept in ``current`` (and the HTML values) for headless tests.
@@ -33,7 +38,7 @@ from widgets.common import (
     show_figure,
     table_html,
 )
-from widgets.heads import HeadExplorer, grid_extent
+from widgets.heads import TYPED, HeadExplorer, grid_extent
 
 
 # ---------------------------------------------------------------------------- plain functions
@@ -104,7 +109,8 @@ class PatchingMap(w.VBox):
 
     ``current``: ``language``, ``value``, ``extra``, ``grid [rows, cols]`` (active
     language), ``rows``, ``cols``, ``cell`` (``{dim: label}``), ``cell_value``,
-    ``summary`` (every language), ``per_prompt`` (shown languages).
+    ``summary`` (every language), ``per_prompt`` (shown languages; ``shown`` marks the
+    explorer's prompt), ``prompt`` (the explorer's: ``(language, index)`` or ``"typed"``).
     """
 
     def __init__(self, results, *, model=None, prompts=None, value: str = "normalized", max_cells: int = 1600):
@@ -135,6 +141,8 @@ class PatchingMap(w.VBox):
         self.summary_html = w.HTML()
         self.prompts_html = w.HTML()
         self.explorer = self._make_explorer()
+        if self.explorer is not None:
+            self.explorer.prompt.observe(self._on_explorer_prompt, names="value")
 
         for control in (self.language, self.side_by_side, self.value, self.extra):
             control.observe(self._on_view, names="value")
@@ -224,6 +232,7 @@ class PatchingMap(w.VBox):
         per_prompt = pd.concat(
             [cell_prompts(self.results[lang], cell, lang) for lang in shown if self._has_grid(lang)], ignore_index=True
         )
+        follow = self._explorer_prompt()
         self.current = {
             "language": language,
             "value": value,
@@ -234,11 +243,10 @@ class PatchingMap(w.VBox):
             "cell": cell,
             "cell_value": float(grid[i, j]),
             "summary": summary,
-            "per_prompt": per_prompt,
         }
         name = ", ".join(f"{d} {lab}" for d, lab in cell.items())
         self.summary_html.value = table_html(summary, title=f"{name}: mean over prompts")
-        self.prompts_html.value = table_html(per_prompt, title=f"{name}: per prompt")
+        self._show_prompts(per_prompt, follow or (self.explorer.prompt.value if self.explorer is not None else None))
         self._paint(grid, (i, j), row_dim, col_dim)
         grids = {}
         for lang in shown:
@@ -250,7 +258,7 @@ class PatchingMap(w.VBox):
         self.figure = map_figure(grids, row_dim, col_dim, value, (i, j), title)
         show_figure(self.plot, self.figure)
         if self.explorer is not None and row_dim == "layer" and col_dim == "head":
-            self.explorer.select(layer=int(r), head=int(c))
+            self.explorer.select(layer=int(r), head=int(c), prompt=follow)
         self._show_message()
 
     # ------------------------------------------------------------ internals
@@ -282,6 +290,35 @@ class PatchingMap(w.VBox):
             return None
         prompts = self.prompts or None
         return HeadExplorer(self.model, prompts, patching=heads)
+
+    def _explorer_prompt(self) -> tuple[str, int] | None:
+        """Where the explorer must go to show the map's language: the same prompt number in that language's set
+        (``None``: it is there already, shows a typed prompt, or has no prompts of that language)."""
+        ex, language = self.explorer, self.language.value
+        if ex is None or ex.prompt.value == TYPED or language not in ex.prompts:
+            return None
+        shown, index = ex.prompt.value
+        return None if shown == language else (language, min(index, len(ex.prompts[language]) - 1))
+
+    def _on_explorer_prompt(self, change) -> None:
+        """A prompt of another language picked in the explorer switches the map to that language; any other
+        prompt is marked in the per-prompt table."""
+        new = change["new"]
+        if self._busy or not self.current:
+            return
+        if new != TYPED and new[0] in self.results and new[0] != self.language.value:
+            self.select(language=new[0])
+        else:
+            self._show_prompts(self.current["per_prompt"], new)
+
+    def _show_prompts(self, per_prompt: pd.DataFrame, prompt) -> None:
+        """The selected cell's per-prompt table, ``shown`` marking the explorer's prompt (none for a typed one)."""
+        per_prompt = per_prompt.drop(columns="shown", errors="ignore")
+        if prompt not in (None, TYPED) and len(per_prompt):
+            per_prompt["shown"] = (per_prompt["language"] == prompt[0]) & (per_prompt["prompt"] == prompt[1])
+        self.current.update(per_prompt=per_prompt, prompt=prompt)
+        name = ", ".join(f"{d} {lab}" for d, lab in self.current["cell"].items())
+        self.prompts_html.value = table_html(per_prompt, title=f"{name}: per prompt")
 
     def _has_grid(self, language: str) -> bool:
         return tuple(self.results[language].dims) == tuple(self.result.dims)

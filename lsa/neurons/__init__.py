@@ -27,7 +27,7 @@ One module per concept (every public name is re-exported here):
 - :mod:`~lsa.neurons.collect`: token batches, collection of the statistics, one layer's activations;
 - :mod:`~lsa.neurons.selection`: LAPE and PLND selection (:class:`LapeResult`);
 - :mod:`~lsa.neurons.inspect`: inspecting one neuron (profile, top tokens, promoted tokens);
-- :mod:`~lsa.neurons.corpus`: the shipped corpora and the zoo's texts;
+- :mod:`~lsa.neurons.corpus`: the shipped corpora, the zoo's texts and your own text files;
 - :mod:`~lsa.neurons.study`: the whole study (:func:`language_report`);
 
 Cost: one forward pass per batch plus four reductions over the MLP activations
@@ -43,7 +43,7 @@ from lsa.neurons.collect import (
     record_activations,
     token_batches,
 )
-from lsa.neurons.corpus import CORPUS_DIR, load_corpus, zoo_texts
+from lsa.neurons.corpus import CORPUS_DIR, SHIPPED, load_corpus, read_texts, study_texts, zoo_texts
 from lsa.neurons.inspect import neuron_profile, promoted_tokens, top_activating
 from lsa.neurons.selection import LapeResult, lape, plnd_importance, plnd_neurons
 from lsa.neurons.sets import (
@@ -62,6 +62,7 @@ from lsa.neurons.study import LanguageReport, language_report
 
 __all__ = [
     "CORPUS_DIR",
+    "SHIPPED",
     "LanguageReport",
     "LapeResult",
     "LayerActivations",
@@ -84,8 +85,10 @@ __all__ = [
     "plnd_neurons",
     "promoted_tokens",
     "random_like",
+    "read_texts",
     "record_activations",
     "save_masks",
+    "study_texts",
     "token_batches",
     "top_activating",
     "union",

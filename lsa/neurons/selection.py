@@ -57,6 +57,21 @@ class LapeResult:
             raise ValueError(f"unknown language {language!r}; this result has {self.languages}")
         return self.masks[self.languages.index(language)]
 
+    def strongest(self, language: str | None = None) -> tuple[int, int] | None:
+        """``(layer, neuron)`` of the set's neuron that is strongest in its language: the highest activation
+        probability there (LAPE's ``prob_<language>``; PLND's ``importance_<language>``). ``language``:
+        default the first language whose set is not empty; ``None`` when every set is empty.
+        """
+        languages = [language] if language is not None else self.languages
+        for lang in languages:
+            self.mask(lang)  # an unknown language is an error naming the known ones
+            rows = self.table[self.table["language"] == lang]
+            if len(rows):
+                score = f"prob_{lang}" if f"prob_{lang}" in rows else f"importance_{lang}"
+                best = rows.loc[rows[score].idxmax()]
+                return int(best["layer"]), int(best["neuron"])
+        return None
+
     def counts(self) -> pd.DataFrame:
         """Language-specific neurons per layer: one row per (language, layer) with ``n_neurons``."""
         rows = [
