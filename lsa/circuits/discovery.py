@@ -407,6 +407,9 @@ def path_patching_discovery(
     Returns a :class:`Discovery` (``.circuit``, ``.steps``, ``.scores``). A model in
     which no head passes the rule gives an empty circuit, not an error.
     """
+    from lsa.patching import check_prompts
+
+    check_prompts(prompts, model)  # before anything reads the prompts' positions
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     kinds = list(dict.fromkeys(receiver_input))
