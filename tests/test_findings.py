@@ -39,7 +39,7 @@ def test_values_are_saved_as_plain_json_numbers_and_lists(tmp_path):
 
 # ---------------------------------------------------------------- keys shared by the notebooks and the report
 NOTEBOOK_DIR = runner.NOTEBOOK_DIR
-LANGUAGE_FIELDS = ("language", "deactivated", "evaluated", "source", "target")
+LANGUAGE_FIELDS = ("language", "other", "deactivated", "evaluated", "source", "target")
 CIRCUIT_FIELDS = ("a", "b", "circuit")  # labels of circuits (lsa.workbook.circuit_labels)
 
 

@@ -91,11 +91,30 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
             g,
             {
                 "frequency_correlation": 0.8,
+                "frequency_correlation_ci": [0.7, 0.9],
+                "frequency_split_half_en": 0.95,
+                "frequency_split_half_zh": 0.93,
+                "frequency_correlation_halves": 0.78,
+                "frequency_correlation_chance": [-0.2, 0.25],
+                "frequency_correlation_shuffled_p": 0.001,
                 "english_specific_heads": ["7.1"],
-                "ablation_en_English-specific_heads": 0.4,  # English loses more: as in the paper
+                "ablation_method": "interchange",
+                "held_out_prompts_en": 24,
+                "held_out_prompts_zh": 23,
+                # English loses more, every interval clear of the line: as in the paper
+                "ablation_en_English-specific_heads": 0.4,
+                "ablation_en_English-specific_heads_ci": [0.3, 0.5],
                 "ablation_zh_English-specific_heads": 0.95,
-                "ablation_en_late_FFNs": 0.9,  # Chinese loses more: unlike the paper
-                "ablation_zh_late_FFNs": 0.5,
+                "ablation_zh_English-specific_heads_ci": [0.9, 1.0],
+                "ablation_English-specific_heads_gap_en_vs_zh": 0.55,
+                "ablation_English-specific_heads_gap_en_vs_zh_ci": [0.4, 0.7],
+                # the gap's interval crosses 0: inconclusive
+                "ablation_en_late_FFNs": 0.7,
+                "ablation_en_late_FFNs_ci": [0.5, 0.9],
+                "ablation_zh_late_FFNs": 0.8,
+                "ablation_zh_late_FFNs_ci": [0.6, 1.0],
+                "ablation_late_FFNs_gap_en_vs_zh": 0.1,
+                "ablation_late_FFNs_gap_en_vs_zh_ci": [-0.1, 0.3],
             },
         ),
         _run(
@@ -109,9 +128,21 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
     assert "Gemma 3 270M agrees in part" in text and "share 2 (9.3, 10.1; Jaccard 0.25)" in text
     assert "keeps 0.61 of the model's Chinese behaviour" in text and "Chinese circuit 0.83" in text
     assert "SmolLM2 135M's English circuit has 9 heads against Gemma 3's 6" in text
-    assert "correlates at 0.80" in text and "7.1" in text
-    assert "English at 0.40 and Chinese at 0.95" in text and "by 0.55 (as in the paper)" in text
-    assert "English at 0.90 and Chinese at 0.50" in text and "by -0.40 (unlike the paper)" in text
+    assert "correlates at 0.80 (0.70 to 0.90)" in text and "heads paired at random -0.20 to 0.25" in text
+    assert "at 0.95 (English) and 0.93 (Chinese), a half of each language at 0.78" in text
+    assert "Shared heads: beyond chance; used differently: yes" in text
+    assert "(7.1) were chosen on one half" in text and "(24 English, 23 Chinese prompts; interchange ablation" in text
+    assert "English at 0.40 (0.30 to 0.50) and Chinese at 0.95 (0.90 to 1.00)" in text
+    assert "English loses 0.55 (0.40 to 0.70) more, as in the paper" in text
+    assert "English loses 0.10 (-0.10 to 0.30) more, inconclusive" in text
+    past = next(r for r in runs if r["provenance"]["notebook"] == "02_past_tense.ipynb")["findings"]
+    past["ablation_late_FFNs_gap_en_vs_zh_ci"]["value"] = [-0.3, -0.05]  # Chinese loses more
+    past["ablation_en_English-specific_heads_ci"]["value"] = [0.3, 1.05]  # English may not lose at all
+    past["frequency_correlation_chance"]["value"] = [-0.2, 0.75]  # the interval reaches into chance
+    past["frequency_correlation_shuffled_p"]["value"] = 0.2
+    text = "\n".join(reproduce.compare_with_paper(runs))
+    assert "more, unlike the paper" in text and "English loses 0.55 (0.40 to 0.70) more, inconclusive" in text
+    assert "Shared heads: inconclusive; used differently: inconclusive" in text
     # the English neurons matter to English; the Chinese ones more to English than to Chinese: not specific
     assert "English loss by +0.5 nats and the Chinese loss by +0.01: English-specific, as LAPE" in text
     assert "Chinese loss by +0.02 nats and the English loss by +0.3: not specific, unlike LAPE" in text
