@@ -42,7 +42,6 @@ def _each(kinds: tuple[keys.Key, ...], **choices) -> tuple[re.Pattern, ...]:
 ONE_CIRCUIT = (keys.circuit_size, keys.circuit_heads, keys.circuit_faithfulness)
 PAST_TENSE_ROUTES = (
     keys.exactly(keys.FREQUENCY_CORRELATION),
-    keys.exactly(keys.FREQUENCY_CORRELATION_CI),
     keys.frequency_split_half.pattern(language=LANGUAGES),
     keys.exactly(keys.FREQUENCY_SHUFFLED_P),
     keys.exactly(keys.ENGLISH_SPECIFIC_HEADS),

@@ -87,8 +87,8 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     # path-patching discovery (three steps) takes 34-38 s per circuit. The longest cells come
     # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
     # its circuits on 12 (_REAL_IOI) and compared on 16; SmolLM2, the side comparison, on 8
-    # (circuit) and 50 (behaviour); past tense on 12; language neurons on 40 shipped sentences
-    # per language.
+    # (circuit) and 50 (behaviour); past tense on 48 per language (heads chosen on 24, ablated on the
+    # other 24; about 50 s of one thread); language neurons on 40 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (
@@ -98,7 +98,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             {"n_texts": 40, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
         ),
         ("01_ioi_circuit", ["smollm2-135m"], ["en"], {**_REAL_IOI, "n_prompts": 8}),
-        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 12}),
+        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 48}),
         ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
         ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 50}),
         (
