@@ -10,7 +10,9 @@ one-line statement each. The report (Markdown and HTML, figures embedded by
 relative path) is assembled from those files and the saved figures only, so its
 numbers are the notebooks' saved results. It reads them by the keys the notebooks
 write them with (:mod:`lsa.findings`): headlines by :meth:`lsa.findings.Key.pattern`,
-single numbers by the same key functions.
+single numbers by the same key functions. Where the numbers (their intervals, against their
+references) do not decide a claim, the comparison with the paper says "inconclusive", by rules
+written in the functions that apply them (:func:`ablation_verdict`, :func:`frequency_verdict`).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     # first, so that two jobs finish together. Gemma 3's behaviour on 100 prompts per set (00),
     # its circuits on 12 (_REAL_IOI) and compared on 16; SmolLM2, the side comparison, on 8
     # (circuit) and 50 (behaviour); past tense on 48 per language (heads chosen on 24, ablated on the
-    # other 24; about 50 s of one thread); language neurons on 40 shipped sentences per language.
+    # other 24; about 55 s of one thread, kernel start included); language neurons on 40 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (
