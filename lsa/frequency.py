@@ -5,7 +5,9 @@ prompts whose information-flow route uses each head: :func:`lsa.flow.head_usage`
 correlation alone has no scale, so :func:`compare` puts it beside what it would be
 
 1) on other samples of the same prompts: its 95% bootstrap interval (each language's prompts
-   resampled with replacement, independently);
+   resampled with replacement, independently). It leans low: a resample holds about 63% distinct
+   prompts, and noisier frequencies correlate less (Gemma 3, 48 prompts per language: estimate
+   0.916, resampled mean 0.908, interval 0.884 to 0.929);
 2) for two samples of one process: split-half reliability, the correlation between two disjoint
    halves of one language's prompts over random splits, and beside it a half of one language
    against a half of the other of the same sizes (the like-for-like comparison; halves correlate
