@@ -162,31 +162,47 @@ top1 = Key("{task}_{language}_top1", task=TASKS)
 logit_diff = Key("{task}_{language}_logit_diff", task=TASKS)
 
 # one discovered circuit (01_ioi_circuit), by discovery method: its size, its held-out faithfulness
-# ("faithfulness"; "interval": [low, high]), whether it reached the target, MIB's areas, its stability
+# ("faithfulness"; "ci": its 95% interval, [low, high]), whether it reached the target, MIB's areas, its stability
 CIRCUIT_METHODS = ("eap-ig", "eap", "path-patching")
 CIRCUIT_STATS = (
-    "edges", "edge_share", "nodes", "heads", "mlps", "components", "faithfulness", "interval", "reached_target",
+    "edges", "edge_share", "nodes", "heads", "mlps", "components", "faithfulness", "ci", "reached_target",
     "cpr", "cmd", "stability_edges", "stability_nodes", "chance_nodes",
 )  # fmt: skip
 circuit = Key("{task}_circuit_{language}_{method}_{stat}", task=TASKS, method=CIRCUIT_METHODS, stat=CIRCUIT_STATS)
 
 # two circuits compared (03_compare_circuits): a compare() score of circuits labelled a and b; each
-# circuit's held-out faithfulness on each language's prompts (and its interval, [low, high]); the
+# circuit's held-out faithfulness on each language's prompts (and its 95% interval, [low, high]); the
 # overlap of two edge circuits beside chance and resampling (lsa.circuits.edge_overlap); the verdict
 COMPARISON_SCORES = ("jaccard", "weighted_overlap", "role_agreement", "shared", "logit_effect_correlation")
 circuit_comparison = Key("{task}_circuit_{score}_{a}_vs_{b}", task=TASKS, score=COMPARISON_SCORES)
 cross_faithfulness = Key("{task}_faithfulness_{circuit}_on_{language}", task=TASKS)
-cross_interval = Key("{task}_interval_{circuit}_on_{language}", task=TASKS)
-OVERLAP_STATS = ("observed", "interval", "chance", "chance_95", "within_a", "within_b", "across_halves")
+cross_ci = Key("{task}_ci_{circuit}_on_{language}", task=TASKS)
+OVERLAP_STATS = ("observed", "ci", "chance", "chance_95", "within_a", "within_b", "across_halves")
 overlap = Key("{task}_overlap_{unit}_{stat}_{a}_vs_{b}", task=TASKS, unit=("edges", "nodes"), stat=OVERLAP_STATS)
 verdict = Key("{task}_verdict_{a}_vs_{b}", task=TASKS)
 
-# past-tense routes (02_past_tense): head frequency, and what ablating a set of components leaves
+# past-tense routes (02_past_tense): head frequency, and what ablating a set of components leaves.
+# The frequency correlation beside its references (lsa.frequency): its 95% bootstrap interval [low, high],
+# the mean correlation of two halves of one language, of a half of each language, the 95% range with the
+# heads paired at random [low, high], and the permutation p-value with the language labels shuffled.
 FREQUENCY_CORRELATION = "frequency_correlation"
-ENGLISH_SPECIFIC_HEADS = "english_specific_heads"
+FREQUENCY_CORRELATION_CI = "frequency_correlation_ci"
+frequency_split_half = Key("frequency_split_half_{language}")
+FREQUENCY_HALVES = "frequency_correlation_halves"
+FREQUENCY_CHANCE = "frequency_correlation_chance"
+FREQUENCY_SHUFFLED_P = "frequency_correlation_shuffled_p"
+ENGLISH_SPECIFIC_HEADS = "english_specific_heads"  # chosen on one half of the prompts
 ABLATE_ENGLISH_HEADS = "English-specific heads"  # the ablated sets, as the notebook labels them
 ABLATE_LATE_FFNS = "late FFNs"
-ablation = Key("ablation_{language}_{ablated}", ablated=(ABLATE_ENGLISH_HEADS, ABLATE_LATE_FFNS))
+ABLATED = (ABLATE_ENGLISH_HEADS, ABLATE_LATE_FFNS)
+ABLATION_METHOD = "ablation_method"  # the ablation, as lsa.ablation names it ("interchange")
+# on the other half (held_out_prompts of each set): the relative metric, its 95% bootstrap interval
+# [low, high], and how much more `language` loses than `other` (relative(other) - relative(language))
+held_out_prompts = Key("held_out_prompts_{language}")
+ablation = Key("ablation_{language}_{ablated}", ablated=ABLATED)
+ablation_ci = Key("ablation_{language}_{ablated}_ci", ablated=ABLATED)
+ablation_gap = Key("ablation_{ablated}_gap_{language}_vs_{other}", ablated=ABLATED)
+ablation_gap_ci = Key("ablation_{ablated}_gap_{language}_vs_{other}_ci", ablated=ABLATED)
 
 # language-specific neurons (04_language_neurons)
 NEURON_METHODS = ("lape", "plnd")
@@ -200,4 +216,13 @@ top_head_effect = Key("top_head_effect_{language}")
 HEAD_EFFECT_CORRELATION = "head_effect_correlation"
 attribution_correlation = Key("attribution_correlation_{language}_{direction}", direction=("noising", "denoising"))
 
-FIXED_KEYS = (FREQUENCY_CORRELATION, ENGLISH_SPECIFIC_HEADS, HEAD_EFFECT_CORRELATION)
+FIXED_KEYS = (
+    FREQUENCY_CORRELATION,
+    FREQUENCY_CORRELATION_CI,
+    FREQUENCY_HALVES,
+    FREQUENCY_CHANCE,
+    FREQUENCY_SHUFFLED_P,
+    ENGLISH_SPECIFIC_HEADS,
+    ABLATION_METHOD,
+    HEAD_EFFECT_CORRELATION,
+)

@@ -72,7 +72,7 @@ class Activations:
     ``mlp_out``: ``[batch, pos, d_model]``; ``z`` (o_proj input):
     ``[batch, pos, n_heads * d_head]``; ``pattern``: ``[batch, n_heads, q, k]``;
     ``neurons`` (MLP output-projection input): ``[batch, pos, d_mlp]``;
-    ``logits``: ``[batch, pos, d_vocab]``. ``resid_mid`` is ``None`` with a
+    ``logits``: ``[batch, pos, d_vocab]`` (``None`` when not computed). ``resid_mid`` is ``None`` with a
     parallel residual. ``resid_post[-1]`` is the input of the final norm.
     ``attn_out`` and ``mlp_out`` are the sublayers' *writes* (what joins the
     residual: the sandwich norm's output where there is one). ``attn_scale`` /
@@ -91,20 +91,22 @@ class Activations:
     pattern: list[torch.Tensor]
     neurons: list[torch.Tensor]
     mlp_out: list[torch.Tensor]
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     attn_scale: list[torch.Tensor | None] = field(default_factory=list)
     mlp_scale: list[torch.Tensor | None] = field(default_factory=list)
 
 
 @torch.no_grad()
-def capture(model: Model, tokens: torch.Tensor) -> Activations:
+def capture(model: Model, tokens: torch.Tensor, *, logits: bool = True) -> Activations:
     """Run ``tokens [batch, pos]`` once through ``model.hf`` and keep the activations routes need.
 
     One engine run (:mod:`lsa.engine`) reading, per layer, the sites ``resid_pre``,
     ``attn_in``, ``pattern`` (needs eager attention), ``head`` (the heads' outputs),
     ``attn_out`` and ``mlp_out`` (the writes), ``resid_mid``, ``neuron`` (the MLP
     output projection's input), the projections' outputs (reduced to the sandwich
-    norms' scales, :meth:`lsa.adapter.Adapter.write_scale`), and ``resid_final``.
+    norms' scales, :meth:`lsa.adapter.Adapter.write_scale`), and ``resid_final``; the logits at
+    every position unless ``logits=False`` (with a large vocabulary they can cost more than the
+    layers: Gemma 3's unembedding is 168M multiply-adds per position, its 18 layers about 100M).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
@@ -132,7 +134,7 @@ def capture(model: Model, tokens: torch.Tensor) -> Activations:
         for site, sublayer in wanted.values():
             scale = None if sublayer is None else partial(ad.write_scale, model.hf, sublayer, layer)
             reads.append(Read(site, layer, scale))
-    out = engine.run(model, tokens, Plan(reads=reads, logits="all"))
+    out = engine.run(model, tokens, Plan(reads=reads, logits="all" if logits else None))
     store = {name: [out.values.get((site, layer)) for layer in range(n)] for name, (site, _) in wanted.items()}
     store.setdefault("resid_mid", [None] * n)
     for layer, pattern in enumerate(store["pattern"]):
@@ -254,7 +256,7 @@ class Flow:
     residual the attention sum *is* the layer's only sum: ``ffn`` is a part of it
     and ``ffn_resid`` is all zeros. Each sum's importances add up to 1 (0 where
     every part was thresholded away). ``tau`` is ``None`` before thresholding.
-    ``predicted [batch, pos]``: the model's top-1 token ids; ``labels``: decoded
+    ``predicted [batch, pos]``: the model's top-1 token ids (``None`` where not computed); ``labels``: decoded
     input tokens; ``decode``: decoded top-1 predictions at each prompt's end.
     """
 
@@ -266,13 +268,15 @@ class Flow:
     ffn: torch.Tensor
     ffn_resid: torch.Tensor
     parallel: bool
-    predicted: torch.Tensor
+    predicted: torch.Tensor | None
     labels: list[list[str]] = field(default_factory=list)
     decode: dict[int, str] = field(default_factory=dict)
     tau: float | None = None
 
     def prediction_label(self, index: int, position: int) -> str:
-        """The decoded top-1 prediction of prompt ``index`` at ``position`` (its id without a tokenizer)."""
+        """The decoded top-1 prediction of prompt ``index`` at ``position`` (its id without a tokenizer; "?" if not computed)."""
+        if self.predicted is None:
+            return "?"
         token = int(self.predicted[index, position])
         return self.decode.get(token, str(token))
 
@@ -372,7 +376,7 @@ def flow_from_activations(model: Model, acts: Activations, lengths: torch.Tensor
         ffn=ffn.cpu(),
         ffn_resid=ffn_resid.cpu(),
         parallel=ad.parallel_residual,
-        predicted=acts.logits.argmax(-1).cpu(),
+        predicted=None if acts.logits is None else acts.logits.argmax(-1).cpu(),
     )
 
 
@@ -388,17 +392,23 @@ def _check_sum(layer, name, whole, base, write, extra) -> None:
 
 
 def contributions(
-    model: Model, tokens: torch.Tensor, lengths: torch.Tensor | None = None, *, tau: float | None = None
+    model: Model,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    tau: float | None = None,
+    predictions: bool = True,
 ) -> Flow:
     """One forward pass over ``tokens [batch, pos]`` -> every part's importance (:class:`Flow`).
 
     ``lengths [batch]`` marks right padding (routes stop there); ``tau`` thresholds
-    and renormalises at once (``None`` keeps raw importances).
+    and renormalises at once (``None`` keeps raw importances). ``predictions=False`` skips
+    the unembedding (``Flow.predicted`` is then ``None``): importances do not need it.
     """
-    acts = capture(model, tokens)
+    acts = capture(model, tokens, logits=predictions)
     flow = flow_from_activations(model, acts, lengths)
     flow.labels = _labels(model, flow.tokens)
-    if model.tokenizer is not None:
+    if model.tokenizer is not None and flow.predicted is not None:
         ids = set(flow.predicted[torch.arange(len(flow)), flow.lengths - 1].tolist())
         flow.decode = {i: model.tokenizer.decode([i]) for i in ids}
     return flow if tau is None else flow.threshold(tau)
@@ -590,52 +600,61 @@ def route_edges(graph: nx.DiGraph) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------- head frequency
-def head_frequency(
-    model: Model,
-    prompts,
-    *,
-    tau: float = DEFAULT_TAU,
-    batch_size: int = 16,
-) -> pd.DataFrame:
-    """Share of prompts whose route (from each prompt's ``end``) uses each head, per language.
+def head_usage(model: Model, prompts, *, tau: float = DEFAULT_TAU, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Each prompt's route importance of each head, per language: ``{language: [n, n_layers, n_heads]}``.
 
-    ``prompts``: a :class:`lsa.tasks.PromptSet` or ``{language: PromptSet}``.
-    Returns a tidy frame ``layer, head, language, frequency, importance,
-    n_prompts`` (one row per head and language; ``importance`` is the head's
-    importance summed over its route edges, averaged over prompts, 0 where
-    unused). One forward pass per batch of ``batch_size``.
-
-    >>> freq = head_frequency(model, {"en": en, "zh": zh})   # doctest: +SKIP
+    ``prompts``: a :class:`lsa.tasks.PromptSet` or ``{language: PromptSet}``. A head is on a
+    prompt's route (from its ``end``) where its importance is above 0 (:func:`route_head_importance`).
+    One forward pass per batch of ``batch_size``.
     """
     sets = prompts if isinstance(prompts, Mapping) else {prompts.language: prompts}
-    frames = []
-    ad = model.adapter
+    usage = {}
     for language, ps in sets.items():
         if len(ps) == 0:
             raise ValueError(f"prompt set for {language!r} is empty")
-        count = torch.zeros(ad.n_layers, ad.n_heads)
-        total = torch.zeros(ad.n_layers, ad.n_heads)
+        weights = []
         for s in range(0, len(ps), batch_size):
             lengths = ps.lengths[s : s + batch_size].cpu()
             tokens = ps.clean[s : s + batch_size, : int(lengths.max())]
-            flow = contributions(model, tokens, lengths, tau=tau)
-            weights = route_head_importance(flow, positions=ps.end[s : s + batch_size].cpu())
-            count += (weights > 0).sum(0).float()
-            total += weights.sum(0)
-        layer, head = torch.meshgrid(torch.arange(ad.n_layers), torch.arange(ad.n_heads), indexing="ij")
+            flow = contributions(model, tokens, lengths, tau=tau, predictions=False)
+            weights.append(route_head_importance(flow, positions=ps.end[s : s + batch_size].cpu()))
+        usage[language] = torch.cat(weights)
+    return usage
+
+
+def frequency_table(usage: Mapping[str, torch.Tensor]) -> pd.DataFrame:
+    """Tidy ``layer, head, language, frequency, importance, n_prompts`` from :func:`head_usage`'s ``usage``.
+
+    One row per head and language: ``frequency`` is the share of prompts whose route uses
+    the head, ``importance`` its route importance averaged over prompts (0 where unused).
+    """
+    frames = []
+    for language, weights in usage.items():
+        n, n_layers, n_heads = weights.shape
+        layer, head = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
         frames.append(
             pd.DataFrame(
                 {
                     "layer": layer.flatten().numpy(),
                     "head": head.flatten().numpy(),
                     "language": language,
-                    "frequency": (count / len(ps)).flatten().numpy(),
-                    "importance": (total / len(ps)).flatten().numpy(),
-                    "n_prompts": len(ps),
+                    "frequency": (weights > 0).float().mean(0).flatten().numpy(),
+                    "importance": weights.mean(0).flatten().numpy(),
+                    "n_prompts": n,
                 }
             )
         )
     return pd.concat(frames, ignore_index=True)
+
+
+def head_frequency(model: Model, prompts, *, tau: float = DEFAULT_TAU, batch_size: int = 16) -> pd.DataFrame:
+    """Share of prompts whose route (from each prompt's ``end``) uses each head, per language.
+
+    :func:`frequency_table` of :func:`head_usage` (see there for ``prompts`` and the columns).
+
+    >>> freq = head_frequency(model, {"en": en, "zh": zh})   # doctest: +SKIP
+    """
+    return frequency_table(head_usage(model, prompts, tau=tau, batch_size=batch_size))
 
 
 def compare_frequency(freq: pd.DataFrame, a: str = "en", b: str = "zh") -> pd.DataFrame:

@@ -10,7 +10,9 @@ one-line statement each. The report (Markdown and HTML, figures embedded by
 relative path) is assembled from those files and the saved figures only, so its
 numbers are the notebooks' saved results. It reads them by the keys the notebooks
 write them with (:mod:`lsa.findings`): headlines by :meth:`lsa.findings.Key.pattern`,
-single numbers by the same key functions.
+single numbers by the same key functions. Where the numbers (their intervals, against their
+references) do not decide a claim, the comparison with the paper says "inconclusive", by rules
+written in the functions that apply them (:func:`ablation_verdict`, :func:`frequency_verdict`).
 """
 
 from __future__ import annotations
@@ -39,11 +41,14 @@ def _each(kinds: tuple[keys.Key, ...], **choices) -> tuple[re.Pattern, ...]:
     return tuple(kind.pattern(**choices) for kind in kinds)
 
 
-ONE_CIRCUIT = (keys.circuit.pattern(stat=("edges", "edge_share", "nodes", "faithfulness", "interval")),)
+ONE_CIRCUIT = (keys.circuit.pattern(stat=("edges", "edge_share", "nodes", "faithfulness", "ci")),)
 PAST_TENSE_ROUTES = (
     keys.exactly(keys.FREQUENCY_CORRELATION),
+    keys.frequency_split_half.pattern(language=LANGUAGES),
+    keys.exactly(keys.FREQUENCY_SHUFFLED_P),
     keys.exactly(keys.ENGLISH_SPECIFIC_HEADS),
     keys.ablation.pattern(),
+    keys.ablation_gap.pattern(language="en", other="zh"),
 )
 # the steering shares the paper comparison quotes: LAPE's, at every strength
 PAPER_STEERING = keys.steering_share.pattern(method="lape")
@@ -168,19 +173,127 @@ def _grade(value: float | None, strong: float, weak: float, words=("agrees", "ag
     return words[0] if value >= strong else words[1] if value >= weak else words[2]
 
 
-def _interval(value) -> str:
-    return f" [{value[0]:.2f}, {value[1]:.2f}]" if isinstance(value, list) and len(value) == 2 else ""
+def _pair(value) -> tuple[float, float] | None:
+    """An interval ``[low, high]`` as saved in findings, or ``None``."""
+    ok = isinstance(value, list) and len(value) == 2 and all(_num(v) is not None for v in value)
+    return (float(value[0]), float(value[1])) if ok else None
+
+
+def _span(interval: tuple[float, float] | None) -> str:
+    return "(missing)" if interval is None else f"{interval[0]:.2f} to {interval[1]:.2f}"
+
+
+def _two(value: float | None, digits: int = 2) -> str:
+    return "(missing)" if value is None else f"{value:.{digits}f}"
+
+
+def _with(value: float | None, interval: tuple[float, float] | None) -> str:
+    """A number and its interval in words: ``0.92 (0.88 to 0.93)``; ``0.92 (no interval)`` without one."""
+    return f"{_two(value)} ({'no interval' if interval is None else _span(interval)})"
+
+
+P_LEVEL = 0.05  # a permutation p-value below this says the languages differ
+
+
+def ablation_verdict(english: tuple[float, float] | None, gap: tuple[float, float] | None) -> str:
+    """The paper's claim for a set of components, "ablating them hurts English, and more than Chinese", from
+    95% intervals: English's relative metric and the gap (how much more English loses than Chinese).
+
+    "as in the paper" when English's interval lies below 1 and the gap's above 0; "unlike the paper" when
+    the gap's lies below 0 (Chinese loses more); otherwise "inconclusive": an interval crosses the line
+    the claim needs (or is missing).
+    """
+    if english is None or gap is None:
+        return "inconclusive"
+    if gap[1] < 0:
+        return "unlike the paper"
+    return "as in the paper" if english[1] < 1 and gap[0] > 0 else "inconclusive"
+
+
+def frequency_verdict(ci, chance, p: float | None) -> tuple[str, str]:
+    """Two claims about head frequency, each "inconclusive" where the numbers do not decide it:
+
+    - shared heads: "beyond chance" when the correlation's 95% interval ``ci`` lies above the 95% range
+      with the heads paired at random (``chance``);
+    - used differently: "yes" when shuffling the language labels across prompts gives a correlation as low
+      as the observed one with ``p`` below :data:`P_LEVEL`.
+    """
+    shared = "beyond chance" if ci is not None and chance is not None and ci[0] > chance[1] else "inconclusive"
+    different = "yes" if p is not None and p < P_LEVEL else "inconclusive"
+    return shared, different
+
+
+def _frequency_words(find, n_prompts) -> str:
+    """Head frequency's correlation beside its references, and its verdict (:func:`frequency_verdict`)."""
+    r, ci = _num(find(keys.FREQUENCY_CORRELATION)), _pair(find(keys.FREQUENCY_CORRELATION_CI))
+    chance, p = _pair(find(keys.FREQUENCY_CHANCE)), _num(find(keys.FREQUENCY_SHUFFLED_P))
+    halves = {lang: _two(_num(find(keys.frequency_split_half(lang)))) for lang in LANGUAGES}
+    shared, different = frequency_verdict(ci, chance, p)
+    return (
+        f"On Gemma 3, head activation frequency in English and Chinese routes correlates at {_with(r, ci)} over "
+        f"{n_prompts} prompts per language. Two halves of one language's prompts correlate at {halves['en']} "
+        f"(English) and {halves['zh']} (Chinese), a half of each language at {_two(_num(find(keys.FREQUENCY_HALVES)))}, "
+        f"heads paired at random {_span(chance)}; with the language labels shuffled across prompts, a correlation "
+        f"this low has p = {_two(p, 3)}. Shared heads: {shared}; used differently: {different} (the rule: shared "
+        f"beyond chance when the interval lies above the chance range, used differently when p < {P_LEVEL}, "
+        f"otherwise inconclusive)."
+    )
+
+
+def _ablation_words(find) -> str:
+    """The held-out ablation effects with their intervals, and each one's verdict (:func:`ablation_verdict`)."""
+    heads = find(keys.ENGLISH_SPECIFIC_HEADS) or []
+    n = {lang: find(keys.held_out_prompts(lang)) for lang in LANGUAGES}
+    words = []
+    for part, name in (
+        (keys.ABLATE_ENGLISH_HEADS, "the English-specific heads"),
+        (keys.ABLATE_LATE_FFNS, "the late FFNs"),
+    ):
+        en, zh = (_num(find(keys.ablation(lang, part))) for lang in LANGUAGES)
+        en_ci, zh_ci = (_pair(find(keys.ablation_ci(lang, part))) for lang in LANGUAGES)
+        gap, gap_ci = (
+            _num(find(keys.ablation_gap(part, "en", "zh"))),
+            _pair(find(keys.ablation_gap_ci(part, "en", "zh"))),
+        )
+        if en is None or zh is None or gap is None:
+            continue
+        words.append(
+            f"ablating {name} leaves English at {_with(en, en_ci)} and Chinese at {_with(zh, zh_ci)} of the full "
+            f"model's metric: English loses {_with(gap, gap_ci)} more, {ablation_verdict(en_ci, gap_ci)}"
+        )
+    return (
+        f" The heads used more in English ({', '.join(map(str, heads)) or 'none'}) were chosen on one half of the "
+        f"prompts; on the other half ({n['en']} English, {n['zh']} Chinese prompts; "
+        f"{find(keys.ABLATION_METHOD) or 'unnamed'} ablation; 95% bootstrap intervals) "
+        + "; ".join(words)
+        + " (the rule: as in the paper when English's interval lies below 1 and the gap's above 0, unlike it "
+        "when the gap's lies below 0, otherwise inconclusive)."
+    )
+
+
+def past_tense(runs: list[dict]) -> list[str]:
+    """Gemma 3's past-tense findings against the paper's, from notebook 02's numbers: the head-frequency
+    correlation against its references, and the ablation effects on held-out prompts, each with its verdict."""
+    g = REAL_MODELS[0]
+    find = lambda key: _finding(runs, "02_past_tense", g, key)  # noqa: E731
+    words = _frequency_words(find, _parameter(runs, "02_past_tense", g, "n_prompts")) + _ablation_words(find)
+    if _num(find(keys.FREQUENCY_CORRELATION)) is None:
+        return []
+    return [
+        "- **Different process, different components?** The paper found Qwen2-0.5B using a copy head in both "
+        "languages and a past-tense head and late FFNs only in English. " + words
+    ]
 
 
 def _circuit_words(find, model: str, language: str, method: str = "eap-ig") -> str | None:
-    """``"499 edges (8.8% of the model's), 67 heads and MLPs, keeping 0.78 [0.69, 0.87] of ..."`` from notebook 01."""
+    """``"499 edges (8.8% of the model's), 67 heads and MLPs, keeping 0.78 (0.69 to 0.87) of ..."`` from notebook 01."""
     stat = lambda name: find("01_ioi_circuit", model, keys.circuit("ioi", language, method, name))  # noqa: E731
     edges, share, nodes, faith = stat("edges"), _num(stat("edge_share")), stat("nodes"), _num(stat("faithfulness"))
     if edges is None or faith is None:
         return None
     return (
-        f"{edges} edges ({share:.1%} of the model's), {nodes} heads and MLPs, keeping {faith:.2f}"
-        f"{_interval(stat('interval'))} of its behaviour on held-out prompts"
+        f"{edges} edges ({share:.1%} of the model's), {nodes} heads and MLPs, keeping "
+        f"{_with(faith, _pair(stat('ci')))} of its behaviour on held-out prompts"
     )
 
 
@@ -192,7 +305,7 @@ def _same_circuit(find, g: str) -> list[str]:
     if word is None and not any(circuits.values()):
         return []
     cross = {
-        (a, b): (_num(find(nb, g, keys.cross_faithfulness("ioi", a, b))), find(nb, g, keys.cross_interval("ioi", a, b)))
+        (a, b): (_num(find(nb, g, keys.cross_faithfulness("ioi", a, b))), find(nb, g, keys.cross_ci("ioi", a, b)))
         for a, b in (pair, pair[::-1])
     }
     stat = lambda unit, name: find(nb, g, keys.overlap("ioi", unit, name, *pair))  # noqa: E731
@@ -203,7 +316,7 @@ def _same_circuit(find, g: str) -> list[str]:
         f"English {circuits['en'] or 'missing'}; Chinese {circuits['zh'] or 'missing'}."
     )
     words = [
-        f"the {NAMES[a]} circuit keeps {v:.2f}{_interval(ci)} of the {NAMES[b]} behaviour"
+        f"the {NAMES[a]} circuit keeps {_with(v, _pair(ci))} of the {NAMES[b]} behaviour"
         for (a, b), (v, ci) in cross.items()
         if v is not None
     ]
@@ -212,7 +325,7 @@ def _same_circuit(find, g: str) -> list[str]:
     observed = _num(stat("nodes", "observed"))
     if observed is not None:
         text += (
-            f" Their heads and MLPs overlap at Jaccard {observed:.2f}{_interval(stat('nodes', 'interval'))}, against "
+            f" Their heads and MLPs overlap at Jaccard {_with(observed, _pair(stat('nodes', 'ci')))}, against "
             f"{_num(stat('nodes', 'chance')):.2f} for random circuits of the same sizes; two halves of one language's "
             f"prompts give {_num(stat('nodes', 'within_a')):.2f} (English) and {_num(stat('nodes', 'within_b')):.2f} "
             f"(Chinese), a half of each language against the other {_num(stat('nodes', 'across_halves')):.2f}."
@@ -251,34 +364,7 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
     out += _same_circuit(find, g)
     out += _two_models(find, g, s)
     # 3. different process, different components (the paper: Qwen2's past-tense head and late FFNs only in English)
-    r = _num(find("02_past_tense", g, keys.FREQUENCY_CORRELATION))
-    heads = find("02_past_tense", g, keys.ENGLISH_SPECIFIC_HEADS) or []
-    ab = {
-        (lang, part): _num(find("02_past_tense", g, keys.ablation(lang, part)))
-        for lang in ("en", "zh")
-        for part in (keys.ABLATE_ENGLISH_HEADS, keys.ABLATE_LATE_FFNS)
-    }
-    if r is not None:
-        words = []
-        for part, name in (
-            (keys.ABLATE_ENGLISH_HEADS, "the English-specific heads"),
-            (keys.ABLATE_LATE_FFNS, "the late FFNs"),
-        ):
-            en, zh = ab["en", part], ab["zh", part]
-            if en is None or zh is None:
-                continue
-            gap = zh - en
-            verdict = _grade(gap, 0.2, 0.05, ("as in the paper", "a little, as in the paper", "unlike the paper"))
-            words.append(
-                f"ablating {name} leaves English at {en:.2f} and Chinese at {zh:.2f} of the full model's metric, "
-                f"so it hurts English more than Chinese by {gap:.2f} ({verdict})"
-            )
-        out.append(
-            f"- **Different process, different components?** The paper found Qwen2-0.5B using a copy head in both "
-            f"languages and a past-tense head and late FFNs only in English. On Gemma 3, head activation frequency "
-            f"in English and Chinese routes correlates at {r:.2f}; the heads used more in English: "
-            f"{', '.join(map(str, heads)) or 'none'}; " + "; ".join(words) + "."
-        )
+    out += past_tense(runs)
     # 4. language-specific neurons (LAPE) and steering
     counts = {lang: find("04_language_neurons", g, keys.neuron_count("lape", lang)) for lang in ("en", "zh")}
     off = {

@@ -85,7 +85,8 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
     # Sizes: each circuit is found on 64 prompts (edge attribution, EAP-IG) and judged on 64 others; the
     # paper's path patching runs beside it on 12. The longest cells come first, so that two jobs finish
     # together. Gemma 3's behaviour on 100 prompts per set (00); SmolLM2, the side comparison, on 50
-    # (behaviour); past tense on 12; language neurons on 40 shipped sentences per language.
+    # (behaviour); past tense on 48 per language (heads chosen on 24, ablated on the other 24); language
+    # neurons on 40 shipped sentences per language.
     "real": [
         ("01_ioi_circuit", ["gemma-3-270m"], ["en", "zh"], dict(_REAL_IOI)),
         (
@@ -95,7 +96,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             {"n_texts": 40, "strengths": [4.0], "n_steer_prompts": 4, "max_new_tokens": 12, "n_random": 1},
         ),
         ("01_ioi_circuit", ["smollm2-135m"], ["en"], dict(_REAL_IOI)),
-        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 12}),
+        ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 48}),
         ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
         ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 50}),
         (

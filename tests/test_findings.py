@@ -75,7 +75,7 @@ def test_the_report_shows_a_null_finding_with_its_note(tmp_path):
 
 # ---------------------------------------------------------------- keys shared by the notebooks and the report
 NOTEBOOK_DIR = runner.NOTEBOOK_DIR
-LANGUAGE_FIELDS = ("language", "deactivated", "evaluated", "source", "target")
+LANGUAGE_FIELDS = ("language", "other", "deactivated", "evaluated", "source", "target")
 CIRCUIT_FIELDS = ("a", "b", "circuit")  # labels of circuits (lsa.workbook.circuit_labels)
 
 

@@ -257,6 +257,30 @@ def test_head_frequency_counts_share_of_prompts_whose_route_uses_each_head():
     ]
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma3"])
+def test_head_usage_in_padded_batches_is_each_prompts_own_route_run_alone(family):
+    model = tiny_model(family, seed=3)
+    tokens = random_tokens(5, 7, seed=6)
+    ps = PromptSet(
+        task="t",
+        language="en",
+        clean=tokens,
+        corrupt=tokens,
+        lengths=torch.tensor([7, 4, 6, 3, 5]),
+        answer=torch.zeros(5, dtype=torch.long),
+        distractor=torch.ones(5, dtype=torch.long),
+        positions={},
+        meta=pd.DataFrame({"i": range(5)}),
+        report=DropReport(total=5, kept=5),
+    )
+    usage = flow.head_usage(model, {"en": ps}, tau=0.03, batch_size=2)["en"]
+    assert usage.shape == (5, model.adapter.n_layers, model.adapter.n_heads)
+    for i, n in enumerate(ps.lengths.tolist()):
+        alone = flow.contributions(model, tokens[i : i + 1, :n], tau=0.03)  # unpadded, with its predictions
+        assert flow.route_heads(flow.route(alone, 0)) == {tuple(x) for x in (usage[i] > 0).nonzero().tolist()}
+        torch.testing.assert_close(usage[i], flow.route_head_importance(alone)[0], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "qwen2", "gpt_neox"])
 def test_vectorised_heads_used_agrees_with_route_graph(family):
     model = tiny_model(family, seed=2)
@@ -350,6 +374,15 @@ def test_route_and_frequency_figures_draw_what_the_results_hold():
     fig = flow_plots.plot_frequency_scatter(freq, "en", "zh", n_label=2)
     assert len(fig.axes[0].texts) == 2
     assert f"r = {flow.frequency_correlation(freq):.2f}" in fig.axes[0].get_title()
+    table = pd.DataFrame(
+        {"reference": ["en vs zh", "chance"], "correlation": [0.8, 0.0], "low": [0.7, -0.3], "high": [0.9, 0.3]}
+    )
+    ax = flow_plots.plot_frequency_comparison(table).axes[0]
+    bars = ax.containers[0]
+    assert bars.lines[0].get_xdata().tolist() == [0.8, 0.0]  # first row on top
+    assert [s[:, 0].tolist() for s in bars.lines[2][0].get_segments()] == [[0.7, 0.9], [-0.3, 0.3]]
+    height = {t.get_text(): t.get_position()[1] for t in ax.get_yticklabels()}
+    assert height["en vs zh"] > height["chance"] and bars.lines[0].get_ydata().tolist() == [1, 0]
     plt.close("all")
 
 

@@ -74,13 +74,13 @@ def _run(notebook: str, model: str, findings: dict) -> dict:
 def _circuit(language: str, edges: int, share: float, nodes: int, faith: float, interval: list) -> dict:
     stat = lambda name: f"ioi_circuit_{language}_eap-ig_{name}"  # noqa: E731
     return {stat("edges"): edges, stat("edge_share"): share, stat("nodes"): nodes}.__or__(
-        {stat("faithfulness"): faith, stat("interval"): interval}
+        {stat("faithfulness"): faith, stat("ci"): interval}
     )
 
 
 def test_the_real_models_section_states_agreement_with_the_paper_from_the_numbers():
     g, s = reproduce.REAL_MODELS
-    overlap = {"observed": 0.5, "interval": [0.4, 0.6], "chance": 0.2, "within_a": 0.7, "within_b": 0.65}
+    overlap = {"observed": 0.5, "ci": [0.4, 0.6], "chance": 0.2, "within_a": 0.7, "within_b": 0.65}
     runs = [
         _run(
             "01_ioi_circuit",
@@ -94,7 +94,7 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
             {
                 "ioi_verdict_en_vs_zh": "inconclusive",
                 "ioi_faithfulness_en_on_zh": 0.61,
-                "ioi_interval_en_on_zh": [0.5, 0.7],
+                "ioi_ci_en_on_zh": [0.5, 0.7],
                 "ioi_faithfulness_zh_on_en": 0.83,
                 **{f"ioi_overlap_nodes_{k}_en_vs_zh": v for k, v in overlap.items()},
                 "ioi_overlap_nodes_across_halves_en_vs_zh": 0.45,
@@ -113,11 +113,30 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
             g,
             {
                 "frequency_correlation": 0.8,
+                "frequency_correlation_ci": [0.7, 0.9],
+                "frequency_split_half_en": 0.95,
+                "frequency_split_half_zh": 0.93,
+                "frequency_correlation_halves": 0.78,
+                "frequency_correlation_chance": [-0.2, 0.25],
+                "frequency_correlation_shuffled_p": 0.001,
                 "english_specific_heads": ["7.1"],
-                "ablation_en_English-specific_heads": 0.4,  # English loses more: as in the paper
+                "ablation_method": "interchange",
+                "held_out_prompts_en": 24,
+                "held_out_prompts_zh": 23,
+                # English loses more, every interval clear of the line: as in the paper
+                "ablation_en_English-specific_heads": 0.4,
+                "ablation_en_English-specific_heads_ci": [0.3, 0.5],
                 "ablation_zh_English-specific_heads": 0.95,
-                "ablation_en_late_FFNs": 0.9,  # Chinese loses more: unlike the paper
-                "ablation_zh_late_FFNs": 0.5,
+                "ablation_zh_English-specific_heads_ci": [0.9, 1.0],
+                "ablation_English-specific_heads_gap_en_vs_zh": 0.55,
+                "ablation_English-specific_heads_gap_en_vs_zh_ci": [0.4, 0.7],
+                # the gap's interval crosses 0: inconclusive
+                "ablation_en_late_FFNs": 0.7,
+                "ablation_en_late_FFNs_ci": [0.5, 0.9],
+                "ablation_zh_late_FFNs": 0.8,
+                "ablation_zh_late_FFNs_ci": [0.6, 1.0],
+                "ablation_late_FFNs_gap_en_vs_zh": 0.1,
+                "ablation_late_FFNs_gap_en_vs_zh_ci": [-0.1, 0.3],
             },
         ),
         _run(
@@ -129,17 +148,29 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
     ]
     text = "\n".join(reproduce.compare_with_paper(runs))
     assert "On Gemma 3 270M the verdict is **inconclusive**" in text
-    assert "English 93 edges (1.6% of the model's), 40 heads and MLPs, keeping 0.85 [0.80, 0.90]" in text
-    assert "Chinese 120 edges (2.0% of the model's), 44 heads and MLPs, keeping 0.70 [0.60, 0.80]" in text
-    assert "the English circuit keeps 0.61 [0.50, 0.70] of the Chinese behaviour" in text
-    assert "the Chinese circuit keeps 0.83 of the English behaviour" in text
-    assert "Jaccard 0.50 [0.40, 0.60], against 0.20 for random circuits" in text
+    assert "English 93 edges (1.6% of the model's), 40 heads and MLPs, keeping 0.85 (0.80 to 0.90)" in text
+    assert "Chinese 120 edges (2.0% of the model's), 44 heads and MLPs, keeping 0.70 (0.60 to 0.80)" in text
+    assert "the English circuit keeps 0.61 (0.50 to 0.70) of the Chinese behaviour" in text
+    assert "the Chinese circuit keeps 0.83 (no interval) of the English behaviour" in text
+    assert "Jaccard 0.50 (0.40 to 0.60), against 0.20 for random circuits" in text
     assert "give 0.70 (English) and 0.65 (Chinese), a half of each language against the other 0.45" in text
     assert "SmolLM2 135M's English circuit: 300 edges (0.4% of the model's)" in text
     assert "The roles both circuits hold: name mover (role agreement 0.50)." in text
-    assert "correlates at 0.80" in text and "7.1" in text
-    assert "English at 0.40 and Chinese at 0.95" in text and "by 0.55 (as in the paper)" in text
-    assert "English at 0.90 and Chinese at 0.50" in text and "by -0.40 (unlike the paper)" in text
+    assert "correlates at 0.80 (0.70 to 0.90)" in text and "heads paired at random -0.20 to 0.25" in text
+    assert "at 0.95 (English) and 0.93 (Chinese), a half of each language at 0.78" in text
+    assert "Shared heads: beyond chance; used differently: yes" in text
+    assert "(7.1) were chosen on one half" in text and "(24 English, 23 Chinese prompts; interchange ablation" in text
+    assert "English at 0.40 (0.30 to 0.50) and Chinese at 0.95 (0.90 to 1.00)" in text
+    assert "English loses 0.55 (0.40 to 0.70) more, as in the paper" in text
+    assert "English loses 0.10 (-0.10 to 0.30) more, inconclusive" in text
+    past = next(r for r in runs if r["provenance"]["notebook"] == "02_past_tense.ipynb")["findings"]
+    past["ablation_late_FFNs_gap_en_vs_zh_ci"]["value"] = [-0.3, -0.05]  # Chinese loses more
+    past["ablation_en_English-specific_heads_ci"]["value"] = [0.3, 1.05]  # English may not lose at all
+    past["frequency_correlation_chance"]["value"] = [-0.2, 0.75]  # the interval reaches into chance
+    past["frequency_correlation_shuffled_p"]["value"] = 0.2
+    text = "\n".join(reproduce.compare_with_paper(runs))
+    assert "more, unlike the paper" in text and "English loses 0.55 (0.40 to 0.70) more, inconclusive" in text
+    assert "Shared heads: inconclusive; used differently: inconclusive" in text
     # the English neurons matter to English; the Chinese ones more to English than to Chinese: not specific
     assert "English loss by +0.5 nats and the Chinese loss by +0.01: English-specific, as LAPE" in text
     assert "Chinese loss by +0.02 nats and the English loss by +0.3: not specific, unlike LAPE" in text

@@ -152,3 +152,27 @@ def plot_frequency_scatter(freq: pd.DataFrame, a: str = "en", b: str = "zh", *, 
     ax.set_title(f"head activation frequency, r = {wide.attrs['correlation']:.2f}")
     fig.tight_layout()
     return fig
+
+
+def plot_frequency_comparison(frame: pd.DataFrame, *, ax=None):
+    """The cross-language correlation of head frequency beside its references, one row each.
+
+    ``frame``: :attr:`lsa.frequency.FrequencyComparison.frame`. Each row is a point with its
+    interval or spread (``low`` to ``high``); the first row's value is repeated as a dotted line.
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(frame) + 1.2))
+    else:
+        fig = ax.figure
+    y = np.arange(len(frame))[::-1]
+    values = frame["correlation"].to_numpy()
+    spread = [values - frame["low"].to_numpy(), frame["high"].to_numpy() - values]
+    ax.errorbar(values, y, xerr=spread, fmt="o", capsize=4, color="tab:blue")
+    ax.axvline(values[0], color="tab:blue", lw=0.8, ls=":")
+    ax.axvline(0, color="0.6", lw=0.8, ls="--", zorder=0)
+    ax.set_yticks(y, frame["reference"])
+    ax.set_xlim(min(-0.1, np.nanmin(frame["low"]) - 0.05), 1.02)
+    ax.set_xlabel("correlation of head activation frequencies")
+    ax.set_title("head frequency: observed vs same-process and chance references (95%)", fontsize=10)
+    fig.tight_layout()
+    return fig
