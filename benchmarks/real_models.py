@@ -25,19 +25,19 @@ count waiting for a core that other jobs hold; on a GPU read the wall column).
        head, full logits).
    Every column's per-head mean metric is checked against lsa's (max |difference|).
 2. End-only vs all-position: the same sweep with ``positions=["end"]``, timed the old
-   way (prefix reuse off, ``reuse_prefix=False``, and the whole vocabulary unembedded in
+   way (every position recomputed, ``lsa.engine.without("reuse_cache")``, and the whole vocabulary unembedded in
    every patched run: ``full_vocabulary``, the metric without its mark), with the whole
    vocabulary alone, and by default (two columns of the unembedding), and checked against the hooked loop patching the end
    position alone. Target: end-only <= 0.2 x all-position.
 3. Path patching to the logits (``lsa.patching.path_patching(model, prompts, senders=
    the swept heads, receivers="logits")``) vs the activation sweep of the same heads;
-   with ``freeze_attention=False`` (frozen heads' attention recomputed) and the whole
+   with ``lsa.engine.without("skip_attention")`` (frozen heads' attention recomputed) and the whole
    vocabulary as well where ``path_patching`` has that keyword.
 4. ``--discovery``: path-patching discovery (``lsa.circuits.path_patching_discovery(model,
    prompts, k=1.5, floor=0.05, max_steps=3)`` on ``build_sets("ioi", "en", ...,
    n=100, seed=0)``; ``--discovery-n``, ``--max-steps``). Minutes on a CPU. Timed the
    old way (``positions="all"``: senders at every position, and path patching with
-   ``reuse_prefix=False, freeze_attention=False``, the whole vocabulary, its own two
+   ``without("reuse_cache", "skip_attention")``, the whole vocabulary, its own two
    unpatched runs in every call, and one call per receiver input) and with the defaults;
    target: after <= 1/4 before.
 
@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import sys
@@ -78,9 +79,10 @@ from lsa.patching import activation_patching, path_patching  # noqa: E402
 
 # notebooks/01_ioi_circuit.ipynb's parameters for its discovery
 NOTEBOOK_01 = {"n_prompts": 100, "seed": 0, "k": 1.5, "floor": 0.05, "max_steps": 3}
-# the switches that bring back the old way (all of the prefix recomputed, frozen heads' attention recomputed);
-# discovery's old way: senders patched at every position, through path patching's old way
-OLD_WAY = {"reuse_prefix": False, "freeze_attention": False}
+# the shortcuts whose absence is the old way (every position recomputed, frozen heads' attention recomputed),
+# with the keywords older lsa took for them; discovery's old way: senders patched at every position, through
+# path patching's old way
+OLD_WAY = {"reuse_cache": "reuse_prefix", "skip_attention": "freeze_attention"}
 # ... and each of discovery's path-patching calls runs its own two unpatched runs
 OLD_SHARING = {"unpatched": None}
 OLD_DISCOVERY = {"positions": "all"}
@@ -96,6 +98,20 @@ def switches(fn, wanted: dict) -> dict:
     """The entries of ``wanted`` that ``fn`` takes as keywords (those this lsa has)."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in wanted.items() if k in params}
+
+
+def the_old_way(fn, *shortcuts: str):
+    """``fn`` without lsa's ``shortcuts`` (keys of :data:`OLD_WAY`): inside ``lsa.engine.without`` where this lsa has
+    it, else with the older keywords set to False; ``None`` where it has neither."""
+    if hasattr(lsa.engine, "without"):
+
+        def old(*args, **kwargs):
+            with lsa.engine.without(*shortcuts):
+                return fn(*args, **kwargs)
+
+        return old
+    keywords = switches(fn, {OLD_WAY[s]: False for s in shortcuts})
+    return functools.partial(fn, **keywords) if len(keywords) == len(shortcuts) else None
 
 
 def clocked(fn, device: torch.device):
@@ -242,8 +258,8 @@ def main() -> None:
         f"{len(heads)} heads"
     )
     tol = 1e-3 if next(model.hf.parameters()).dtype == torch.float32 else 0.25
-    reuse = switches(activation_patching, {"reuse_prefix": False})
-    freeze = switches(path_patching, {"freeze_attention": False})
+    reuse = the_old_way(activation_patching, "reuse_cache")
+    freeze = the_old_way(path_patching, "skip_attention")
 
     # warm-up: one pass through each path on two prompts and one layer, so first-call costs are not timed
     few = prompts.subset(slice(0, 2))
@@ -296,25 +312,18 @@ def main() -> None:
     t_end_old = None
     if reuse:
         res, t_end_old = clocked(
-            lambda: activation_patching(
-                model,
-                prompts,
-                "head",
-                layers=layers,
-                positions=["end"],
-                progress=False,
-                metric=full_vocabulary,
-                **reuse,
+            lambda: reuse(
+                model, prompts, "head", layers=layers, positions=["end"], progress=False, metric=full_vocabulary
             ),
             device,
         )
         row(
-            "lsa end-only, reuse_prefix=False, full vocab",
+            "lsa end-only, no cache reuse, full vocab",
             t_end_old,
             f"max |diff| vs (a) {max_diff(end_ref, head_means(res)):.2e}",
         )
     else:
-        print("  reuse_prefix not available in this lsa")
+        print("  cache reuse cannot be turned off in this lsa")
     res, t_end_vocab = clocked(
         lambda: activation_patching(
             model, prompts, "head", layers=layers, positions=["end"], progress=False, metric=full_vocabulary
@@ -339,18 +348,16 @@ def main() -> None:
     t_path_old = None
     if freeze:
         _, t_path_old = clocked(
-            lambda: path_patching(
-                model, prompts, senders=heads, receivers="logits", progress=False, metric=full_vocabulary, **freeze
-            ),
+            lambda: freeze(model, prompts, senders=heads, receivers="logits", progress=False, metric=full_vocabulary),
             device,
         )
         row(
-            "lsa path_patching, freeze_attention=False, full vocab",
+            "lsa path_patching, attention not skipped, full vocab",
             t_path_old,
             f"{fmt_ratio(t_path_old / t_lsa)} x activation",
         )
     else:
-        print("  freeze_attention not available in this lsa")
+        print("  skipping attention cannot be turned off in this lsa")
 
     t_disc = t_disc_old = None
     if args.discovery:
@@ -361,16 +368,17 @@ def main() -> None:
         dprompts = built["ioi", "en"]
         kw = dict(k=NOTEBOOK_01["k"], floor=NOTEBOOK_01["floor"], max_steps=args.max_steps)
         old = switches(circuits.path_patching_discovery, OLD_DISCOVERY)
-        old_path = switches(path_patching, {**OLD_WAY, **OLD_SHARING})
+        old_path = switches(path_patching, OLD_SHARING)
+        slow_path = the_old_way(path_patching, *OLD_WAY) or path_patching
         found_old = None
         if old:
             # discovery calls lsa.patching.path_patching by name: for this run it takes the old-way switches
             def old_path_patching(*args, **kwargs):  # the old-way switches over discovery's own arguments
                 inputs = kwargs.get("receiver_input", "q")
                 if isinstance(inputs, str):
-                    return path_patching(*args, **{**kwargs, **old_path})
+                    return slow_path(*args, **{**kwargs, **old_path})
                 # several receiver inputs sharing one senders' run: the old way runs one call per input
-                return {ix: path_patching(*args, **{**kwargs, **old_path, "receiver_input": ix}) for ix in inputs}
+                return {ix: slow_path(*args, **{**kwargs, **old_path, "receiver_input": ix}) for ix in inputs}
 
             with mock.patch.object(patching, "path_patching", old_path_patching):
                 found_old, t_disc_old = clocked(
@@ -378,7 +386,7 @@ def main() -> None:
                     device,
                 )
             row(
-                f"discover, {', '.join(f'{k}={v}' for k, v in {**old, **old_path}.items())}, full vocab",
+                f"discover, {', '.join(f'{k}={v}' for k, v in {**old, **old_path}.items())}, no shortcuts, full vocab",
                 t_disc_old,
                 f"{found_old.n_steps} step(s), {len(found_old.circuit)} heads",
             )
@@ -414,7 +422,7 @@ def main() -> None:
     line("end-only (default) / all-position", r_end, 0.2)
     line("end-only, full vocabulary / all-position", t_end_vocab / t_lsa)
     if t_end_old is not None:
-        line("end-only, reuse_prefix=False, full vocabulary / all-position", t_end_old / t_lsa)
+        line("end-only, no cache reuse, full vocabulary / all-position", t_end_old / t_lsa)
     line("end-only lsa / end-only hooked loop", t_end / t_end_hooked)
     line("all-position lsa / hooked loop", t_lsa / t_hooked, 0.6)
     if t_tl is not None:
@@ -423,7 +431,7 @@ def main() -> None:
         line("all-position lsa / nnsight loop", t_lsa / t_nn)
     line("path patching to logits / activation sweep", t_path / t_lsa)
     if t_path_old is not None:
-        line("path patching, freeze_attention=False, full vocabulary / activation sweep", t_path_old / t_lsa)
+        line("path patching, attention not skipped, full vocabulary / activation sweep", t_path_old / t_lsa)
     if t_disc_old is not None:
         line("discovery after / before", t_disc / t_disc_old, 0.25)
     if t_disc is not None:

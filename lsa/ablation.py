@@ -45,24 +45,10 @@ from tqdm.auto import tqdm
 
 from lsa import bootstrap, engine
 from lsa import metrics as lsa_metrics
-from lsa.engine import Edit, Plan, Read
+from lsa.engine import Patch, Plan, Read
 from lsa.graph import AblatedInputs, Graph, read_writes, split
 from lsa.model import Model
-from lsa.patching import (
-    Metric,
-    PatchResult,
-    baseline,
-    check_prompts,
-    position_index,
-    position_map_prompts,
-    replace_units,
-    run_metric,
-    run_specs,
-    specs_frame,
-    sweep_meta,
-    sweep_specs,
-    units,
-)
+from lsa.sweeps import Chunking, Metric, PatchResult, check_prompts, position_index, run_metric, sweep
 from lsa.tasks import PromptSet
 
 __all__ = [
@@ -179,7 +165,7 @@ def ablation_values(
     n, width = prompts.clean.shape
     dev = model.device
     if method == "zero":
-        widths = {s: units(model, s[0]) for s in sites}
+        widths = {s: engine.units(model, s[0]) for s in sites}
         return {s: torch.zeros(n, width, u * w, device=dev) for s, (u, w) in widths.items()}
     if reference is not None:
         if method == "interchange":
@@ -236,8 +222,8 @@ def _from_reference(model, prompts, sites, method, reference, per_position, inde
 
 def _edits(
     model: Model, prompts: PromptSet, targets: dict[tuple[str, int], list[int] | None], values, where=None
-) -> list[Edit]:
-    """Edits putting ``values`` into the listed units (None = the whole site) of each site.
+) -> list[Patch]:
+    """Patches putting ``values`` into the listed units (None = the whole site) of each site.
 
     ``where``: one position per prompt ``[n]`` (default: every position).
     """
@@ -247,13 +233,12 @@ def _edits(
         rows = torch.arange(width, device=model.device)[None, :] == where.to(model.device)[:, None]
     edits = []
     for (site, layer), units_sel in targets.items():
-        n_units, w = units(model, site)
-        mask = torch.zeros(n, width, n_units, dtype=torch.bool, device=model.device)
+        mask = torch.zeros(n, width, engine.units(model, site)[0], dtype=torch.bool, device=model.device)
         if units_sel is None:
             mask[rows] = True
         else:
             mask[..., units_sel] = rows[..., None]
-        edits.append(Edit(site, layer, replace_units(mask, values[(site, layer)], n_units, w)))
+        edits.append(Patch(site, layer, values[(site, layer)], mask))
     return edits
 
 
@@ -425,61 +410,38 @@ def ablation_sweep(
     heads=None,
     neurons=None,
     metric: Metric | None = None,
-    per_position: bool = True,
     seed: int = 0,
     positions=None,
-    batch_size: int | None = None,
-    max_tokens: int | None = None,
-    progress: bool = True,
-    reuse_prefix: bool = True,
+    **chunking,
 ) -> PatchResult:
     """Ablate one component at a time (``site`` ``"head"``, ``"mlp_out"`` or ``"neuron"``), batched.
 
-    ``positions`` and ``reuse_prefix`` as in :func:`lsa.patching.activation_patching`: an
-    ablation at a position ``p`` recomputes positions ``>= p`` alone (exact: nothing
-    before ``p`` changes). Returns a :class:`lsa.patching.PatchResult` on the clean prompts
-    (``corrupt`` holds the counterfactual run's metric, so ``normalized`` reads as in patching).
+    The template of :func:`lsa.patching.activation_patching` (:func:`lsa.sweeps.sweep`) with the
+    ablation's values (:func:`ablation_values`; with a ``reference`` set, ``"mean"`` is its mean per
+    position) in place of the counterfactual run's. ``positions`` and ``chunking`` (``batch_size``,
+    ``max_tokens``, ``progress``) as there: an ablation at a position ``p`` recomputes positions
+    ``>= p`` alone (exact: nothing before ``p`` changes). Returns a :class:`lsa.sweeps.PatchResult`
+    on the clean prompts (``corrupt`` holds the counterfactual run's metric, so ``normalized`` reads
+    as in patching).
     """
-    check_prompts(prompts, model)
     if site not in ("head", "mlp_out", "neuron"):
         raise ValueError(f"ablation_sweep ablates 'head', 'mlp_out' or 'neuron', got {site!r}")
-    metric = metric or lsa_metrics.logit_diff
-    n_given = len(prompts)
-    if positions == "each":
-        prompts = position_map_prompts(prompts)
-    specs, dims, axes = sweep_specs(
-        model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
-    )
-    sites = {(s.site, s.layer) for s in specs}
-    values = ablation_values(model, prompts, sites, method, reference=reference, per_position=per_position, seed=seed)
-    tokens = prompts.clean.to(model.device)
-    base = baseline(model, prompts, tokens, attn_layers={s.layer for s in specs}, kv=reuse_prefix)
-    logits, cache = base.logits, base.values
-    corrupt_logits = engine.run(model, prompts.corrupt, Plan(end=prompts.end)).logits
-    patched = run_specs(
+
+    def ablated(swept: PromptSet, sites: set, tokens: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        values = ablation_values(model, swept, sites, method, reference=reference, seed=seed)
+        return values, engine.run(model, tokens, Plan(end=swept.end)).logits
+
+    select = dict(layers=layers, heads=heads, neurons=neurons, positions=positions)
+    return sweep(
         model,
         prompts,
-        specs,
-        values,
-        tokens,
-        cache,
-        metric=metric,
-        batch_size=batch_size,
-        max_tokens=max_tokens,
-        progress=progress,
-        desc=f"{method}-ablating {site}",
-        base_kv=base.kv,
-    )
-    return PatchResult(
-        components=specs_frame(specs, dims),
-        patched=patched,
-        clean=run_metric(metric, logits, prompts).cpu(),
-        corrupt=run_metric(metric, corrupt_logits, prompts).cpu(),
-        dims=dims,
-        axes=axes,
+        site,
+        select,
+        donor=ablated,
         direction="noising",
+        metric=metric,
         method=f"{method} ablation",
-        meta=sweep_meta(model, prompts, site, axes, n_given),
+        chunking=Chunking(**chunking),
     )
 
 
@@ -515,8 +477,7 @@ def ablate_edges(
     """
     check_prompts(prompts, model)
     check_method(method)
-    if model.remote:
-        raise ValueError("edge ablation splits the receivers' inputs in the local model: load it without remote=")
+    engine.require(model, "split", "edge ablation")
     metric = metric or lsa_metrics.logit_diff
     graph = Graph.of(model)
     stack = kept.bool().cpu()

@@ -187,6 +187,9 @@ MODEL_TYPES: dict[str, str] = {
 
 SUPPORTED = tuple(sorted(MODEL_TYPES))
 
+# The query / key / value projections as parts (one module each, or the fused one for all three).
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
 
 class UnsupportedArchitecture(ValueError):
     """Raised for a model whose ``config.model_type`` has no adapter."""
@@ -294,8 +297,10 @@ class Adapter:
         """A named part: ``"o_proj"``, ``"mlp_out"``, ... of a block, or a model-level part.
 
         Model-level parts: ``embed``, ``final_norm``, ``unembed``. Block parts:
-        ``attn``, ``o_proj``, ``ln1``, ``ln2``, ``mlp``, ``mlp_act``, ``mlp_out``, and
-        the writes ``attn_write`` / ``mlp_write`` (see the module docstring).
+        ``attn``, ``o_proj``, ``ln1``, ``ln2``, ``mlp``, ``mlp_act``, ``mlp_out``, the query,
+        key and value projections ``q_proj`` / ``k_proj`` / ``v_proj`` (the same fused module
+        where the family has one), and the writes ``attn_write`` / ``mlp_write`` (see the
+        module docstring).
         """
         path = self._part_path(part)
         if part in ("embed", "final_norm", "unembed", "blocks"):
@@ -320,6 +325,9 @@ class Adapter:
         return part
 
     def _part_path(self, part: str) -> str:
+        if part in QKV_PARTS:  # one module per kind, or one for all three
+            which = QKV_PARTS.index(part)
+            return self.layout.qkv[which if self.layout.qkv_layout == "separate" else 0]
         path = getattr(self.layout, self.resolve_part(part), None)
         if not isinstance(path, str):
             raise ValueError(f"the {self.layout.family} adapter has no part {part!r}")
@@ -392,6 +400,15 @@ class Adapter:
         embedding, so calling the module on another input and copying these columns
         gives that head the other input.
         """
+        columns = self._qkv_slice(kind, head)  # checks kind and head first
+        return self.module(model, f"{kind}_proj", layer), columns
+
+    def qkv_index(self, kind: str) -> torch.Tensor:
+        """The output columns of ``kind``'s projection (:meth:`qkv_columns`) for every head, ``[n, d_head]`` (long)."""
+        n = self.n_heads if kind == "q" else self.n_kv_heads
+        return torch.stack([torch.arange(s.start, s.stop) for s in (self._qkv_slice(kind, h) for h in range(n))])
+
+    def _qkv_slice(self, kind: str, head: int) -> slice:
         if kind not in ("q", "k", "v"):
             raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}")
         which = "qkv".index(kind)
@@ -400,15 +417,14 @@ class Adapter:
             what = "query heads" if kind == "q" else "key/value heads"
             raise IndexError(f"{kind} head {head!r} out of range: each layer has {n} {what} (0..{n - 1})")
         d = self.d_head
-        block = self.block(model, layer)
         if self.layout.qkv_layout == "separate":
-            return _get(block, self.layout.qkv[which]), slice(head * d, (head + 1) * d)
+            return slice(head * d, (head + 1) * d)
         if self.layout.qkv_layout == "concat":
             start = which * self.n_heads * d + head * d
-            return _get(block, self.layout.qkv[0]), slice(start, start + d)
+            return slice(start, start + d)
         if self.layout.qkv_layout == "interleaved":
             start = head * 3 * d + which * d
-            return _get(block, self.layout.qkv[0]), slice(start, start + d)
+            return slice(start, start + d)
         raise ValueError(f"unknown qkv layout {self.layout.qkv_layout!r}")
 
     def o_proj_bias(self, model: nn.Module, layer: int) -> torch.Tensor | None:

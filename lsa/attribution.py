@@ -35,20 +35,19 @@ from lsa import metrics as lsa_metrics
 from lsa.engine import Edit, Plan, Read
 from lsa.graph import Graph, ReceiverInputs, SenderWrites, interpolation, read_writes, split, swap_changes
 from lsa.model import Model
-from lsa.patching import (
+from lsa.patching import activation_patching
+from lsa.sweeps import (
     Metric,
     PatchResult,
-    activation_patching,
+    base_donor_tokens,
     check_direction,
     check_prompts,
     position_index,
     position_map_prompts,
     run_metric,
-    runs,
     specs_frame,
     sweep_meta,
     sweep_specs,
-    units,
 )
 from lsa.tasks import PromptSet
 
@@ -106,7 +105,7 @@ def attribution_patching(
     specs, dims, axes = sweep_specs(
         model, prompts, site, layers=layers, heads=heads, neurons=neurons, positions=positions
     )
-    base_tokens, donor_tokens = runs(model, prompts, direction)
+    base_tokens, donor_tokens = base_donor_tokens(model, prompts, direction)
     end = prompts.end.to(model.device)
     value_sites = sorted({(s.site, s.layer) for s in specs})
     # d M / d mid = d M / d (attention output): mid = block input + attention output.
@@ -114,37 +113,21 @@ def attribution_patching(
 
     with torch.no_grad():
         donor = engine.run(model, donor_tokens, Plan(reads=[Read(*key) for key in value_sites], end=end))
-        donor_logits, donor_acts = donor.logits, donor.values
     wrt = sorted(set(grad_site.values()))
-    if model.remote:
-        base_acts, values, grads = _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric, steps)
-    else:
+    if engine.can(model, "autograd"):
         base_acts, values, grads = _local_gradients(
             model, prompts, base_tokens, donor_tokens, end, value_sites, wrt, metric, steps
         )
+    else:
+        base_acts, values, grads = _remote_gradients(model, prompts, base_tokens, end, value_sites, wrt, metric, steps)
 
     base_metric = values.detach().float().cpu()
-    donor_metric = run_metric(metric, donor_logits, prompts).cpu()
+    donor_metric = run_metric(metric, donor.logits, prompts).cpu()
     clean, corrupt = (base_metric, donor_metric) if direction == "noising" else (donor_metric, base_metric)
-
-    n = len(prompts)
-    rows = torch.arange(n)
-    contrib: dict[tuple[str, int], torch.Tensor] = {}
-    for key in value_sites:
-        n_units, width = units(model, key[0])
-        delta = (donor_acts[key] - base_acts[key].detach()).float()
-        grad = grads[grad_site[key]].float()
-        prod = (delta * grad).reshape(*delta.shape[:-1], n_units, width).sum(-1)  # [n, pos, units]
-        contrib[key] = prod.cpu()
-    est = torch.empty(len(specs), n)
-    for i, s in enumerate(specs):
-        prod = contrib[(s.site, s.layer)]
-        prod = prod if s.unit is None else prod[:, :, s.unit : s.unit + 1]
-        pos = position_index(prompts, s.pos)
-        est[i] = prod.sum((1, 2)) if pos is None else prod[rows, pos].sum(-1)
+    changes = {key: (donor.values[key] - base_acts[key].detach(), grads[grad_site[key]]) for key in value_sites}
     return PatchResult(
         components=specs_frame(specs, dims),
-        patched=base_metric[None, :] + est,
+        patched=base_metric[None, :] + _estimates(model, prompts, specs, changes),
         clean=clean,
         corrupt=corrupt,
         dims=dims,
@@ -153,6 +136,25 @@ def attribution_patching(
         method="attribution patching" if steps == 1 else f"attribution patching (IG, {steps} steps)",
         meta={**sweep_meta(model, prompts, site, axes, n_given), "steps": steps},
     )
+
+
+def _estimates(model, prompts: PromptSet, specs, changes: dict) -> torch.Tensor:
+    """Step 4: per spec and prompt, ``(donor - base) . grad`` summed over its units' width and the positions
+    patched: ``[len(specs), n]``. ``changes[(site, layer)] = (donor - base, grad)``, each ``[n, pos, width]``."""
+    n = len(prompts)
+    rows = torch.arange(n)
+    contrib: dict[tuple[str, int], torch.Tensor] = {}
+    for key, (delta, grad) in changes.items():
+        n_units, width = engine.units(model, key[0])
+        prod = (delta.float() * grad.float()).reshape(*delta.shape[:-1], n_units, width).sum(-1)  # [n, pos, units]
+        contrib[key] = prod.cpu()
+    est = torch.empty(len(specs), n)
+    for i, s in enumerate(specs):
+        prod = contrib[(s.site, s.layer)]
+        prod = prod if s.unit is None else prod[:, :, s.unit : s.unit + 1]
+        pos = position_index(prompts, s.pos)
+        est[i] = prod.sum((1, 2)) if pos is None else prod[rows, pos].sum(-1)
+    return est
 
 
 def _local_gradients(model, prompts, base_tokens, donor_tokens, end, value_sites, wrt, metric, steps):
@@ -360,8 +362,7 @@ def edge_attribution(
         steps = 1
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if model.remote:
-        raise ValueError("edge attribution differentiates the local model: load it without remote=")
+    engine.require(model, "split", "edge attribution")
     check_prompts(prompts, model)
     check_direction(direction)
     metric = metric or lsa_metrics.logit_diff
@@ -380,7 +381,7 @@ def edge_attribution(
 
 def _edge_scores(model, graph, prompts, direction, metric, steps, bar) -> torch.Tensor:
     """``[n, senders, receivers]`` for one chunk (see :func:`edge_attribution`)."""
-    base_tokens, donor_tokens = runs(model, prompts, direction)
+    base_tokens, donor_tokens = base_donor_tokens(model, prompts, direction)
     donor = read_writes(model, graph, donor_tokens)
     base = SenderWrites(model, graph, *base_tokens.shape)  # read in the first step, whose input is the base run's
     columns, compact = lsa_metrics.answer_columns(metric, prompts)

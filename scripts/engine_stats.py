@@ -14,7 +14,14 @@ Static counts over ``lsa/**/*.py`` (read with ``ast``, nothing imported), printe
    in any form (also a ``remote`` argument or ``kwargs["remote"]``) and every read of the attribute;
 4) line counts per module;
 5) the largest functions (``end_lineno - lineno + 1``, decorators excluded, nested functions
-   counted inside their parent and also on their own).
+   counted inside their parent and also on their own), with their parameter counts (every
+   parameter, ``self`` and ``*args`` included);
+6) import cycles between lsa modules, counting imports inside functions (an edge ``a -> b`` for
+   every ``import`` / ``from ... import`` in ``a`` that names module ``b`` or a name of it; an
+   import of a package above ``a`` itself, which Python has loaded before ``a``, is no edge);
+7) names one lsa module imports from another outside that module's exports: its ``__all__``, or,
+   where it has none, its names without a leading underscore (``from lsa.x import y`` at any depth,
+   or an attribute ``x.y`` where ``x`` is bound to an lsa module; submodules are always exported).
 
 With ``--steering`` (the default; ``--static-only`` skips it) it also measures, on the zoo's
 ``toy-bilingual`` model, what issue 13 calls the remote steering bug: with neuron steering
@@ -22,7 +29,11 @@ active, the largest difference between ``remote=False`` and ``remote="local"`` i
 (IOI English prompts) and in head patching (normalised effects), and how far each steered
 result lies from the unsteered one. Cost: static part < 1 s; the steering part ~10-30 s on one thread.
 
-    python scripts/engine_stats.py [--static-only] [--top 5]
+    python scripts/engine_stats.py [--static-only] [--top 10] [--check]
+
+``--check`` prints sections 5-7 alone and exits non-zero where a function outside ``lsa/circuits``
+has more than :data:`MAX_LINES` lines or :data:`MAX_PARAMS` parameters, or where any cycle or
+import from outside the exports is found (``tests/test_layout.py`` runs it).
 """
 
 from __future__ import annotations
@@ -167,15 +178,17 @@ def remote_branches(trees: dict[str, ast.Module]) -> tuple[Counter, Counter, Cou
     return branches, broad, reads, sorted(where)
 
 
-def functions(trees: dict[str, ast.Module]) -> list[tuple[int, str]]:
-    """``(lines, module:qualified name)`` of every function and method, largest first."""
+def functions(trees: dict[str, ast.Module]) -> list[tuple[int, int, str]]:
+    """``(lines, parameters, module:qualified name)`` of every function and method, largest first."""
     out = []
 
     def visit(name, node, prefix):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 qual = f"{prefix}{child.name}"
-                out.append((child.end_lineno - child.lineno + 1, f"{name}:{qual}"))
+                a = child.args
+                params = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+                out.append((child.end_lineno - child.lineno + 1, params, f"{name}:{qual}"))
                 visit(name, child, f"{qual}.")
             elif isinstance(child, ast.ClassDef):
                 visit(name, child, f"{prefix}{child.name}.")
@@ -184,7 +197,116 @@ def functions(trees: dict[str, ast.Module]) -> list[tuple[int, str]]:
 
     for name, tree in trees.items():
         visit(name, tree, "")
-    return sorted(out, key=lambda x: (-x[0], x[1]))
+    return sorted(out, key=lambda x: (-x[0], x[2]))
+
+
+def _is_package(name: str, trees: dict[str, ast.Module]) -> bool:
+    return any(other.startswith(name + ".") for other in trees)
+
+
+def import_edges(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
+    """``{module: the lsa modules it imports}`` (section 6 of the module docstring), imports inside functions included."""
+    edges: dict[str, set[str]] = {name: set() for name in trees}
+    for name, tree in trees.items():
+        own = name if _is_package(name, trees) else name.rpartition(".")[0]
+        above = {".".join(own.split(".")[:i]) for i in range(1, len(own.split(".")) + 1)}  # loaded before `name`
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = _resolve(name, node)
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in trees else source for a in node.names]
+            for target in targets:
+                parts = target.split(".")
+                for i in range(1, len(parts) + 1):  # the module and the packages Python loads on the way
+                    module = ".".join(parts[:i])
+                    if module in trees and module not in above and module != name:
+                        edges[name].add(module)
+    return edges
+
+
+def import_cycles(trees: dict[str, ast.Module]) -> list[list[str]]:
+    """Groups of lsa modules that import one another (strongly connected components of :func:`import_edges`)."""
+    edges, index, low, stack, on, found = import_edges(trees), {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(edges[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def exports(tree: ast.Module) -> set[str] | None:
+    """A module's ``__all__`` (a literal list or tuple), or ``None`` where it has none."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            return {elt.value for elt in node.value.elts}
+    return None
+
+
+def _module_of(node: ast.AST, aliases: dict[str, str], trees) -> str | None:
+    """The lsa module an expression names (``engine``, ``engine.plan``), through the names imports bound."""
+    if isinstance(node, ast.Name):
+        return aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _module_of(node.value, aliases, trees)
+        return f"{base}.{node.attr}" if base and f"{base}.{node.attr}" in trees else None
+    return None
+
+
+def unexported_imports(trees: dict[str, ast.Module]) -> list[tuple[str, str, str, int]]:
+    """``(importer, source module, name, line)`` for each name taken from another lsa module outside its exports."""
+    declared = {name: exports(tree) for name, tree in trees.items()}
+
+    def exported(source: str, attr: str) -> bool:
+        if f"{source}.{attr}" in trees:
+            return True
+        names = declared[source]
+        return attr in names if names is not None else not attr.startswith("_")
+
+    found = []
+    for name, tree in trees.items():
+        aliases: dict[str, str] = {}  # local name -> lsa module it is bound to
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                source = _resolve(name, node)
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in trees:
+                        aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+                    elif source in trees and source != name and not exported(source, alias.name):
+                        found.append((name, source, alias.name, node.lineno))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in trees:
+                        aliases[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "lsa"
+
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and not node.attr.startswith("__"):
+                source = _module_of(node.value, aliases, trees)
+                if source and source != name and not exported(source, node.attr):
+                    found.append((name, source, node.attr, node.lineno))
+    return sorted(set(found))
 
 
 def line_counts() -> dict[str, int]:
@@ -230,11 +352,38 @@ def static_report(top: int) -> None:
     for path, n in sorted(counts.items(), key=lambda x: (-x[1], x[0])):
         print(f"  {path:<28} {n:>5}")
 
+    layout_report(trees, top)
+
+
+MAX_LINES, MAX_PARAMS = 80, 12  # a function longer or wider is two functions or an object (STYLE.md)
+EXEMPT = ("lsa.circuits",)  # held to the limits by its own issue
+
+
+def layout_report(trees: dict[str, ast.Module], top: int) -> int:
+    """Sections 5-7; returns how many findings break the limits (``--check``)."""
     funcs = functions(trees)
-    lines, name = funcs[0]
-    print(f"\n## 5. largest function: {name} ({lines} lines); top {top}:")
-    for lines, name in funcs[:top]:
-        print(f"  {lines:>4}  {name}")
+    print(f"\n## 5. the {top} longest functions (lines, parameters):")
+    for lines, params, name in funcs[:top]:
+        print(f"  {lines:>4} {params:>3}  {name}")
+    over = [
+        (lines, params, name)
+        for lines, params, name in funcs
+        if (lines > MAX_LINES or params > MAX_PARAMS) and not name.startswith(EXEMPT)
+    ]
+    print(f"  over {MAX_LINES} lines or {MAX_PARAMS} parameters outside {', '.join(EXEMPT)}: {len(over)}")
+    for lines, params, name in over:
+        print(f"    {lines:>4} {params:>3}  {name}")
+
+    cycles = import_cycles(trees)
+    print(f"\n## 6. import cycles (imports inside functions counted): {len(cycles)}")
+    for group in cycles:
+        print(f"  {' <-> '.join(group)}")
+
+    unexported = unexported_imports(trees)
+    print(f"\n## 7. names imported from outside a module's exports: {len(unexported)}")
+    for importer, source, attr, line in unexported:
+        print(f"  {importer}:{line}  {source}.{attr}")
+    return len(over) + len(cycles) + len(unexported)
 
 
 def steering_report() -> None:
@@ -274,8 +423,11 @@ def steering_report() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--static-only", action="store_true", help="skip the toy-bilingual steering measurement")
-    parser.add_argument("--top", type=int, default=5, help="how many of the largest functions to list")
+    parser.add_argument("--top", type=int, default=10, help="how many of the largest functions to list")
+    parser.add_argument("--check", action="store_true", help="sections 5-7 alone; exit 1 on any finding")
     args = parser.parse_args()
+    if args.check:
+        sys.exit(1 if layout_report(modules(), args.top) else 0)
     static_report(args.top)
     if not args.static_only:
         steering_report()

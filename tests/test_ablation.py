@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import FAMILIES, make_prompts, random_tokens, tiny_model
 
+from lsa import engine
 from lsa.ablation import ablate, ablation_sweep, complement, donors, faithfulness
 from lsa.metrics import logit_diff
 
@@ -214,7 +215,8 @@ def test_ablation_at_positions_recomputes_only_them_and_matches_reference_hooks(
         res = ablation_sweep(model, prompts, "head", **kw)
     finally:
         handle.remove()
-    old = ablation_sweep(model, prompts, "head", reuse_prefix=False, **kw)
+    with engine.without("reuse_cache"):
+        old = ablation_sweep(model, prompts, "head", **kw)
     assert res.array.shape == (a.n_layers, a.n_heads, 2)
     # after the reference, clean and counterfactual runs, each ablated run recomputes from its position on
     recomputed = {int(n - p) for pos in where.values() for n, p in zip(prompts.lengths, pos)}

@@ -25,7 +25,10 @@ def test_bad_plans_are_refused_with_the_reason():
         (Plan(logits="end"), "needs the end positions"),
         (Plan(logits="some"), "logits must be one of"),
         (Plan(reads=[Read("pattern", 0)], attention="sdpa", end=end), "eager implementation"),
-        (Plan(start=engine.Start(1, torch.zeros(1, 4, 32), prefix=2), end=end), "needs the keys and values"),
+        (
+            Plan(start=engine.Start(1, torch.zeros(1, 4, 32), first=2), end=end),
+            "needs the cached run's keys and values",
+        ),
         (Plan(logits="all", columns=torch.tensor([3, 4])), "columns"),
     ]
     for plan, message in bad:
@@ -130,7 +133,7 @@ def test_a_plan_stops_after_its_site_even_where_it_reads_nothing_there():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_prefix_per_row_runs_each_row_at_its_own_position_as_the_plain_forward(family):
-    """``Start(prefix=tensor)``: each row recomputes its own end alone from the cached keys and values (rows
+    """``Start(first=tensor)``: each row recomputes its own end alone from the cached keys and values (rows
     of lengths 8, 5 and 7 in one forward; Gemma 3's sliding window is 4), equal to the model's own forward
     there; a head edit at the end equals the same edit by a plain torch hook."""
     model = tiny_model(family)
@@ -138,9 +141,9 @@ def test_a_prefix_per_row_runs_each_row_at_its_own_position_as_the_plain_forward
     rows, end = torch.arange(3), prompts.end
     with torch.no_grad():
         want = model.hf(input_ids=prompts.clean).logits[rows, end]
-    base = engine.run(model, prompts.clean, Plan(reads=[Read("resid_pre", 1)], end=end, kv=True))
-    hidden = base[("resid_pre", 1)][rows, end][:, None]
-    got = engine.run(model, prompts.clean, Plan(start=engine.Start(1, hidden, prefix=end, kv=base.kv), end=end))
+    base = engine.run(model, prompts.clean, Plan(reads=[Read("resid_pre", 1)], end=end, keep_cache=True))
+    hidden = base[("resid_pre", 1)]  # the cached run's, at every position: the engine takes each row's end
+    got = engine.run(model, prompts.clean, Plan(start=engine.Start(1, hidden, first=end, cache=base.cache), end=end))
     torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-5)
     # an edit at the run's one position: head 0's output at layer 1 scaled, at each row's end
     o_proj = model.module("o_proj", 1)
@@ -163,7 +166,7 @@ def test_a_prefix_per_row_runs_each_row_at_its_own_position_as_the_plain_forward
         x[:, :, :d_head] *= 3.0
         return x
 
-    plan = Plan(start=engine.Start(1, hidden, prefix=end, kv=base.kv), edits=[Edit("head", 1, scale)], end=end)
+    plan = Plan(start=engine.Start(1, hidden, first=end, cache=base.cache), edits=[Edit("head", 1, scale)], end=end)
     torch.testing.assert_close(engine.run(model, prompts.clean, plan).logits, want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="must equal it"):
         engine.run(model, prompts.clean, dataclasses.replace(plan, end=end - 1))

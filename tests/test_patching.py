@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import FAMILIES, gpt2_tokenizer, make_prompts, oriented, tiny_model
 
+from lsa import engine
 from lsa.configs import TINY, random_hf_model
 from lsa.metrics import logit_diff
 from lsa.model import wrap
@@ -188,7 +189,8 @@ def test_patching_at_later_positions_recomputes_only_them_and_matches_reference_
         res = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False)
     finally:
         handle.remove()
-    old = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False, reuse_prefix=False)
+    with engine.without("reuse_cache"):
+        old = activation_patching(model, prompts, "head", positions=["mid", "end"], progress=False)
     # the two unpatched runs see all 8 positions; a patched run, prompts whose patched position is p,
     # and recomputes p up to their end only (what follows is padding)
     where = {"mid": prompts.positions["mid"], "end": prompts.end}
@@ -348,7 +350,8 @@ def test_path_patching_to_logits_matches_reference_freezing_hooks(family):
     for row, patched in zip(res.components.to_dict("records"), res.patched):
         ref = ref_path_to_logits(model, prompts, (row["layer"], row["head"]))
         assert (patched - ref).abs().max() <= TOL, (family, row)
-    recomputed = path_patching(model, prompts, receivers="logits", progress=False, freeze_attention=False)
+    with engine.without("skip_attention"):
+        recomputed = path_patching(model, prompts, receivers="logits", progress=False)
     torch.testing.assert_close(res.patched, recomputed.patched, rtol=0, atol=1e-6)
 
 
@@ -532,10 +535,11 @@ def test_path_patching_with_receivers_read_at_the_end_matches_reference_hooks(fa
         where = None if pos is None else position_index(prompts, pos)
         refs = [ref_path_to_receivers(model, prompts, s, receivers, kinds, pos=where, at_end=True) for s in senders]
         for reuse in (True, False):
-            res = path_patching(
-                model, prompts, senders, receivers, receiver_input=kinds, positions=pos, receivers_at="end",
-                reuse_prefix=reuse, progress=False,
-            )  # fmt: skip
+            with engine.without(*([] if reuse else ["reuse_cache"])):
+                res = path_patching(
+                    model, prompts, senders, receivers, receiver_input=kinds, positions=pos, receivers_at="end",
+                    progress=False,
+                )  # fmt: skip
             for sender, patched, ref in zip(senders, res.patched, refs):
                 assert (patched - ref).abs().max() <= TOL, (family, kinds, pos, reuse, sender)
     with pytest.raises(ValueError, match="receivers_at"):

@@ -203,19 +203,19 @@ def test_a_chunk_that_runs_out_of_memory_is_split_and_gives_the_same_result(monk
 
 
 def test_the_token_budget_follows_free_gpu_memory(monkeypatch):
-    from lsa import patching
+    from lsa import sweeps
 
     model = tiny_model("gpt2")
-    assert patching.auto_max_tokens(model, 20) == patching.DEFAULT_MAX_TOKENS["cpu"]
-    assert patching.auto_max_tokens(remote_twin(model), 20) == patching.DEFAULT_MAX_TOKENS["cuda"]
+    assert sweeps.auto_max_tokens(model, 20) == sweeps.DEFAULT_MAX_TOKENS["cpu"]
+    assert sweeps.auto_max_tokens(remote_twin(model), 20) == sweeps.DEFAULT_MAX_TOKENS["cuda"]
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     budgets = []
     for free in (2**30, 2**32):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 2**34))
-        budgets.append(patching.auto_max_tokens(model, 20))
+        budgets.append(sweeps.auto_max_tokens(model, 20))
     assert budgets[1] == pytest.approx(4 * budgets[0], rel=1e-3) and budgets[0] > 1000
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1, 2**34))
-    assert patching.auto_max_tokens(model, 20) == 20  # never below one prompt's width
+    assert sweeps.auto_max_tokens(model, 20) == 20  # never below one prompt's width
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bloom", "qwen2"])

@@ -269,10 +269,10 @@ def attention_from(
     """
     from lsa import engine
     from lsa.engine import Plan, Read
-    from lsa.patching import position_index, runs
+    from lsa.sweeps import base_donor_tokens, position_index
 
     heads = list(heads)
-    tokens = runs(model, prompts, direction)[0]
+    tokens = base_donor_tokens(model, prompts, direction)[0]
     where = position_index(prompts, query)
     layers = sorted({layer for layer, _ in heads})
     out = []
