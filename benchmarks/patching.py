@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
 from lsa.attribution import attribution_patching, correlation  # noqa: E402
-from lsa.configs import PAPER_SHAPES, gpt2_bpe_tokenizer, random_model  # noqa: E402
+from lsa.configs import PAPER_SHAPES, gpt2_bpe_tokenizer  # noqa: E402
 from lsa.metrics import logit_diff  # noqa: E402
+from lsa.model import random_model  # noqa: E402
 from lsa.patching import activation_patching  # noqa: E402
 from lsa.tasks import DropReport, PromptSet  # noqa: E402
 

@@ -1,10 +1,11 @@
-"""Random models built from configs: tiny ones for tests, the paper's shapes for presets.
+"""Configs of random models: tiny ones for tests, the paper's shapes for presets.
 
 Nothing here downloads anything: a config is built in code (or read from a JSON
-file) and the weights are initialised at random with a fixed seed.
+file) and the weights are initialised at random with a fixed seed
+(:func:`random_hf_model`; :func:`lsa.model.random_model` wraps one for lsa).
 
->>> model = random_model("qwen2", seed=0)            # doctest: +SKIP
->>> model.adapter.n_kv_heads                          # doctest: +SKIP
+>>> hf = random_hf_model(TINY["qwen2"], seed=0)      # doctest: +SKIP
+>>> hf.config.num_key_value_heads                     # doctest: +SKIP
 2
 """
 
@@ -172,18 +173,6 @@ def gpt2_bpe_tokenizer():
     )
 
 
-def default_tokenizer():
-    """The tokenizer random models get: the bilingual zoo's when built (EN and ZH words single tokens), else GPT-2's."""
-    from transformers import AutoTokenizer
-
-    from lsa.model import ZOO_DIR
-
-    path = ZOO_DIR / "toy-bilingual"
-    if (path / "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(str(path))
-    return gpt2_bpe_tokenizer()
-
-
 NARROW_D_HEAD = 8
 
 
@@ -206,36 +195,3 @@ def narrow(config: dict, d_head: int = NARROW_D_HEAD) -> dict:
     if "head_dim" in config:
         config["head_dim"] = d_head
     return config
-
-
-def random_model(
-    spec: str | dict, *, seed: int = 0, tokenizer=None, name: str | None = None, narrow_heads: bool = False
-):
-    """A :class:`lsa.model.Model` with random weights: a family in ``TINY``, a paper model id, or a config JSON path.
-
-    Paper shapes keep their layer, head and width counts (``narrow_heads=True``:
-    the same layer and head counts with 8-wide heads, see :func:`narrow`); the
-    vocabulary is cut to the tokenizer's size (random embeddings of unused ids
-    would only cost memory).
-    """
-    from lsa.model import wrap
-
-    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
-    if isinstance(spec, dict):
-        config = dict(spec)
-    elif spec in TINY:
-        config = dict(TINY[spec])
-    elif spec in PAPER_SHAPES:
-        config = dict(PAPER_SHAPES[spec])
-    elif Path(spec).is_file():
-        config = json.loads(Path(spec).read_text())
-    else:
-        known = ", ".join([*TINY, *PAPER_SHAPES])
-        raise ValueError(f"unknown random model {spec!r}: use one of {known}, or a config JSON file")
-    if narrow_heads:
-        config = narrow(config)
-    config["vocab_size"] = len(tokenizer)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        config[key] = getattr(tokenizer, key, None)
-    hf = random_hf_model(config, seed=seed)
-    return wrap(hf, tokenizer, name=name or f"random:{spec}")

@@ -110,8 +110,7 @@ def capture(model: Model, tokens: torch.Tensor, *, logits: bool = True) -> Activ
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    if model.remote:
-        raise ValueError("flow routes hook the local torch model; a remote (NDIF) model cannot be used here")
+    engine.require(model, "weights", "flow routes")
     ad = model.adapter
     n = ad.n_layers
     # name in Activations -> engine site (and a reduction of it)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lsa.adapter import Adapter, check_config
+from lsa.configs import PAPER_SHAPES, TINY, gpt2_bpe_tokenizer, narrow, random_hf_model
 from lsa.tasks import encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,8 +83,6 @@ def resolve_name(name_or_path: str | os.PathLike) -> str:
             raise FileNotFoundError(f"zoo model {name!r} is not built at {path}; run `lsa zoo build` (or `make zoo`)")
         return str(path)
     if name.startswith(("random:", "random-narrow:")):
-        from lsa.configs import PAPER_SHAPES, TINY
-
         kind, spec = name.split(":", 1)
         if spec in TINY or spec in PAPER_SHAPES or Path(spec).is_file():
             return name
@@ -139,7 +138,9 @@ class Model:
         remote: ``True``: trace on NDIF instead of locally; ``"local"``: nnsight's local
             simulation of a remote trace (serialized and rebuilt here); ``False``: local.
         steering: the edits of the open :func:`lsa.steering.steer` blocks (:class:`lsa.engine.Edit`,
-            outermost first), part of every forward lsa runs (:func:`lsa.engine.run`).
+            outermost first), part of every forward lsa runs (:func:`lsa.engine.run`) and of
+            :func:`lsa.engine.apply` in a trace of yours.
+        sites: lsa's sites inside a trace of yours (:class:`lsa.engine.Sites`).
     """
 
     nn: object
@@ -150,6 +151,7 @@ class Model:
     remote: bool | str = False
     meta: dict = field(default_factory=dict)
     steering: list = field(default_factory=list, repr=False)
+    _sites: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -159,9 +161,14 @@ class Model:
         return next(self.hf.parameters()).device
 
     @property
-    def cfg(self) -> Adapter:
-        """Shorthand for the adapter (its geometry: ``n_layers``, ``n_heads``, ...)."""
-        return self.adapter
+    def sites(self):
+        """lsa's sites inside a trace you open (:class:`lsa.engine.Sites`): ``model.sites.head[layer, h]``,
+        ``model.sites.resid_mid[layer]``, ... read, ``.save()`` and set (nnterp's names too: ``layers_output``)."""
+        if self._sites is None:
+            from lsa.engine import Sites
+
+            self._sites = Sites(self)
+        return self._sites
 
     def trace(self, *inputs, **kwargs):
         """``self.nn.trace`` with ``remote`` filled in (lsa's code is shipped with remote traces)."""
@@ -182,15 +189,11 @@ class Model:
         return self.adapter.module(self.hf, part, layer)
 
     def envoy(self, part: str, layer: int | None = None):
-        """The nnsight envoy of a named part, for use inside ``trace``."""
-        return self.envoy_at(self.adapter.path(part, layer))
+        """The nnsight envoy of an adapter part (``"o_proj"``, ``"mlp_act"``, ...), for use inside ``trace``; for
+        lsa's sites use :attr:`sites`."""
+        from lsa.engine.traced import envoy
 
-    def envoy_at(self, path: str):
-        """The nnsight envoy of a module by its dotted path from the model root."""
-        obj = self.nn
-        for piece in path.split("."):
-            obj = obj[int(piece)] if piece.isdigit() else getattr(obj, piece)
-        return obj
+        return envoy(self.nn, self.adapter, part, layer)
 
     def to_tokens(self, text: str | list[str], *, prepend_bos: bool | None = None) -> torch.Tensor:
         """Token ids ``[batch, pos]`` of typed text, made as the task builders make prompts (:func:`lsa.tasks.encode`):
@@ -204,10 +207,6 @@ class Model:
         if len(lengths) != 1:
             raise ValueError(f"texts tokenize to different lengths {sorted(lengths)}; pass them one at a time")
         return torch.tensor(ids, device=self.device)
-
-    def to_str_tokens(self, tokens: torch.Tensor | list[int]) -> list[str]:
-        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-        return [self.tokenizer.decode([i]) for i in ids]
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -270,8 +269,6 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if str(name_or_path).startswith(("random:", "random-narrow:")):
-        from lsa.configs import random_model
-
         if remote is True:
             raise ValueError("a random model exists only on this machine; use remote='local' to simulate NDIF")
         kind, spec = str(name_or_path).split(":", 1)
@@ -305,3 +302,51 @@ def load_model(
 
             model.meta[key] = json.loads(card.read_text())
     return model
+
+
+def default_tokenizer():
+    """The tokenizer random models get: the bilingual zoo's when built (EN and ZH words single tokens), else GPT-2's."""
+    from transformers import AutoTokenizer
+
+    path = ZOO_DIR / "toy-bilingual"
+    if (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    return gpt2_bpe_tokenizer()
+
+
+def random_model(
+    spec: str | dict, *, seed: int = 0, tokenizer=None, name: str | None = None, narrow_heads: bool = False
+) -> Model:
+    """A :class:`Model` with random weights: a family in :data:`lsa.configs.TINY`, a paper model id
+    (:data:`lsa.configs.PAPER_SHAPES`), a config dict or a config JSON path.
+
+    Paper shapes keep their layer, head and width counts (``narrow_heads=True``:
+    the same layer and head counts with 8-wide heads, see :func:`lsa.configs.narrow`); the
+    vocabulary is cut to the tokenizer's size (random embeddings of unused ids
+    would only cost memory).
+
+    >>> model = random_model("qwen2", seed=0)            # doctest: +SKIP
+    >>> model.adapter.n_kv_heads                          # doctest: +SKIP
+    2
+    """
+    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    if isinstance(spec, dict):
+        config = dict(spec)
+    elif spec in TINY:
+        config = dict(TINY[spec])
+    elif spec in PAPER_SHAPES:
+        config = dict(PAPER_SHAPES[spec])
+    elif Path(spec).is_file():
+        import json
+
+        config = json.loads(Path(spec).read_text())
+    else:
+        known = ", ".join([*TINY, *PAPER_SHAPES])
+        raise ValueError(f"unknown random model {spec!r}: use one of {known}, or a config JSON file")
+    if narrow_heads:
+        config = narrow(config)
+    config["vocab_size"] = len(tokenizer)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config[key] = getattr(tokenizer, key, None)
+    hf = random_hf_model(config, seed=seed)
+    return wrap(hf, tokenizer, name=name or f"random:{spec}")

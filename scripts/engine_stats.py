@@ -275,8 +275,22 @@ def _module_of(node: ast.AST, aliases: dict[str, str], trees) -> str | None:
     return None
 
 
+def _own_nodes(scope: ast.AST):
+    """The nodes of a scope (module, function, class), nested functions and classes given but not entered."""
+    todo = list(ast.iter_child_nodes(scope))
+    while todo:
+        node = todo.pop()
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            todo.extend(ast.iter_child_nodes(node))
+
+
 def unexported_imports(trees: dict[str, ast.Module]) -> list[tuple[str, str, str, int]]:
-    """``(importer, source module, name, line)`` for each name taken from another lsa module outside its exports."""
+    """``(importer, source module, name, line)`` for each name taken from another lsa module outside its exports.
+
+    Scope by scope: an attribute ``x.y`` counts where ``x`` is bound to an lsa module by an import in that
+    scope or an enclosing one, and not rebound to something else in that scope.
+    """
     declared = {name: exports(tree) for name, tree in trees.items()}
 
     def exported(source: str, attr: str) -> bool:
@@ -286,26 +300,40 @@ def unexported_imports(trees: dict[str, ast.Module]) -> list[tuple[str, str, str
         return attr in names if names is not None else not attr.startswith("_")
 
     found = []
-    for name, tree in trees.items():
-        aliases: dict[str, str] = {}  # local name -> lsa module it is bound to
-        for node in ast.walk(tree):
+
+    def scan(name: str, scope: ast.AST, outer: dict[str, str]) -> None:
+        aliases, imported, stored = dict(outer), set(), set()
+        nodes = list(_own_nodes(scope))
+        for node in nodes:
             if isinstance(node, ast.ImportFrom):
                 source = _resolve(name, node)
                 for alias in node.names:
+                    local = alias.asname or alias.name
                     if f"{source}.{alias.name}" in trees:
-                        aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+                        aliases[local] = f"{source}.{alias.name}"
+                        imported.add(local)
                     elif source in trees and source != name and not exported(source, alias.name):
                         found.append((name, source, alias.name, node.lineno))
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name in trees:
-                        aliases[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "lsa"
-
-        for node in ast.walk(tree):
+                        local = alias.asname or alias.name.split(".")[0]
+                        aliases[local] = alias.name if alias.asname else alias.name.split(".")[0]
+                        imported.add(local)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                stored.add(node.id)
+        for rebound in stored - imported:
+            aliases.pop(rebound, None)
+        for node in nodes:
             if isinstance(node, ast.Attribute) and not node.attr.startswith("__"):
                 source = _module_of(node.value, aliases, trees)
                 if source and source != name and not exported(source, node.attr):
                     found.append((name, source, node.attr, node.lineno))
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+                scan(name, node, aliases)
+
+    for name, tree in trees.items():
+        scan(name, tree, {})
     return sorted(set(found))
 
 

@@ -280,7 +280,7 @@ def _selected(select) -> str:
 def test_jupyterlab_renders_the_widgets_and_a_dropdown_change_or_map_click_updates_them(lab):
     from playwright.sync_api import expect
 
-    from lsa.configs import random_model
+    from lsa.model import random_model
 
     model = random_model("gpt2", seed=0)
     prompts = lsa.tasks.build("ioi", "en", model.tokenizer, n=4)

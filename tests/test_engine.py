@@ -170,3 +170,33 @@ def test_a_prefix_per_row_runs_each_row_at_its_own_position_as_the_plain_forward
     torch.testing.assert_close(engine.run(model, prompts.clean, plan).logits, want, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="must equal it"):
         engine.run(model, prompts.clean, dataclasses.replace(plan, end=end - 1))
+
+
+def test_executors_declare_what_they_can_do_and_without_turns_the_shortcuts_off_for_the_same_results():
+    from lsa.attribution import edge_attribution
+    from lsa.patching import activation_patching
+
+    local = tiny_model("gpt2")
+    remote = dataclasses.replace(local, remote="local")
+    prompts = make_prompts(n=3, pos=6, seed=2)
+    assert engine.can(local, "split") and engine.can(local, "start")
+    assert not engine.can(remote, "split") and not engine.can(remote, "start")
+    with pytest.raises(ValueError, match="edge attribution needs an executor with 'split'.*without remote="):
+        edge_attribution(remote, prompts)
+    with pytest.raises(ValueError, match="turns off start, reuse_cache, skip_attention"):
+        with engine.without("split"):
+            pass
+    activation_patching(local, prompts, "head", layers=[1], progress=False)  # the engine's one-off probes of the model
+    calls = []
+    handle = local.module("attn", 0).register_forward_pre_hook(lambda m, args: calls.append(1))  # inside block 0
+    try:
+        fast = activation_patching(local, prompts, "head", layers=[1], positions=["mid"], progress=False)
+        n_fast = len(calls)
+        with engine.without("start"):
+            assert not engine.can(local, "reuse_cache")  # keys and values are reused by a run that starts at a block
+            plain = activation_patching(local, prompts, "head", layers=[1], positions=["mid"], progress=False)
+    finally:
+        handle.remove()
+    assert engine.can(local, "start")  # on again after the block
+    assert n_fast == 2 and len(calls) - n_fast > 2  # block 0 ran in the two unpatched runs alone, then in every chunk
+    torch.testing.assert_close(plain.patched, fast.patched, rtol=0, atol=1e-5)

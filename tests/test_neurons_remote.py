@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lsa
+from lsa import engine
 from lsa import neurons as N
 from lsa import steering as S
 
@@ -134,11 +135,11 @@ def test_remote_forward_and_a_users_own_trace_apply_the_edits_and_steer_cleans_u
     edits = _edits(stats[0])
     with S.steer(local, *edits):
         want = S.forward(local, ids)
-    with S.steer(remote, edits[0]):
-        plan = S.edit_plan(remote, edits[1])  # the open block's edit, then this one
-        with torch.no_grad(), remote.trace(ids):
-            S.apply_edits(plan)
-            own = remote.nn.output.logits.cpu().save()
+    with S.steer(remote, edits[0]), S.steer(remote, edits[1]):  # the outer block's edit, then the inner one's
+        prepared = engine.prepare(remote)  # before the trace: the request carries the edits, not the model
+    with torch.no_grad(), remote.trace(ids):
+        prepared.apply()
+        own = remote.nn.output.logits.cpu().save()
     with S.steer(remote, *edits):
         got = S.forward(remote, ids)
     assert not torch.allclose(want, local.logits(ids), atol=1e-3)

@@ -21,7 +21,7 @@ from helpers import FAMILIES, make_prompts, tiny_model, word_tokenizer  # noqa: 
 
 from lsa import flow as F  # noqa: E402
 from lsa import patching as P  # noqa: E402
-from lsa.configs import random_model  # noqa: E402
+from lsa.model import random_model  # noqa: E402
 from widgets.behaviour import BehaviourExplorer  # noqa: E402
 from widgets.heads import TYPED, HeadExplorer  # noqa: E402
 from widgets.patching import PatchingMap  # noqa: E402

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from contextvars import ContextVar
 
 import torch
 
@@ -79,7 +78,7 @@ __all__ = [
     "without",
 ]
 
-_OFF: ContextVar[frozenset] = ContextVar("lsa_engine_off", default=frozenset())
+_OFF: list[frozenset] = [frozenset()]  # the shortcuts turned off, innermost without() block last
 SHORTCUTS = ("start", "reuse_cache", "skip_attention")  # what without() may turn off: exact speed-ups
 
 
@@ -87,7 +86,7 @@ def capabilities(model) -> Capabilities:
     """What the executor of ``model`` can do now: the local one's, or for a remote model (``model.remote``) the
     traced one's, less what an enclosing :func:`without` turned off."""
     can = traced.CAPABILITIES if getattr(model, "remote", False) else local.CAPABILITIES
-    off = _OFF.get()
+    off = _OFF[-1]
     if "start" in off:  # keys and values are reused by a run that starts at a block
         off = off | {"reuse_cache"}
     return dataclasses.replace(can, **{name: False for name in off}) if off else can
@@ -122,11 +121,11 @@ def without(*shortcuts: str):
     bad = set(shortcuts) - set(SHORTCUTS)
     if bad:
         raise ValueError(f"without() turns off {', '.join(SHORTCUTS)}; got {sorted(bad)}")
-    token = _OFF.set(_OFF.get() | set(shortcuts))
+    _OFF.append(_OFF[-1] | set(shortcuts))
     try:
         yield
     finally:
-        _OFF.reset(token)
+        _OFF.pop()
 
 
 def run(model, tokens: torch.Tensor, plan: Plan | None = None) -> Run:

@@ -39,7 +39,7 @@ from lsa.engine.plan import (
     units,
 )
 
-__all__ = ["CAPABILITIES", "NNTERP", "Prepared", "SiteAccess", "Sites", "apply", "prepare", "run"]
+__all__ = ["CAPABILITIES", "NNTERP", "Prepared", "SiteAccess", "Sites", "apply", "envoy", "prepare", "run"]
 
 # One trace per forward, every layer computed, nothing kept between traces; on NDIF a GPU's batch.
 CAPABILITIES = Capabilities(
@@ -61,14 +61,17 @@ NNTERP = {
 }
 
 
-def _envoy(root, adapter, part: str, layer: int):
+def envoy(root, adapter, part: str, layer: int | None = None):
     """The envoy of an adapter part (or ``"block"``) at ``layer``, from the nnsight model ``root``."""
     if part == "block":
+        adapter.check_layer(layer)
         path = f"{adapter.layout.blocks}.{layer}"
-    elif part in ("embed", "final_norm", "unembed"):
-        path = adapter.path(part)
     else:
-        path = adapter.path(part, layer)
+        path = adapter.path(part, None if part in ("embed", "final_norm", "unembed") else layer)
+    return _walk(root, path)
+
+
+def _walk(root, path: str):
     for piece in path.split("."):
         root = root[int(piece)] if piece.isdigit() else getattr(root, piece)
     return root
@@ -77,22 +80,22 @@ def _envoy(root, adapter, part: str, layer: int):
 class _Point:
     """One module side a trace visits, and the sites there: ``(site, view, edit functions, read)`` in order."""
 
-    def __init__(self, envoy, layer: int, side: str, index: int):
-        self.envoy, self.layer, self.side, self.index = envoy, layer, side, index
+    def __init__(self, module, layer: int, side: str, index: int):
+        self.module, self.layer, self.side, self.index = module, layer, side, index
         self.sites: list[tuple] = []
         self.keeps_block_input = False
 
     def tensor(self):
-        raw = self.envoy.input if self.side == "input" else self.envoy.output
+        raw = self.module.input if self.side == "input" else self.module.output
         return raw, (raw[self.index] if isinstance(raw, tuple) else raw)
 
     def put(self, raw, y):
         """Set the module's side to ``raw`` holding ``y``; returns what was set."""
         new = (*raw[: self.index], y, *raw[self.index + 1 :]) if isinstance(raw, tuple) else y
         if self.side == "input":
-            self.envoy.input = new
+            self.module.input = new
         else:
-            self.envoy.output = new
+            self.module.output = new
         return new
 
 
@@ -118,11 +121,11 @@ class Prepared:
         for site, layer in dict.fromkeys([*fns, *reads]):
             part, side, rank = locate(model, site)
             key = (layer, rank, part, side, SITES[site].index)
-            point = found.setdefault(key, _Point(_envoy(root, adapter, part, layer), layer, side, SITES[site].index))
+            point = found.setdefault(key, _Point(envoy(root, adapter, part, layer), layer, side, SITES[site].index))
             point.sites.append((site, SiteView(model, site), fns.get((site, layer), ()), reads.get((site, layer))))
             if site == "resid_mid":
                 block = found.setdefault(
-                    (layer, 0, "block", "input", 0), _Point(_envoy(root, adapter, "block", layer), layer, "input", 0)
+                    (layer, 0, "block", "input", 0), _Point(envoy(root, adapter, "block", layer), layer, "input", 0)
                 )
                 block.keeps_block_input = True
         return sorted(found.items(), key=lambda item: item[0][:2])
@@ -137,10 +140,7 @@ class Prepared:
         out = []
         for p in plan.projections:
             order, name = names[id(p.module)]
-            envoy = model.nn
-            for piece in name.split("."):
-                envoy = envoy[int(piece)] if piece.isdigit() else getattr(envoy, piece)
-            out.append(((p.layer, 1.5 + order * 1e-9), (envoy, layout.cut(p.given), p.mask)))
+            out.append(((p.layer, 1.5 + order * 1e-9), (_walk(model.nn, name), layout.cut(p.given), p.mask)))
         return out
 
     def apply(self, stop=None, into: dict | None = None) -> dict[tuple[str, int], torch.Tensor]:
@@ -154,8 +154,8 @@ class Prepared:
         steps += [(key, ("projection", p)) for key, p in self.projections]
         for _, (what, step) in sorted(steps, key=lambda s: s[0][:2]):
             if what == "projection":
-                envoy, given, mask = step
-                envoy.output = torch.where(mask, envoy(given), envoy.output)
+                module, given, mask = step
+                module.output = torch.where(mask, module(given), module.output)
                 continue
             raw, x = step.tensor()
             y = x
@@ -205,7 +205,7 @@ def apply(model, plan: Plan | None = None) -> dict[tuple[str, int], torch.Tensor
 def run(model, tokens: torch.Tensor, plan: Plan) -> Run:
     """Run ``plan`` on ``tokens`` ``[batch, pos]`` as one trace (see :func:`lsa.engine.run`)."""
     prepared = Prepared(model, plan, Layout.of(plan, tokens, first=0))
-    unembed, embed = _envoy(model.nn, model.adapter, "unembed", 0), _envoy(model.nn, model.adapter, "embed", 0)
+    unembed, embed = envoy(model.nn, model.adapter, "unembed", 0), envoy(model.nn, model.adapter, "embed", 0)
     rows = torch.arange(tokens.shape[0])
     end = None if plan.end is None else plan.end.cpu()
     mask = None if plan.attention_mask is None else plan.attention_mask.cpu()
@@ -306,9 +306,9 @@ class Sites:
         """``(envoy, raw input or output, the tensor at index)``, reached once per invoke."""
         seen, key = self._state(), (layer, part, side, index)
         if key not in seen:
-            envoy = _envoy(self._root, self._adapter, part, layer)
-            raw = envoy.input if side == "input" else envoy.output
-            seen[key] = (envoy, raw, raw[index] if isinstance(raw, tuple) else raw)
+            found = envoy(self._root, self._adapter, part, layer)
+            raw = found.input if side == "input" else found.output
+            seen[key] = (found, raw, raw[index] if isinstance(raw, tuple) else raw)
         return seen[key]
 
     def _block_input(self, site: str, layer: int):
@@ -316,6 +316,7 @@ class Sites:
 
 
 _UNDEFINED = {True: ("resid_mid",)}  # sites a parallel-residual model has no tensor for
+_UNIT_SITES = ("head", "q", "k", "v", "neuron", "mlp_act", "pattern")  # sites indexed [layer, unit]
 
 
 class SiteAccess:
@@ -324,6 +325,9 @@ class SiteAccess:
     def __init__(self, sites: Sites, site: str):
         self.sites, self.site = sites, site
         self.n_units, self.width = sites._units[site]
+        if site == "pattern":
+            self.n_units = sites._adapter.n_heads
+        self.has_units = site in _UNIT_SITES
 
     def __repr__(self) -> str:
         return f"<site {self.site}: {SITES[self.site].doc}>"
@@ -337,45 +341,37 @@ class SiteAccess:
         part = adapter.resolve_part(SITES[self.site].part)
         return part, SITES[self.site].side, SITES[self.site].index
 
-    def _unit(self, unit: int) -> None:
-        if self.n_units == 1 or not isinstance(unit, int) or not 0 <= unit < self.n_units:
-            raise IndexError(f"{self.site} has {self.n_units} unit(s) per layer; got unit {unit!r}")
+    def _unit(self, unit: int) -> int:
+        if not self.has_units:
+            raise IndexError(f"{self.site} has no units: index it by layer alone")
+        if not isinstance(unit, int) or not 0 <= unit < self.n_units:
+            raise IndexError(f"{self.site} has {self.n_units} unit(s) per layer (0..{self.n_units - 1}); got {unit!r}")
+        return unit
 
     def __getitem__(self, key):
         layer, unit = key if isinstance(key, tuple) else (key, None)
         part, side, index = self._where(layer)
-        view = self.sites._views[self.site]
-        value = view.get(self.sites._tensor(part, side, index, layer)[2], self.sites._block_input(self.site, layer))
+        block_input = self.sites._block_input(self.site, layer)  # reached first: the block's input comes first
+        value = self.sites._views[self.site].get(self.sites._tensor(part, side, index, layer)[2], block_input)
+        if unit is None:
+            return value.unflatten(-1, (self.n_units, self.width)) if self.width > 1 and self.has_units else value
         if self.site == "pattern":
-            return value if unit is None else value[:, self._checked(unit)]
-        if self.width > 1 and self.n_units > 1:
-            value = value.unflatten(-1, (self.n_units, self.width))
-        return (
-            value
-            if unit is None
-            else value[..., self._checked(unit), :]
-            if self.width > 1
-            else value[..., self._checked(unit)]
-        )
-
-    def _checked(self, unit: int) -> int:
-        self._unit(unit)
-        return unit
+            return value[:, self._unit(unit)]
+        return value[..., self._unit(unit) * self.width : (unit + 1) * self.width].squeeze(-1)
 
     def __setitem__(self, key, new: torch.Tensor) -> None:
         layer, unit = key if isinstance(key, tuple) else (key, None)
         if not SITES[self.site].editable:
             raise ValueError(f"site {self.site!r} can be read, not set")
         part, side, index = self._where(layer)
-        envoy, raw, x = self.sites._tensor(part, side, index, layer)
         view, block_input = self.sites._views[self.site], self.sites._block_input(self.site, layer)
+        module, raw, x = self.sites._tensor(part, side, index, layer)
         value = view.get(x, block_input)
         if unit is not None:
-            self._unit(unit)
-            cols = slice(unit * self.width, (unit + 1) * self.width)
+            cols = slice(self._unit(unit) * self.width, (unit + 1) * self.width)
             new = torch.cat(
                 [value[..., : cols.start], new.reshape(*value.shape[:-1], -1).to(value), value[..., cols.stop :]], -1
             )
         y = view.put(x, new.reshape(value.shape).to(value.dtype), block_input)
-        raw = _Point(envoy, layer, side, index).put(raw, y)
-        self.sites._state()[(layer, part, side, index)] = (envoy, raw, y)
+        raw = _Point(module, layer, side, index).put(raw, y)
+        self.sites._state()[(layer, part, side, index)] = (module, raw, y)

@@ -140,7 +140,7 @@ def from_weights(model, fn, *args) -> torch.Tensor:
     are and only ``fn``'s result comes back.
     """
     cfg = model.adapter
-    if not model.remote:
+    if engine.can(model, "weights"):
         return fn(cfg, model.hf, *args)
     one = torch.zeros(1, 1, dtype=torch.long)
     root = model.nn  # the block names no lsa Model: it would ship the tokenizer with every trace

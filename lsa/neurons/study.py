@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from lsa.neurons import steering
 from lsa.neurons.collect import as_language_dict, collect_stats
 from lsa.neurons.selection import LapeResult, lape, plnd_importance, plnd_neurons
 from lsa.neurons.sets import neuron_count, random_like, union
@@ -56,9 +57,7 @@ class LanguageReport:
                 f"{p['steer_to']} neurons set to strength x their {p['steer_to']} mean): "
                 f"share of {p['target_script']} characters in greedy continuations"
             )
-            from lsa.steering import steering_summary
-
-            for row in steering_summary(self.steering, by=["method", "strength"]).itertuples():
+            for row in steering.steering_summary(self.steering, by=["method", "strength"]).itertuples():
                 lines.append(
                     f"  [{row.method}] strength {row.strength:g}: {row.share_before:.2f} "
                     f"({row.n_before} of {row.n_prompts} prompts) -> {row.share_after:.2f} "
@@ -118,8 +117,6 @@ def language_report(
     >>> report = language_report(model, {"en": en_texts, "zh": zh_texts})   # doctest: +SKIP
     >>> print(report.summary())                                             # doctest: +SKIP
     """
-    from lsa import steering
-
     scripts = dict(scripts or {"en": "latin", "zh": "cjk"})
     texts = {lang: list(src) for lang, src in as_language_dict(texts).items()}
     if heldout is None:
