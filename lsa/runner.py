@@ -671,6 +671,53 @@ def _start(cell: Cell, *, overwrite: bool, kernel: str | None, cell_timeout: int
     return run_cell(cell, kernel=kernel, cell_timeout=cell_timeout)
 
 
+def _check_grid(cells: list[Cell], overwrite: bool, skip_existing: bool, jobs: int) -> list[Cell]:
+    """Refuse a grid that cannot run (no papermill, bad ``jobs``, unknown models, results in the way); returns
+    the cells whose folders already hold results."""
+    if importlib.util.find_spec("papermill") is None:
+        raise GridError("running notebooks needs papermill and a Jupyter kernel: pip install 'lsa[notebooks]'")
+    if jobs < 1:
+        raise GridError(f"jobs must be at least 1, got {jobs}")
+    check_models(cells)
+    existing = [c for c in cells if (c.folder / "notebook.ipynb").exists()]
+    if existing and not (overwrite or skip_existing):
+        listed = "\n  ".join(str(c.folder) for c in existing[:10])
+        raise GridError(
+            f"{len(existing)} run folder(s) already hold results (pass --overwrite or --skip-existing):\n  {listed}"
+        )
+    return existing
+
+
+def _schedule(cells: list[Cell], waiting: list[int], pool, jobs: int, options: dict, bar) -> None:
+    """Run the ``waiting`` cells on ``pool``, ``jobs`` at a time, each once the cells it reads from have finished
+    (:func:`dependencies`); ``jobs=1`` keeps their order."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    needs = dependencies(cells)
+    finished = {i for i, c in enumerate(cells) if c.status == "skipped"}
+    running: dict = {}
+    while waiting or running:
+        for i in list(waiting):
+            if len(running) >= jobs:
+                break
+            if all(j in finished for j in needs[i]):
+                waiting.remove(i)
+                running[pool.submit(_start, cells[i], **options)] = i
+                bar.set_postfix_str(cells[i].label[:60])
+            elif jobs == 1:
+                break  # keep the order: this cell waits for one that comes later
+        if not running:  # a cycle, or a dependency listed after its reader with jobs=1
+            i = waiting.pop(0)
+            running[pool.submit(_start, cells[i], **options)] = i
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            i = running.pop(future)
+            ran = future.result()  # a copy when it ran in another process
+            cells[i].status, cells[i].error, cells[i].wall_s = ran.status, ran.error, ran.wall_s
+            finished.add(i)
+            bar.update()
+
+
 def run_grid(
     cells: list[Cell],
     *,
@@ -693,24 +740,12 @@ def run_grid(
     ``jobs=1`` runs the cells in their order.
     """
     import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
-    if importlib.util.find_spec("papermill") is None:
-        raise GridError("running notebooks needs papermill and a Jupyter kernel: pip install 'lsa[notebooks]'")
-    if jobs < 1:
-        raise GridError(f"jobs must be at least 1, got {jobs}")
-    check_models(cells)
-    existing = [c for c in cells if (c.folder / "notebook.ipynb").exists()]
-    if existing and not (overwrite or skip_existing):
-        listed = "\n  ".join(str(c.folder) for c in existing[:10])
-        raise GridError(
-            f"{len(existing)} run folder(s) already hold results (pass --overwrite or --skip-existing):\n  {listed}"
-        )
-    needs = dependencies(cells)
+    existing = _check_grid(cells, overwrite, skip_existing, jobs)
     bar = tqdm(total=len(cells), desc="grid", unit="run", disable=not progress)
-
     waiting = []
     for i, cell in enumerate(cells):
         if skip_existing and cell in existing:
@@ -718,8 +753,6 @@ def run_grid(
             bar.update()
         else:
             waiting.append(i)
-    finished = {i for i, c in enumerate(cells) if c.status == "skipped"}
-    running: dict = {}
     # papermill changes the process's working directory while a notebook runs, so parallel
     # cells run in processes of their own; one job runs in a thread of this process
     if jobs == 1:
@@ -728,26 +761,7 @@ def run_grid(
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
     options = {"overwrite": overwrite, "kernel": kernel, "cell_timeout": cell_timeout}
     with threads_per_job(jobs), pool:
-        while waiting or running:
-            for i in list(waiting):
-                if len(running) >= jobs:
-                    break
-                if all(j in finished for j in needs[i]):
-                    waiting.remove(i)
-                    running[pool.submit(_start, cells[i], **options)] = i
-                    bar.set_postfix_str(cells[i].label[:60])
-                elif jobs == 1:
-                    break  # keep the order: this cell waits for one that comes later
-            if not running:  # a cycle, or a dependency listed after its reader with jobs=1
-                i = waiting.pop(0)
-                running[pool.submit(_start, cells[i], **options)] = i
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                i = running.pop(future)
-                ran = future.result()  # a copy when it ran in another process
-                cells[i].status, cells[i].error, cells[i].wall_s = ran.status, ran.error, ran.wall_s
-                finished.add(i)
-                bar.update()
+        _schedule(cells, waiting, pool, jobs, options, bar)
     bar.close()
     result = GridResult(list(cells))
     for root in {c.root for c in cells}:

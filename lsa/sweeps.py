@@ -300,6 +300,10 @@ def _positions(prompts: PromptSet, positions) -> list:
     """``None`` -> [None] (all at once); ``"each"`` -> every position; a list of ints / names."""
     if positions is None:
         return [None]
+    if positions == "all":
+        raise ValueError(
+            "every position at once is positions=None (lsa has one value for it); 'each' maps them one by one"
+        )
     if positions == "each":
         if not prompts.same_length:
             raise ValueError(

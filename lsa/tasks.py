@@ -724,71 +724,99 @@ def build_ioi(
     _check_choice("variant", variant, (None, *VARIANTS["ioi"]))
     n, bos = _count(n), _bos(tokenizer, prepend_bos)
     data = load_data("ioi", language) if data is None else data
-    space, tokens, report = _SPACE[language], _Tokens(tokenizer), DropReport(requested=n)
-    templates = _templates(data, split, "ioi")
-    for t in templates:
-        _check_template(t, "ioi", language)
-    names_in_data = all_names(data)
-    width = _word_widths(names_in_data, tokens, language, "names", report)
-    names = list(width)
-    if len(names) < 5:
-        raise NoPrompts(
-            f"ioi/{language}: only {len(names)} of {len(names_in_data)} names are usable for this tokenizer (each must "
-            f"be one token or a span of up to {MAX_WORD_TOKENS} known, whole tokens; IOI needs 5: IO, S and three "
-            f"counterfactual names); {report}"
-        )
-    pairs = [(a, b) for a in names for b in names if a != b and _pair_allowed(split, is_heldout(a, b))]
-    if not pairs:
-        raise NoPrompts(f"ioi/{language}: no name pair fits split={split!r} among {len(names)} names")
-    places, objects = data.get("places") or [""], data.get("objects") or [""]
-    context = variant == "context"
-    if context and not data.get("contexts"):
-        raise ValueError(f"ioi/{language}: variant 'context' needs a 'contexts' list in the data")
-    if len(names) < 5 + 2 * context:
-        raise NoPrompts(f"ioi/{language}: variant {variant!r} needs {5 + 2 * context} usable names")
-    slots = ("IO", "S", "C")
+    ioi = _Ioi(language, tokenizer, split, variant, data, DropReport(requested=n))
+    rows, dropped = _sample(random.Random(seed), n, ioi.report, ioi.make)
+    used = {r["meta"][k] for r in rows for k in ("io", "s")}
+    _warn_few(ioi.report, "ioi", language, "names", used, len(rows), len(ioi.names_in_data))
+    return _finish("ioi", language, rows, dropped, ioi.report, tokenizer, bos)
 
-    def make(rng: random.Random) -> dict:
-        t = rng.choice(templates)
-        text = t["text"]
-        io, s = rng.choice(pairs)
-        place, obj = rng.choice(places), rng.choice(objects)
-        # a for IO, b and c for S1 and S2, then (context) the clean and counterfactual C, both as long as IO
-        widths = [width[io], width[s], width[s]] + [width[io]] * (2 * context)
-        others = _draw(rng, names, width, widths, (io, s))
-        a, b, c = others[:3]
-        fixed = {"PLACE": place, "OBJECT": obj}
-        clean_names, corrupt_names = {"IO": io, "S": [s, s]}, {"IO": a, "S": [b, c]}
-        if context:
-            ctx = rng.choice(data["contexts"]).replace("{PLACE}", "{C_PLACE}").replace("{OBJECT}", "{C_OBJECT}")
-            text = ctx + space + text
-            fixed.update(C_PLACE=rng.choice(places), C_OBJECT=rng.choice(objects))
-            clean_names["C"], corrupt_names["C"] = others[3], others[4]
-        clean, clean_spans = _fill(text, {**clean_names, **fixed}, space)
-        corrupt, corrupt_spans = _fill(text, {**corrupt_names, **fixed}, space)
+
+class _Ioi:
+    """IOI prompts one at a time (:meth:`make`) from what a tokenizer allows: the usable names, every name pair the
+    split admits, the templates (checked here, each refusal in ``report``)."""
+
+    SLOTS = ("IO", "S", "C")
+
+    def __init__(self, language: str, tokenizer, split: str, variant: str | None, data: dict, report: DropReport):
+        self.language, self.variant, self.data, self.report = language, variant, data, report
+        self.space, self.tokens = _SPACE[language], _Tokens(tokenizer)
+        self.templates = _templates(data, split, "ioi")
+        for t in self.templates:
+            _check_template(t, "ioi", language)
+        self.names_in_data = all_names(data)
+        self.width = _word_widths(self.names_in_data, self.tokens, language, "names", report)
+        names = self.names = list(self.width)
+        if len(names) < 5:
+            raise NoPrompts(
+                f"ioi/{language}: only {len(names)} of {len(self.names_in_data)} names are usable for this tokenizer "
+                f"(each must be one token or a span of up to {MAX_WORD_TOKENS} known, whole tokens; IOI needs 5: IO, "
+                f"S and three counterfactual names); {report}"
+            )
+        self.pairs = [(a, b) for a in names for b in names if a != b and _pair_allowed(split, is_heldout(a, b))]
+        if not self.pairs:
+            raise NoPrompts(f"ioi/{language}: no name pair fits split={split!r} among {len(names)} names")
+        self.places, self.objects = data.get("places") or [""], data.get("objects") or [""]
+        self.context = variant == "context"
+        if self.context and not data.get("contexts"):
+            raise ValueError(f"ioi/{language}: variant 'context' needs a 'contexts' list in the data")
+        if len(names) < 5 + 2 * self.context:
+            raise NoPrompts(f"ioi/{language}: variant {variant!r} needs {5 + 2 * self.context} usable names")
+
+    def _draw(self, rng: random.Random) -> dict:
+        """The template and words of one prompt pair: IO, S, place, object, the counterfactual names (a for IO,
+        b and c for S1 and S2, then with a context the clean and counterfactual C, as long as IO)."""
+        t = rng.choice(self.templates)
+        io, s = rng.choice(self.pairs)
+        place, obj = rng.choice(self.places), rng.choice(self.objects)
+        width = self.width
+        others = _draw(
+            rng, self.names, width, [width[io], width[s], width[s]] + [width[io]] * (2 * self.context), (io, s)
+        )
+        d = dict(t=t, text=t["text"], io=io, s=s, place=place, obj=obj, others=others)
+        d["fixed"] = {"PLACE": place, "OBJECT": obj}
+        d["clean"], d["corrupt"] = {"IO": io, "S": [s, s]}, {"IO": others[0], "S": others[1:3]}
+        if self.context:
+            ctx = rng.choice(self.data["contexts"]).replace("{PLACE}", "{C_PLACE}").replace("{OBJECT}", "{C_OBJECT}")
+            d["text"] = ctx + self.space + d["text"]
+            d["fixed"].update(C_PLACE=rng.choice(self.places), C_OBJECT=rng.choice(self.objects))
+            d["clean"]["C"], d["corrupt"]["C"] = others[3], others[4]
+        return d
+
+    def make(self, rng: random.Random) -> dict:
+        """One row of the prompt set (raises :class:`_Drop` for a pair the tokenizer cannot align)."""
+        d, tokens, space = self._draw(rng), self.tokens, self.space
+        clean, clean_spans = _fill(d["text"], {**d["clean"], **d["fixed"]}, space)
+        corrupt, corrupt_spans = _fill(d["text"], {**d["corrupt"], **d["fixed"]}, space)
         ids, cids = tokens(clean), tokens(corrupt)
         if tokens.unknown(ids, cids):
             raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
         if len(ids) != len(cids):
             raise _Drop("clean/counterfactual lengths differ", f"{len(ids)} vs {len(cids)}: {corrupt!r}")
-        pos = _locate(tokens, clean, ids, clean_spans, "clean", slots)
-        cpos = _locate(tokens, corrupt, cids, corrupt_spans, "counterfactual", slots)
+        pos = _locate(tokens, clean, ids, clean_spans, "clean", self.SLOTS)
+        cpos = _locate(tokens, corrupt, cids, corrupt_spans, "counterfactual", self.SLOTS)
         if pos != cpos:
             raise _Drop("clean/counterfactual name spans differ", f"{clean!r} / {corrupt!r}")
-        answer, distractor = _continuations(tokens, clean, space + io, space + s)
+        answer, distractor = _continuations(tokens, clean, space + d["io"], space + d["s"])
         positions = {"IO": pos["IO#1"][1] - 1, "S1": pos["S#1"][1] - 1, "S2": pos["S#2"][1] - 1, "end": len(ids) - 1}
+        if self.context:
+            positions["C"] = pos["C#1"][1] - 1
+        meta = self._meta(d, pos, clean, corrupt)
+        return dict(clean=ids, corrupt=cids, answer=answer, distractor=distractor, positions=positions, meta=meta)
+
+    def _meta(self, d: dict, pos: dict, clean: str, corrupt: str) -> dict:
+        io, s, (a, b, c), space = d["io"], d["s"], d["others"][:3], self.space
         meta = {
-            "template": t["id"],
-            "split": t.get("split", "train"),
-            "variant": variant or "abc",
+            "template": d["t"]["id"],
+            "split": d["t"].get("split", "train"),
+            "variant": self.variant or "abc",
             "io": io,
             "s": s,
             "pair_heldout": is_heldout(io, s),
             "corrupt_io": a,
             "corrupt_s1": b,
             "corrupt_s2": c,
-            "place": place,
-            "object": obj,
+            "place": d["place"],
+            "object": d["obj"],
             "clean_text": clean,
             "corrupt_text": corrupt,
             "answer_text": space + io,
@@ -796,22 +824,9 @@ def build_ioi(
             "io_tokens": pos["IO#1"][1] - pos["IO#1"][0],
             "s_tokens": pos["S#1"][1] - pos["S#1"][0],
         }
-        if context:
-            positions["C"] = pos["C#1"][1] - 1
-            meta.update(c=others[3], corrupt_c=others[4])
-        return {
-            "clean": ids,
-            "corrupt": cids,
-            "answer": answer,
-            "distractor": distractor,
-            "positions": positions,
-            "meta": meta,
-        }
-
-    rows, dropped = _sample(random.Random(seed), n, report, make)
-    used = {r["meta"][k] for r in rows for k in ("io", "s")}
-    _warn_few(report, "ioi", language, "names", used, len(rows), len(names_in_data))
-    return _finish("ioi", language, rows, dropped, report, tokenizer, bos)
+        if self.context:
+            meta.update(c=d["others"][3], corrupt_c=d["others"][4])
+        return meta
 
 
 # ---------------------------------------------------------------------------
@@ -879,146 +894,181 @@ def build_past_tense(
     cf = _counterfactual(language, variant, counterfactual)
     n, bos = _count(n), _bos(tokenizer, prepend_bos)
     data = load_data("past_tense", language) if data is None else data
-    space, tokens, report = _SPACE[language], _Tokens(tokenizer), DropReport(requested=n)
-    templates = _templates(data, split, "past_tense")
-    for t in templates:
-        _check_template(t, "past_tense", language)
-    names_in_data = all_names(data)
-    names = list(_word_widths(names_in_data, tokens, language, "names", report))
-    verb_forms = ("present", "past") if language == "en" else ("verb",)
-    verbs, shape = [], {}  # shape: (tokens of the verb, tokens of verb + complement), for the verb counterfactual
-    for v in data["verbs"]:
-        found = [(f, tokens.after(_LEFT[language], space + v[f])) for f in verb_forms]
-        bad = [(f, ids, problem) for f, ids in found if (problem := _word_problem(tokens, ids))]
-        if bad:  # one drop per verb, under its first form's problem
-            shown = ", ".join(f"{space + v[f]!r} -> {[tokens.decode(i) for i in ids or []]}" for f, ids, _ in bad)
-            report.drop(f"verbs: {bad[0][2]}", shown)
-            continue
-        verbs.append(v)
-        whole = tokens.after(_LEFT[language], space + v[verb_forms[0]] + space + v["rest"])
-        shape[_verb_key(language, v)] = (len(found[0][1]), None if whole is None else len(whole))
-    report.vocabulary["verbs"] = (len(verbs), len(data["verbs"]))
-    if not names:
-        raise NoPrompts(
-            f"past_tense/{language}: no name is usable for this tokenizer (each must be one token or a span of up "
-            f"to {MAX_WORD_TOKENS} known, whole tokens); {report}"
-        )
-    if not verbs or (language == "zh" and variant == "copy" and len(verbs) < 2):
-        raise NoPrompts(
-            f"past_tense/{language}: too few verbs are usable for this tokenizer (each form must be one token or a "
-            f"span of up to {MAX_WORD_TOKENS} known, whole tokens); {report}"
-        )
+    past = _PastTense(language, tokenizer, split, variant, cf, data, DropReport(requested=n))
+    rows, dropped = _sample(random.Random(seed), n, past.report, past.make)
+    for label, key, n_data in (("names", "name", len(past.names_in_data)), ("verbs", "verb", len(data["verbs"]))):
+        used = {r["meta"][key] for r in rows}
+        _warn_few(past.report, "past_tense", language, label, used, len(rows), n_data)
+    return _finish("past_tense", language, rows, dropped, past.report, tokenizer, bos)
 
-    # adverb pairs: a past adverb and the habitual adverbs of equal token length after a sentence end
-    stop = ". " if language == "en" else "。"
-    length = {a: len(tokens(stop + a)) - len(tokens(stop)) for a in data["past_adverbs"] + data["habitual_adverbs"]}
-    partners = {}
-    for a in data["past_adverbs"]:
-        same = [h for h in data["habitual_adverbs"] if length[h] == length[a]]
-        if same:
-            partners[a] = same
-        else:
-            report.drop("past adverb has no habitual adverb of equal token length", f"{a!r} is {length[a]} tokens")
-    report.vocabulary["past adverbs"] = (len(partners), len(data["past_adverbs"]))
-    combos = [(a, v) for a in partners for v in verbs if _pair_allowed(split, is_heldout(a, _verb_key(language, v)))]
-    if not combos:
-        raise NoPrompts(f"past_tense/{language}: no adverb x verb combination fits split={split!r}; {report}")
-    habituals = data["habitual_adverbs"]
 
-    def make(rng: random.Random) -> dict:
-        t = rng.choice(templates)
-        adverb, verb = rng.choice(combos)
-        habitual = rng.choice(partners[adverb])
-        context = rng.choice(habituals)
-        name = rng.choice(names)
-        other = None  # Chinese copy: the distractor verb (and, counterfactual "verb", the counterfactual's verb)
-        if language == "zh" and variant == "copy":
-            pool = [v for v in verbs if v["verb"] != verb["verb"]]
-            if cf == "verb":
+class _PastTense:
+    """Past-tense prompts one at a time (:meth:`make`) from what a tokenizer allows: the usable names and verbs,
+    each past adverb with the habitual adverbs of its token length, every adverb x verb pair the split admits."""
+
+    SLOTS = ("NAME", "PRESENT", "VERB", "ADVERB", "adverb")
+
+    def __init__(self, language, tokenizer, split: str, variant: str, cf: str, data: dict, report: DropReport):
+        self.language, self.variant, self.cf, self.data, self.report = language, variant, cf, data, report
+        self.space, self.tokens = _SPACE[language], _Tokens(tokenizer)
+        self.templates = _templates(data, split, "past_tense")
+        for t in self.templates:
+            _check_template(t, "past_tense", language)
+        self.names_in_data = all_names(data)
+        self.names = list(_word_widths(self.names_in_data, self.tokens, language, "names", report))
+        self.verbs, self.shape = self._usable_verbs()
+        if not self.names:
+            raise NoPrompts(
+                f"past_tense/{language}: no name is usable for this tokenizer (each must be one token or a span of up "
+                f"to {MAX_WORD_TOKENS} known, whole tokens); {report}"
+            )
+        if not self.verbs or (language == "zh" and variant == "copy" and len(self.verbs) < 2):
+            raise NoPrompts(
+                f"past_tense/{language}: too few verbs are usable for this tokenizer (each form must be one token or a "
+                f"span of up to {MAX_WORD_TOKENS} known, whole tokens); {report}"
+            )
+        self.partners = self._adverb_partners()
+        self.combos = [
+            (a, v)
+            for a in self.partners
+            for v in self.verbs
+            if _pair_allowed(split, is_heldout(a, _verb_key(language, v)))
+        ]
+        if not self.combos:
+            raise NoPrompts(f"past_tense/{language}: no adverb x verb combination fits split={split!r}; {report}")
+
+    def _usable_verbs(self) -> tuple[list[dict], dict]:
+        """The verbs whose forms the tokenizer spells as words, and each one's shape: (tokens of the verb, tokens
+        of verb + complement), for the verb counterfactual."""
+        language, space, tokens = self.language, self.space, self.tokens
+        verb_forms = ("present", "past") if language == "en" else ("verb",)
+        verbs, shape = [], {}
+        for v in self.data["verbs"]:
+            found = [(f, tokens.after(_LEFT[language], space + v[f])) for f in verb_forms]
+            bad = [(f, ids, problem) for f, ids in found if (problem := _word_problem(tokens, ids))]
+            if bad:  # one drop per verb, under its first form's problem
+                shown = ", ".join(f"{space + v[f]!r} -> {[tokens.decode(i) for i in ids or []]}" for f, ids, _ in bad)
+                self.report.drop(f"verbs: {bad[0][2]}", shown)
+                continue
+            verbs.append(v)
+            whole = tokens.after(_LEFT[language], space + v[verb_forms[0]] + space + v["rest"])
+            shape[_verb_key(language, v)] = (len(found[0][1]), None if whole is None else len(whole))
+        self.report.vocabulary["verbs"] = (len(verbs), len(self.data["verbs"]))
+        return verbs, shape
+
+    def _adverb_partners(self) -> dict[str, list[str]]:
+        """Each past adverb with the habitual adverbs of equal token length after a sentence end."""
+        data, tokens = self.data, self.tokens
+        stop = ". " if self.language == "en" else "。"
+        length = {a: len(tokens(stop + a)) - len(tokens(stop)) for a in data["past_adverbs"] + data["habitual_adverbs"]}
+        partners = {}
+        for a in data["past_adverbs"]:
+            same = [h for h in data["habitual_adverbs"] if length[h] == length[a]]
+            if same:
+                partners[a] = same
+            else:
+                self.report.drop(
+                    "past adverb has no habitual adverb of equal token length", f"{a!r} is {length[a]} tokens"
+                )
+        self.report.vocabulary["past adverbs"] = (len(partners), len(data["past_adverbs"]))
+        return partners
+
+    def _draw(self, rng: random.Random) -> dict:
+        """The template and words of one prompt pair; ``other``: Chinese copy's distractor verb (and, counterfactual
+        ``"verb"``, the counterfactual's verb)."""
+        t = rng.choice(self.templates)
+        adverb, verb = rng.choice(self.combos)
+        d = dict(t=t, adverb=adverb, verb=verb, habitual=rng.choice(self.partners[adverb]))
+        d.update(context=rng.choice(self.data["habitual_adverbs"]), name=rng.choice(self.names), other=None)
+        if self.language == "zh" and self.variant == "copy":
+            pool = [v for v in self.verbs if v["verb"] != verb["verb"]]
+            if self.cf == "verb":
+                shape = self.shape
                 pool = [v for v in pool if shape[v["verb"]] == shape[verb["verb"]] and shape[v["verb"]][1] is not None]
                 if not pool:
                     raise _Drop("no other verb of the same token lengths", f"{verb['verb'] + verb['rest']!r}")
-            other = rng.choice(pool)
-        values = {"NAME": name, "REST": verb["rest"], "HABITUAL": context, "habitual": _lower_first(context)}
-        if language == "en":
+            d["other"] = rng.choice(pool)
+        return d
+
+    def _texts(self, d: dict) -> tuple[str, list, str, list]:
+        """``(clean, its spans, counterfactual, its spans)``."""
+        verb, other, space, cf = d["verb"], d["other"], self.space, self.cf
+        values = {
+            "NAME": d["name"],
+            "REST": verb["rest"],
+            "HABITUAL": d["context"],
+            "habitual": _lower_first(d["context"]),
+        }
+        if self.language == "en":
             values.update(PRESENT=verb["present"], PAST=verb["past"])
         else:
             values.update(VERB=verb["verb"])
-        corrupt_adverb = habitual if cf == "adverb" else adverb
+        d["corrupt_adverb"] = corrupt_adverb = d["habitual"] if cf == "adverb" else d["adverb"]
         corrupt_values = {**values, "VERB": other["verb"], "REST": other["rest"]} if cf == "verb" else values
-        clean, spans = _fill(t["text"], {**values, "ADVERB": adverb, "adverb": _lower_first(adverb)}, space)
+        adverb, text = d["adverb"], d["t"]["text"]
+        clean, spans = _fill(text, {**values, "ADVERB": adverb, "adverb": _lower_first(adverb)}, space)
         corrupt, cspans = _fill(
-            t["text"], {**corrupt_values, "ADVERB": corrupt_adverb, "adverb": _lower_first(corrupt_adverb)}, space
+            text, {**corrupt_values, "ADVERB": corrupt_adverb, "adverb": _lower_first(corrupt_adverb)}, space
         )
-        vform = verb["present"] if language == "en" else verb["verb"]
-        if variant == "marking" and language == "zh":
+        if self.variant == "marking" and self.language == "zh":
+            vform = verb["verb"]
             clean, corrupt = clean + vform, corrupt + vform
+        return clean, spans, corrupt, cspans
+
+    def _answers(self, d: dict) -> tuple[str, str]:
+        verb = d["verb"]
+        if self.variant == "marking" and self.language == "zh":
+            return "了", verb["rest"]
+        if self.language == "en":
+            return self.space + verb["past"], self.space + verb["present"]
+        return verb["verb"], d["other"]["verb"]
+
+    def make(self, rng: random.Random) -> dict:
+        """One row of the prompt set (raises :class:`_Drop` for a pair the tokenizer cannot align)."""
+        d, tokens = self._draw(rng), self.tokens
+        clean, spans, corrupt, cspans = self._texts(d)
         ids, cids = tokens(clean), tokens(corrupt)
         if tokens.unknown(ids, cids):
             raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
         if len(ids) != len(cids):
             raise _Drop("clean/counterfactual lengths differ", f"{clean!r} vs {corrupt!r}: {len(ids)} vs {len(cids)}")
-        slots = ("NAME", "PRESENT", "VERB", "ADVERB", "adverb")
-        pos = _locate(tokens, clean, ids, spans, "clean", slots)
-        cpos = _locate(tokens, corrupt, cids, cspans, "counterfactual", slots)
+        pos = _locate(tokens, clean, ids, spans, "clean", self.SLOTS)
+        cpos = _locate(tokens, corrupt, cids, cspans, "counterfactual", self.SLOTS)
         if pos != cpos:
             raise _Drop("clean/counterfactual spans differ", f"{clean!r} / {corrupt!r}")
-        verb_slot = "PRESENT#1" if language == "en" else "VERB#1"
+        verb_slot = "PRESENT#1" if self.language == "en" else "VERB#1"
         name2 = max((k for k in pos if k.startswith("NAME#")), key=lambda k: int(k.split("#")[1]))
         adverb_slot = next(k for k in pos if k.lower().startswith("adverb#"))
-        if variant == "marking" and language == "zh":
-            answer_text, distractor_text = "了", verb["rest"]
-        elif language == "en":
-            answer_text, distractor_text = space + verb["past"], space + verb["present"]
-        else:
-            answer_text, distractor_text = verb["verb"], other["verb"]
+        answer_text, distractor_text = self._answers(d)
         answer, distractor = _continuations(tokens, clean, answer_text, distractor_text)
-        return {
-            "clean": ids,
-            "corrupt": cids,
-            "answer": answer,
-            "distractor": distractor,
-            "positions": {
-                "verb": pos[verb_slot][1] - 1,
-                "adverb": pos[adverb_slot][1] - 1,
-                "name2": pos[name2][1] - 1,
-                "end": len(ids) - 1,
-            },
-            "meta": {
-                "template": t["id"],
-                "split": t.get("split", "train"),
-                "variant": variant,
-                "counterfactual": cf,
-                "name": name,
-                "verb": _verb_key(language, verb),
-                "past": verb.get("past", verb.get("verb")),
-                "rest": verb["rest"],
-                "adverb": adverb,
-                "habitual": habitual,
-                "context_adverb": context,
-                "corrupt_adverb": corrupt_adverb,
-                "corrupt_verb": other["verb"] if cf == "verb" else _verb_key(language, verb),
-                "combo_heldout": is_heldout(adverb, _verb_key(language, verb)),
-                "clean_text": clean,
-                "corrupt_text": corrupt,
-                "answer_text": answer_text,
-                "distractor_text": distractor_text,
-            },
+        positions = {
+            "verb": pos[verb_slot][1] - 1,
+            "adverb": pos[adverb_slot][1] - 1,
+            "name2": pos[name2][1] - 1,
+            "end": len(ids) - 1,
         }
+        texts = dict(clean_text=clean, corrupt_text=corrupt, answer_text=answer_text, distractor_text=distractor_text)
+        meta = {**self._meta(d), **texts}
+        return dict(clean=ids, corrupt=cids, answer=answer, distractor=distractor, positions=positions, meta=meta)
 
-    rows, dropped = _sample(random.Random(seed), n, report, make)
-    for label, key in (("names", "name"), ("verbs", "verb")):
-        used = {r["meta"][key] for r in rows}
-        _warn_few(
-            report,
-            "past_tense",
-            language,
-            label,
-            used,
-            len(rows),
-            len(names_in_data if key == "name" else data["verbs"]),
-        )
-    return _finish("past_tense", language, rows, dropped, report, tokenizer, bos)
+    def _meta(self, d: dict) -> dict:
+        language, verb, cf = self.language, d["verb"], self.cf
+        return {
+            "template": d["t"]["id"],
+            "split": d["t"].get("split", "train"),
+            "variant": self.variant,
+            "counterfactual": cf,
+            "name": d["name"],
+            "verb": _verb_key(language, verb),
+            "past": verb.get("past", verb.get("verb")),
+            "rest": verb["rest"],
+            "adverb": d["adverb"],
+            "habitual": d["habitual"],
+            "context_adverb": d["context"],
+            "corrupt_adverb": d["corrupt_adverb"],
+            "corrupt_verb": d["other"]["verb"] if cf == "verb" else _verb_key(language, verb),
+            "combo_heldout": is_heldout(d["adverb"], _verb_key(language, verb)),
+        }
 
 
 # ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from lsa.neurons.sets import (
     union,
 )
 from lsa.neurons.stats import NeuronStats
-from lsa.neurons.study import LanguageReport, language_report
+from lsa.neurons.study import LanguageReport, ReportSettings, language_report
 
 __all__ = [
     "CORPUS_DIR",
@@ -68,6 +68,7 @@ __all__ = [
     "LayerActivations",
     "NeuronSet",
     "NeuronStats",
+    "ReportSettings",
     "activation_totals",
     "as_language_dict",
     "as_neuron_set",

@@ -146,35 +146,67 @@ def draw(
     if overlay and len(shapes) > 1:
         raise ValueError(f"circuits of different shapes {sorted(shapes)} cannot be overlaid")
     if not overlay and len(circuits) > 1:
-        if ax is not None:
-            raise ValueError("circuits drawn side by side make their own axes; do not pass ax")
-        fig, axes = plt.subplots(1, len(circuits), figsize=(min(5.5 * len(circuits), 2 * MAX_SIZE[0]), 5.5))
-        for i, (c, lab) in enumerate(zip(circuits, labels)):
-            draw(c, [lab], ax=axes[i], title=f"{lab}: {c.model}", compress=compress)
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        return fig
-    n_layers, n_heads = circuits[0].n_layers, circuits[0].n_heads
-    group = n_heads // max(
-        1, max((k[2] + 1 for c in circuits for e in c.edges for k in (e.receiver,) if k[0] == "kv"), default=n_heads)
-    )
-    ends = [k for c in circuits for e in c.edges for k in (e.sender, e.receiver)]
-    used = {_layer(k) for k in [*(comp.key for c in circuits for comp in c.components), *ends]} - {None}
-    rows, ticks = layer_rows(used, n_layers, compress)
-    span = max(rows.values(), default=0.0) - min(rows.values(), default=0.0) + 1.0
+        return _side_by_side(circuits, labels, ax, title, compress)
+    diagram = _Diagram(circuits, compress)
     if ax is None:
-        width = min(MAX_SIZE[0], max(5.0, 1.0 * n_heads + 3.5))
-        fig, ax = plt.subplots(figsize=(width, min(MAX_SIZE[1], max(4.0, 0.9 * span + 2.0))))
+        width = min(MAX_SIZE[0], max(5.0, 1.0 * diagram.n_heads + 3.5))
+        fig, ax = plt.subplots(figsize=(width, min(MAX_SIZE[1], max(4.0, 0.9 * diagram.span + 2.0))))
     else:
         fig = ax.figure
-    shown = sorted(used) if compress and used else range(n_layers)
-    grid = np.array([(h, rows[la]) for la in shown for h in range(n_heads)])
-    ax.scatter(grid[:, 0], grid[:, 1], s=60, c="#dddddd", zorder=1)
-    lx, ly = _position((LOGITS,), n_heads, rows)
-    ax.scatter([lx], [ly], marker="s", s=400, c="#444444", zorder=3)
-    ax.annotate("logits", (lx, ly), ha="center", va="center", color="white", fontsize=8, zorder=4)
+    ly = diagram.grid(ax)
+    _edges(ax, circuits, diagram, min_width, max_width)
+    members, roles_seen = _components(ax, circuits, diagram)
+    _axes(ax, diagram, members, ly)
+    _legend(ax, circuits, labels, members, roles_seen)
+    if not members:
+        ax.text((diagram.n_heads - 1) / 2, ly / 2, "empty circuit", ha="center", color="grey")
+    ax.set_title(title or " vs ".join(f"{lab}" for lab in labels) + f" ({circuits[0].task or 'circuit'})")
+    fig.tight_layout()
+    return fig
 
+
+def _side_by_side(circuits: list[Circuit], labels: list[str], ax, title, compress: bool):
+    """One panel per circuit (circuits of different models: their head indices do not correspond)."""
+    if ax is not None:
+        raise ValueError("circuits drawn side by side make their own axes; do not pass ax")
+    fig, axes = plt.subplots(1, len(circuits), figsize=(min(5.5 * len(circuits), 2 * MAX_SIZE[0]), 5.5))
+    for i, (c, lab) in enumerate(zip(circuits, labels)):
+        draw(c, [lab], ax=axes[i], title=f"{lab}: {c.model}", compress=compress)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class _Diagram:
+    """Where a diagram puts layers (rows, :func:`layer_rows`) and heads (columns), for circuits of one shape."""
+
+    def __init__(self, circuits: list[Circuit], compress: bool):
+        self.n_layers, self.n_heads = circuits[0].n_layers, circuits[0].n_heads
+        kv = (k[2] + 1 for c in circuits for e in c.edges for k in (e.receiver,) if k[0] == "kv")
+        self.group = self.n_heads // max(1, max(kv, default=self.n_heads))
+        ends = [k for c in circuits for e in c.edges for k in (e.sender, e.receiver)]
+        self.used = {_layer(k) for k in [*(comp.key for c in circuits for comp in c.components), *ends]} - {None}
+        self.compress = compress
+        self.rows, self.ticks = layer_rows(self.used, self.n_layers, compress)
+        self.span = max(self.rows.values(), default=0.0) - min(self.rows.values(), default=0.0) + 1.0
+
+    def at(self, key: tuple) -> tuple[float, float]:
+        return _position(key, self.n_heads, self.rows, self.group)
+
+    def grid(self, ax) -> float:
+        """Every head of the shown layers as a grey dot, and the logits; returns the logits' row."""
+        shown = sorted(self.used) if self.compress and self.used else range(self.n_layers)
+        grid = np.array([(h, self.rows[la]) for la in shown for h in range(self.n_heads)])
+        ax.scatter(grid[:, 0], grid[:, 1], s=60, c="#dddddd", zorder=1)
+        lx, ly = _position((LOGITS,), self.n_heads, self.rows)
+        ax.scatter([lx], [ly], marker="s", s=400, c="#444444", zorder=3)
+        ax.annotate("logits", (lx, ly), ha="center", va="center", color="white", fontsize=8, zorder=4)
+        return ly
+
+
+def _edges(ax, circuits: list[Circuit], diagram: _Diagram, min_width: float, max_width: float) -> None:
+    """Every circuit's edges: width by |effect|, style by receiver input, colour by sign (one circuit) or circuit."""
     effects = [abs(e.effect) for c in circuits for e in c.edges if e.effect is not None]
     top = max(effects) if effects else 1.0
     top = top if top > 0 else 1.0
@@ -182,8 +214,7 @@ def draw(
     offsets = np.linspace(-0.08, 0.08, len(circuits)) if several else [0.0]
     for i, c in enumerate(circuits):
         for e in c.edges:
-            x0, y0 = _position(e.sender, n_heads, rows, group)
-            x1, y1 = _position(e.receiver, n_heads, rows, group)
+            (x0, y0), (x1, y1) = diagram.at(e.sender), diagram.at(e.receiver)
             width = min_width + (max_width - min_width) * (abs(e.effect) / top if e.effect is not None else 0.2)
             colour = CIRCUIT_COLOURS[i % 4] if several else ("#1f4e9c" if (e.effect or 0) <= 0 else "#c0392b")
             ax.add_patch(
@@ -202,15 +233,20 @@ def draw(
                     zorder=2,
                 )
             )
+
+
+def _components(ax, circuits: list[Circuit], diagram: _Diagram) -> tuple[dict[tuple, list[int]], list]:
+    """Every component as nested discs (one per circuit holding it, outermost first, filled by its role);
+    returns the circuits holding each component and the roles shown."""
     members: dict[tuple, list[int]] = {}
     for i, c in enumerate(circuits):
         for comp in c.components:
             members.setdefault(comp.key, []).append(i)
     roles_seen = []
     for key, which in members.items():
-        x, y = _position(key, n_heads, rows, group)
+        x, y = diagram.at(key)
         marker = "o" if key[0] == "head" else "s"
-        for ring, i in enumerate(which):  # one disc per circuit holding it, outermost first, filled by its role
+        for ring, i in enumerate(which):
             role = circuits[i].get(key).role
             roles_seen += [role] if role not in roles_seen else []
             size = 420 + 300 * (len(which) - 1 - ring)
@@ -225,19 +261,28 @@ def draw(
                 zorder=5 + ring,
             )
         ax.annotate(circuits[which[0]].get(key).name, (x, y), ha="center", va="center", fontsize=7, zorder=10)
-    ax.set_yticks([y for y, _ in ticks], [label for _, label in ticks])
-    for tick, (_, label) in zip(ax.get_yticklabels(), ticks):
-        if "-" in label or (compress and used and int(label[1:]) not in used):
+    return members, roles_seen
+
+
+def _axes(ax, diagram: _Diagram, members: dict, ly: float) -> None:
+    """Layer ticks (bands of empty layers in grey), head ticks, limits, no top or right spine."""
+    ax.set_yticks([y for y, _ in diagram.ticks], [label for _, label in diagram.ticks])
+    for tick, (_, label) in zip(ax.get_yticklabels(), diagram.ticks):
+        if "-" in label or (diagram.compress and diagram.used and int(label[1:]) not in diagram.used):
             tick.set_color("grey")
             tick.set_fontsize(7)
+    n_heads, rows = diagram.n_heads, diagram.rows
     ax.set_xticks(range(n_heads))
     ax.set_xticklabels([f"H{h}" for h in range(n_heads)])
     ax.set_xlim(-0.8, n_heads + (1.2 if any(k[0] != "head" for k in members) else -0.2))
     ax.set_ylim(min(rows.values(), default=0.0) - (1.5 if ("embed",) in members else 0.7), ly + 0.6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+
+
+def _legend(ax, circuits: list[Circuit], labels: list[str], members: dict, roles_seen: list) -> None:
     handles = [Patch(facecolor=role_colour(r), label=r or "no role") for r in roles_seen]
-    if several:
+    if len(circuits) > 1:
         handles += [
             Line2D([], [], marker="o", ls="", mfc="white", mec=CIRCUIT_COLOURS[i % 4], mew=2.5, ms=10, label=lab)
             for i, lab in enumerate(labels)
@@ -247,11 +292,6 @@ def draw(
     kinds = [k for k in ("q", "k", "v", "mlp") if any(e.kind == k for c in circuits for e in c.edges)]
     handles += [Line2D([], [], color="grey", ls=EDGE_STYLES[k], label=f"via {k}") for k in kinds or ("q", "k", "v")]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    if not members:
-        ax.text((n_heads - 1) / 2, ly / 2, "empty circuit", ha="center", color="grey")
-    ax.set_title(title or " vs ".join(f"{lab}" for lab in labels) + f" ({circuits[0].task or 'circuit'})")
-    fig.tight_layout()
-    return fig
 
 
 def _receivers_title(step, kind: str, receivers: str, width: int = 30, most: int = 4) -> str:

@@ -136,14 +136,3 @@ def save(result, path: str | Path, table: pd.DataFrame | None = None, evaluation
     (path / "zoo.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (path / "README.md").write_text(card_text(info, table), encoding="utf-8")
     return path
-
-
-def render_card(path: str | Path) -> Path:
-    """Rewrite a saved model's ``README.md`` from its ``zoo.json`` (after the card format changes)."""
-    path = Path(path)
-    info = json.loads((path / "zoo.json").read_text(encoding="utf-8"))
-    table = pd.DataFrame(
-        info["evaluation"], columns=["language", "task", "split", "metric", "value", "bar", "meets", "n"]
-    )
-    (path / "README.md").write_text(card_text(info, table), encoding="utf-8")
-    return path / "README.md"
