@@ -310,10 +310,12 @@ VERDICT_RULE = (
     "1) each circuit must keep at least the target share of its own language's behaviour on held-out prompts "
     "(normalised faithfulness), or the verdict is 'inconclusive': circuits that do not explain the behaviour say "
     "nothing of the mechanism; 2) 'same' when, besides, each circuit keeps at least the target of the other "
-    "language's behaviour and the node overlap's 95% interval lies above the 95th percentile of random circuits of "
-    "the same sizes; 3) 'different' when, besides 1, one circuit's cross-language faithfulness interval lies wholly "
-    "below the target and the node overlap across languages (half samples) is below both languages' overlap between "
-    "two halves of their own prompts; 4) otherwise 'inconclusive'."
+    "language's behaviour and the two languages' circuits overlap beyond chance: their heads and MLPs, from half "
+    "of each language's prompts, overlap more than the 95th percentile of random circuits of the same sizes; "
+    "3) 'different' when, besides 1, one circuit's cross-language faithfulness interval lies wholly below the "
+    "target and that cross-language overlap is below both languages' overlap between two halves of their own "
+    "prompts; 4) otherwise 'inconclusive'. Overlaps are compared at half samples on both sides, as the circuits "
+    "of resampled prompts overlap less than those of all of them."
 )
 
 
@@ -338,7 +340,7 @@ def verdict(faith: pd.DataFrame, overlap: pd.DataFrame, target: float = 0.8) -> 
         f"{r.circuit} keeps {r.normalized:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] of {r.language}"
         for r in cross.itertuples()
     ]
-    above_chance = nodes["ci_low"] > nodes["chance_95"]
+    above_chance = nodes["across_halves"] > nodes["chance_95"]
     reasons.append(
         f"node overlap {nodes['observed']:.2f} [{nodes['ci_low']:.2f}, {nodes['ci_high']:.2f}] against chance "
         f"{nodes['chance']:.2f} (95th percentile {nodes['chance_95']:.2f}); at half samples across languages "

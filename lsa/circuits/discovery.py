@@ -67,7 +67,7 @@ import torch
 from lsa import ablation
 from lsa.attribution import EDGE_METHODS, RANKS, EdgeScores, edge_attribution
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
-from lsa.circuits.faithful import Curve, edge_curve
+from lsa.circuits.faithful import Curve, edge_curve, edge_curves, edge_sizes
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
 from lsa.model import Model
 from lsa.tasks import PromptSet
@@ -561,10 +561,14 @@ def path_patching_discovery(
     return Discovery(circuit=circuit, steps=steps, scores=scores)
 
 
+SELECT = "ci_low"  # a circuit is chosen where the lower end of its 95% interval reaches the target
+FIRST_LOOK = 0.05  # the share of the edges up to which the discovery curve is measured first
+
+
 def _crossing(curve: Curve, target: float) -> tuple[float, float]:
-    """Sort key of a curve: the edges of its smallest circuit at or above ``target`` (none: infinity), then
-    minus its best faithfulness."""
-    best = curve.smallest(target)
+    """Sort key of a curve: the edges of its smallest circuit whose interval reaches ``target`` (none:
+    infinity), then minus its best faithfulness."""
+    best = curve.smallest(target, SELECT)
     return (math.inf if best is None else float(best["edges"]), -float(curve.frame["normalized"].max()))
 
 
@@ -606,13 +610,15 @@ def edge_discovery(
     """The smallest edge circuit along the edge attribution ranking whose faithfulness on ``prompts`` reaches ``target``.
 
     Steps: 1) score every edge (:func:`lsa.attribution.edge_attribution`, or the given ``scores``);
-    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curve`, every other edge
-    ablated with ``ablation_method``), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
+    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curves`, every other edge
+    ablated with ``ablation_method``; the shares up to :data:`FIRST_LOOK` first, the others only where
+    none of those reaches the target), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
     ``"best"``: both rankings, and the one whose circuit reaches the target with fewer edges: neither
     wins everywhere, as edges whose estimated effect has the wrong sign are common where the model is
     far from linear); 3) between the largest share below the target and the first at or
-    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured at or above
-    the target (faithfulness need not grow with size: the first crossing), pruned to the paths from the
+    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured whose 95%
+    interval over the discovery prompts lies at or above the target (:data:`SELECT`: so that it holds on
+    prompts it was not found on; faithfulness need not grow with size: the first crossing), pruned to the paths from the
     embeddings to the logits; where no size reaches the target, the most faithful one, with
     ``evidence["reached_target"] = False``; 5) roles of its heads (:func:`suggest_roles`).
 
@@ -625,16 +631,22 @@ def edge_discovery(
         )
     graph = scores.graph
     kw = dict(method=ablation_method, metric=metric, progress=progress)
-    curves = {r: edge_curve(model, scores, prompts, rank=r, **kw) for r in (RANKS if rank == "best" else (rank,))}
+    ranks = RANKS if rank == "best" else (rank,)
+    grid = edge_sizes(graph)
+    small = [n for n in grid if n <= FIRST_LOOK * graph.n_edges]  # most circuits cross early: look there first
+    curves = edge_curves(model, scores, prompts, {r: small for r in ranks}, **kw)
+    if all(c.smallest(target, SELECT) is None for c in curves.values()):
+        rest = edge_curves(model, scores, prompts, {r: [n for n in grid if n not in small] for r in ranks}, **kw)
+        curves = {r: curves[r].joined(rest[r]) for r in ranks}
     rank, curve = min(curves.items(), key=lambda item: _crossing(item[1], target))
     frame = curve.frame
-    hit = frame.index[frame["normalized"] >= target]
+    hit = frame.index[frame[SELECT] >= target]
     if len(hit) and hit[0] > 0 and refine > 0:
         lo, hi = int(frame["size"][hit[0] - 1]), int(frame["size"][hit[0]])
         between = np.unique(np.linspace(lo, hi, refine + 2).round().astype(int))[1:-1]
         if len(between):
             curve = curve.joined(edge_curve(model, scores, prompts, sizes=between.tolist(), rank=rank, **kw))
-    best = curve.smallest(target)
+    best = curve.smallest(target, SELECT)
     reached = best is not None
     if best is None:
         best = curve.frame.loc[curve.frame["normalized"].idxmax()]
@@ -647,6 +659,7 @@ def edge_discovery(
     params = dict(method=method, steps=scores.steps, direction=scores.direction, target=target, rank=rank)
     params["ablation"] = ablation_method
     params.update(n_prompts=len(prompts), metric=getattr(metric, "__name__", "logit_diff") if metric else "logit_diff")
+    params["select"] = f"the smallest circuit whose 95% interval on the discovery prompts reaches {target}"
     evidence = dict(
         method="edge attribution" + (" with integrated gradients" if method == "eap-ig" else ""),
         parameters=params, size=int(best["size"]), found_normalized=float(best["normalized"]), reached_target=reached,
