@@ -185,14 +185,14 @@ def _nodes(graph, kept: torch.Tensor) -> set:
     }  # heads and MLPs: the embeddings are in every circuit
 
 
-def _jaccards(graph, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+def overlaps(graph, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Jaccard of two edge circuits' edges and of their nodes (heads and MLPs)."""
     union = int((a | b).sum())
     edges = 1.0 if union == 0 else int((a & b).sum()) / union
     return edges, jaccard(_nodes(graph, a), _nodes(graph, b))
 
 
-def _chance(graph, a: torch.Tensor, b: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+def chance_overlaps(graph, a: torch.Tensor, b: torch.Tensor, draws: int, seed: int) -> np.ndarray:
     """``[draws, 2]``: Jaccard of edges and of nodes of random circuits with as many edges / nodes as ``a`` and ``b``."""
     g = torch.Generator().manual_seed(seed)
     valid = graph.valid.nonzero()
@@ -236,11 +236,11 @@ def edge_overlap(
     """
     graph = a.graph
     ca, cb = a.circuit(size_a, rank), b.circuit(size_b, rank)
-    observed = _jaccards(graph, ca, cb)
+    observed = overlaps(graph, ca, cb)
     g = torch.Generator().manual_seed(seed)
     boot = np.array(
         [
-            _jaccards(
+            overlaps(
                 graph,
                 a.circuit(size_a, rank, _draw(len(a.per_prompt), g)),
                 b.circuit(size_b, rank, _draw(len(b.per_prompt), g)),
@@ -253,10 +253,10 @@ def edge_overlap(
         ha, hb = _halves(len(a.per_prompt), g), _halves(len(b.per_prompt), g)
         circuits_a = [a.circuit(size_a, rank, rows) for rows in ha]
         circuits_b = [b.circuit(size_b, rank, rows) for rows in hb]
-        within_a.append(_jaccards(graph, *circuits_a))
-        within_b.append(_jaccards(graph, *circuits_b))
-        across += [_jaccards(graph, x, y) for x, y in zip(circuits_a, circuits_b)]
-    chance = _chance(graph, ca, cb, n_chance, seed)
+        within_a.append(overlaps(graph, *circuits_a))
+        within_b.append(overlaps(graph, *circuits_b))
+        across += [overlaps(graph, x, y) for x, y in zip(circuits_a, circuits_b)]
+    chance = chance_overlaps(graph, ca, cb, n_chance, seed)
     rows = []
     for i, unit in enumerate(("edges", "nodes")):
         lo, hi = bootstrap.interval(boot[:, i])
@@ -288,8 +288,8 @@ def stability(
     One row per unit, ``"edges"`` and ``"nodes"``."""
     graph, g = scores.graph, torch.Generator().manual_seed(seed)
     pairs = [[scores.circuit(size, rank, rows) for rows in _halves(len(scores.per_prompt), g)] for _ in range(n_splits)]
-    seen = np.array([_jaccards(graph, *pair) for pair in pairs])
-    chance = _chance(graph, *pairs[0], n_chance, seed)
+    seen = np.array([overlaps(graph, *pair) for pair in pairs])
+    chance = chance_overlaps(graph, *pairs[0], n_chance, seed)
     rows = []
     for i, unit in enumerate(("edges", "nodes")):
         spread = {"within": seen[:, i].mean(), "within_min": seen[:, i].min(), "within_max": seen[:, i].max()}

@@ -572,6 +572,26 @@ def _crossing(curve: Curve, target: float) -> tuple[float, float]:
     return (math.inf if best is None else float(best["edges"]), -float(curve.frame["normalized"].max()))
 
 
+def _search(model, scores, prompts, ranks, target: float, kw: dict) -> dict[str, Curve]:
+    """Each ranking's discovery curve at MIB's shares, measured only where it can decide the choice: the shares
+    up to :data:`FIRST_LOOK` first, the larger ones where no curve reaches the target there; a later ranking
+    only below the sizes at which an earlier one already does (only a smaller circuit could win)."""
+    grid = edge_sizes(scores.graph)
+    curves: dict[str, Curve] = {}
+    for sizes in ([n for n in grid if n <= FIRST_LOOK * scores.graph.n_edges], grid):
+        for r in ranks:
+            found = [c.smallest(target, SELECT) for c in curves.values()]
+            bound = min((float(b["size"]) for b in found if b is not None), default=math.inf)
+            done = set(curves[r].frame["size"]) if r in curves else set()
+            todo = [n for n in sizes if n < bound and n not in done]
+            if todo:
+                new = edge_curves(model, scores, prompts, {r: todo}, **kw)[r]
+                curves[r] = curves[r].joined(new) if r in curves else new
+        if any(c.smallest(target, SELECT) is not None for c in curves.values()):
+            break
+    return curves
+
+
 def discover(
     model: Model, prompts: PromptSet, method: str = "eap-ig", *, target: float = TARGET, **options
 ) -> Discovery:
@@ -600,7 +620,7 @@ def edge_discovery(
     target: float = TARGET,
     ablation_method: str = ablation.DEFAULT_METHOD,
     rank: str = "best",
-    refine: int = 4,
+    refine: int = 3,
     direction: str = "noising",
     metric=None,
     roles: bool = True,
@@ -631,13 +651,7 @@ def edge_discovery(
         )
     graph = scores.graph
     kw = dict(method=ablation_method, metric=metric, progress=progress)
-    ranks = RANKS if rank == "best" else (rank,)
-    grid = edge_sizes(graph)
-    small = [n for n in grid if n <= FIRST_LOOK * graph.n_edges]  # most circuits cross early: look there first
-    curves = edge_curves(model, scores, prompts, {r: small for r in ranks}, **kw)
-    if all(c.smallest(target, SELECT) is None for c in curves.values()):
-        rest = edge_curves(model, scores, prompts, {r: [n for n in grid if n not in small] for r in ranks}, **kw)
-        curves = {r: curves[r].joined(rest[r]) for r in ranks}
+    curves = _search(model, scores, prompts, RANKS if rank == "best" else (rank,), target, kw)
     rank, curve = min(curves.items(), key=lambda item: _crossing(item[1], target))
     frame = curve.frame
     hit = frame.index[frame[SELECT] >= target]
