@@ -365,8 +365,8 @@ def build_sets(
     Translation runs each ordered pair of languages (one language: skipped, with that reason);
     repetition and cloze run each language, scored against the other language given (if any).
     A set the tokenizer cannot express (:class:`lsa.tasks.NoPrompts`, e.g. Chinese for SmolLM2),
-    or with fewer than ``min_prompts`` prompts (its intervals would span the data), is skipped with
-    its reason; when every set is, this raises naming each reason. Prints each
+    or with fewer than ``min_prompts`` prompts (or ``n``, if fewer were asked for: its intervals would
+    span the data), is skipped with its reason; when every set is, this raises naming each reason. Prints each
     set's report (``verbose``). ``kwargs`` go to :func:`build`.
     """
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -391,10 +391,9 @@ def build_sets(
             except NoPrompts as err:
                 skipped[name] = str(err)
                 continue
-            if len(built[name]) < min_prompts:
-                skipped[name] = (
-                    f"{name}: only {len(built[name])} prompts, {min_prompts} needed; {built.pop(name).report}"
-                )
+            need = min(min_prompts, _count(n))
+            if len(built[name]) < need:
+                skipped[name] = f"{name}: only {len(built[name])} prompts, {need} needed; {built.pop(name).report}"
     if verbose:
         for name in [*built, *skipped]:
             print(f"{name:>22}: {built[name].report}" if name in built else f"{'skipped':>22}: {skipped[name]}")
@@ -592,23 +591,24 @@ def median_interval(values, level: float = 0.95) -> tuple[float, float, float]:
 
 
 def summarize(result: LatentLens, level: float = 0.95) -> pd.DataFrame:
-    """Per set, layer and role: ``median`` probability with its ``low`` / ``high`` interval over prompts
-    (:func:`median_interval`), the median ``rank`` and ``n``. Role ``"difference"``: each prompt's
-    ``p(target) - p(other)``, paired (sets with another language only)."""
+    """Per set, layer and role: the role's ``language``, the ``median`` probability with its ``low`` / ``high``
+    interval over prompts (:func:`median_interval`), the median ``rank`` and ``n``. Role ``"difference"``
+    (language ``""``): each prompt's ``p(target) - p(other)``, paired (sets with another language only)."""
     a = result.answers
     wide = a.pivot_table(index=["set", "layer", "prompt"], columns="role", values="prob", sort=False)
     if "other" in wide:
         wide["difference"] = wide["target"] - wide["other"]
     ranks = a.groupby(["set", "layer", "role"], sort=False)["rank"].median()
+    language = a.groupby(["set", "role"], sort=False)["language"].first()
     rows = []
     for (name, layer), group in wide.groupby(level=["set", "layer"], sort=False):
         for role in group.columns:
             if group[role].notna().any():
                 median, low, high = median_interval(group[role], level)
-                rank = ranks.get((name, layer, role), math.nan)
-                rows.append(dict(set=name, layer=layer, role=role, median=median, low=low, high=high, rank=rank))
+                rows.append(dict(set=name, layer=layer, role=role, language=language.get((name, role), "")))
+                rows[-1] |= dict(median=median, low=low, high=high, rank=ranks.get((name, layer, role), math.nan))
                 rows[-1]["n"] = int(group[role].notna().sum())
-    return pd.DataFrame(rows, columns=["set", "layer", "role", "median", "low", "high", "rank", "n"])
+    return pd.DataFrame(rows, columns=["set", "layer", "role", "language", "median", "low", "high", "rank", "n"])
 
 
 def _takeover(ahead: np.ndarray, layers: np.ndarray) -> float:
@@ -620,7 +620,8 @@ def _takeover(ahead: np.ndarray, layers: np.ndarray) -> float:
 
 
 def overtaking(result: LatentLens, level: float = 0.95, floor: float = FLOOR) -> pd.DataFrame:
-    """Per set: does the model answer, and when does the target language take over? One row per set:
+    """Per set: does the model answer, and when does the target language take over? One row per set, with its
+    ``task``, ``source``, ``target`` and ``other`` language (``""``: none) and:
 
     - ``top1``: the share of prompts whose target token is the top token at the last layer (the model's own
       prediction); ``n``: prompts;
@@ -636,16 +637,17 @@ def overtaking(result: LatentLens, level: float = 0.95, floor: float = FLOOR) ->
     """
     summary = summarize(result, level)
     a = result.answers
+    about = result.prompts.groupby("set", sort=False)[["task", "source", "target", "other"]].first()
     rows = []
     for name, group in a.groupby("set", sort=False):
         final = group[(group["layer"] == a["layer"].max()) & (group["role"] == "target")]
-        row = dict(set=name, n=len(final), top1=float((final["rank"] == 0).mean()))
+        row = dict(set=name, **about.loc[name], n=len(final), top1=float((final["rank"] == 0).mean()))
         if (group["role"] == "other").any():
             prob = group.pivot_table(index="prompt", columns=["role", "layer"], values="prob")
             row |= _phases(prob, summary[summary["set"] == name].pivot(index="layer", columns="role"), floor, level)
         rows.append(row)
-    columns = ["set", "n", "top1", "layer", "prompt_layer", "prompt_low", "prompt_high", "ahead"]
-    return pd.DataFrame(rows).reindex(columns=[*columns, "target_leads", "other_leads"])
+    columns = ["set", "task", "source", "target", "other", "n", "top1", "layer", "prompt_layer", "prompt_low"]
+    return pd.DataFrame(rows).reindex(columns=[*columns, "prompt_high", "ahead", "target_leads", "other_leads"])
 
 
 def _phases(prob: pd.DataFrame, med: pd.DataFrame, floor: float, level: float) -> dict:
@@ -665,3 +667,37 @@ def _phases(prob: pd.DataFrame, med: pd.DataFrame, floor: float, level: float) -
         "target_leads": layers[(med["low", "difference"].to_numpy() > 0) & (target >= floor)].tolist(),
         "other_leads": layers[(med["high", "difference"].to_numpy() < 0) & (other >= floor)].tolist(),
     }
+
+
+def by_role(summary: pd.DataFrame, phases: pd.DataFrame) -> pd.DataFrame:
+    """One row per set and role with a language: the set's ``task``, ``source``, ``target``, the role's
+    ``language``, its per-layer ``medians`` and median ``ranks`` (lists, embedding first) and the layers
+    where it ``leads`` (:func:`overtaking`; ``[]`` without another language)."""
+    rows = []
+    for phase in phases.itertuples():
+        for role in ROLES:
+            curve = summary[(summary["set"] == phase.set) & (summary["role"] == role)].sort_values("layer")
+            if len(curve):
+                leads = getattr(phase, f"{role}_leads")
+                rows.append(
+                    dict(set=phase.set, task=phase.task, source=phase.source, target=phase.target, role=role)
+                    | dict(language=curve["language"].iloc[0], medians=curve["median"].tolist())
+                    | dict(ranks=curve["rank"].tolist(), leads=leads if isinstance(leads, list) else [])
+                )
+    return pd.DataFrame(rows)
+
+
+def prompt_table(result: LatentLens, name: str, prompt: int) -> pd.DataFrame:
+    """One prompt of set ``name``, layer by layer: the lens's ``top`` tokens with their probabilities, the
+    probability and rank of its word's first token in each role's language (``p_target``, ``rank_target``,
+    ``p_other``, ``rank_other``), and the ``entropy``. Raises ``ValueError`` for an unknown set or prompt."""
+    pick = lambda frame: frame[(frame["set"] == name) & (frame["prompt"] == prompt)]  # noqa: E731
+    answers, top, layers = pick(result.answers), pick(result.top), pick(result.layers)
+    if not len(answers):
+        raise ValueError(f"no prompt {prompt!r} in set {name!r}; sets: {', '.join(result.prompts['set'].unique())}")
+    table = answers.pivot(index="layer", columns="role", values=["prob", "rank"])
+    table.columns = [f"{'p' if stat == 'prob' else stat}_{role}" for stat, role in table.columns]
+    shown = top.sort_values("rank").groupby("layer")[["token", "prob"]]
+    table.insert(0, "top", shown.apply(lambda t: ", ".join(f"{s!r} {p:.2f}" for s, p in zip(t["token"], t["prob"]))))
+    table["entropy"] = layers.set_index("layer")["entropy"]
+    return table.reset_index()

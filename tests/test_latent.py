@@ -43,7 +43,10 @@ def hand_set(model, n: int = 4, pos: int = 7, other: bool = True, seed: int = 0)
         lengths=lengths,
         target_id=target,
         other_id=other_id if other else torch.full((n,), -1),
-        meta=pd.DataFrame({"word": [f"w{i}" for i in range(n)]}),
+        meta=pd.DataFrame(
+            {"word": [f"w{i}" for i in range(n)], "other_word": [f"o{i}" if other else "" for i in range(n)]}
+            | {"source_word": [f"w{i}" for i in range(n)], "clean_text": [f"prompt {i}" for i in range(n)]}
+        ),
         report=DropReport(total=n, kept=n),
         template="hand",
         pad_id=1,
@@ -175,6 +178,8 @@ def test_quoted_prompts_on_gpt2_follow_wendlers_lines_and_drop_chinese_it_spells
     sets, skipped = latent.build_sets(latent.TASKS, ["en"], tok, n=8, verbose=False)
     assert sorted(sets) == ["cloze en", "repetition en"] and "two languages" in skipped["translation"]
     assert all(len(s) == 8 and s.other is None for s in sets.values())
+    sets, skipped = latent.build_sets("cloze", ["en", "zh"], tok, n=4, verbose=False)  # 4 asked for: 4 will do
+    assert list(sets) == ["cloze en"] and len(sets["cloze en"]) == 4 and "byte pieces" in skipped["cloze zh"]
 
 
 def _data(words: list[dict], shots: int = 2) -> dict:
@@ -253,8 +258,10 @@ def _lens_of(prob: np.ndarray) -> latent.LatentLens:
         for layer in range(layers)
         for r, (role, lang) in enumerate((("target", "zh"), ("other", "en")))
     ]
-    empty = pd.DataFrame()
-    return latent.LatentLens(answers=pd.DataFrame(rows), layers=empty, top=empty, prompts=empty)
+    prompts = pd.DataFrame(
+        {"set": "t", "task": "repetition", "source": "zh", "target": "zh", "other": "en", "prompt": range(n)}
+    )
+    return latent.LatentLens(answers=pd.DataFrame(rows), layers=pd.DataFrame(), top=pd.DataFrame(), prompts=prompts)
 
 
 def test_overtaking_finds_where_the_other_language_leads_and_where_the_target_takes_over():
@@ -263,6 +270,7 @@ def test_overtaking_finds_where_the_other_language_leads_and_where_the_target_ta
     base = np.array([[1e-9, 2e-9], [0.05, 0.4], [0.1, 0.3], [0.5, 0.2], [0.8, 0.05]])
     prob = base[None] * (1 + 0.1 * rng.random((8, 5, 2)))
     row = latent.overtaking(_lens_of(prob)).iloc[0]
+    assert (row["task"], row["source"], row["target"], row["other"]) == ("repetition", "zh", "zh", "en")
     assert row["n"] == 8 and row["top1"] == 1.0
     assert row["layer"] == 2 and row["prompt_layer"] == 2 and row["ahead"] == 8
     assert row["other_leads"] == [0, 1] and row["target_leads"] == [2, 3]  # the embedding's 1e-9 is below the floor
@@ -271,3 +279,81 @@ def test_overtaking_finds_where_the_other_language_leads_and_where_the_target_ta
     np.testing.assert_allclose(medians, np.median(prob[:, :, 1], axis=0))
     prob[:, -1] = [0.001, 0.002]  # the target never ends ahead: no takeover
     assert math.isnan(latent.overtaking(_lens_of(prob)).iloc[0]["layer"])
+
+
+# ---------------------------------------------------------------------------- figures, explorer, report
+def test_the_figure_draws_each_sets_medians_and_the_explorer_shows_one_words_layers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lsa.plotting import latent as latent_plots
+    from widgets import LatentExplorer
+
+    model = tiny_model("llama")
+    sets = {"repetition en": hand_set(model, n=3), "cloze en": hand_set(model, n=2, other=False, seed=1)}
+    sets["cloze en"].task = "cloze"
+    result = latent.lens(model, sets, k=2)
+    summary = latent.summarize(result)
+    fig = latent_plots.plot_curves(summary)
+    target = summary.query("set == 'repetition en' and role == 'target'").sort_values("layer")
+    assert fig.axes[0].lines[0].get_ydata().tolist() == pytest.approx(target["median"].tolist())
+    assert [len(ax.lines) for ax in fig.axes] == [2, 1]  # the English-only set has no other language
+    rows = latent.by_role(summary, latent.overtaking(result))
+    assert rows[["set", "role"]].values.tolist() == [["repetition en", "target"], ["repetition en", "other"]] + [
+        ["cloze en", "target"]
+    ]
+    assert rows["medians"][0] == pytest.approx(target["median"].tolist())
+
+    explorer = LatentExplorer(result)
+    explorer.set.value = "cloze en"
+    explorer.word.value = 1
+    table = explorer.current
+    want = result.answers.query("set == 'cloze en' and prompt == 1").sort_values("layer")["prob"]
+    assert len(table) == model.adapter.n_layers + 1 and table["p_target"].tolist() == pytest.approx(want.tolist())
+    assert "p_other" not in table and explorer.word.label == "w1"
+    assert explorer.figure is not None and explorer.prompt_html.value == "<pre>prompt 1</pre>"
+    with pytest.raises(ValueError, match="no prompt 7"):
+        latent.prompt_table(result, "cloze en", 7)
+    plt.close("all")
+
+
+def _run(findings: dict) -> dict:
+    from lsa import findings as keys
+
+    made = {}
+    for (task, source, target), (top1, layer, leads, medians, ranks) in findings.items():
+        made[keys.latent_top1(task, source, target)] = {"value": top1}
+        made[keys.latent_overtake(task, source, target)] = {"value": layer}
+        made[keys.latent_leads(task, source, target, "other")] = {"value": leads}
+        made[keys.latent_median(task, source, target, "other")] = {"value": medians}
+        made[keys.latent_rank(task, source, target, "other")] = {"value": ranks}
+    prov = {"notebook": "06_latent_language.ipynb", "model": "gemma-3-270m", "language": "en+zh"}
+    return {"provenance": prov, "findings": made}
+
+
+def test_the_report_states_the_layers_language_against_both_papers_from_the_saved_numbers():
+    from lsa import reproduce
+
+    flat = [0.0, 0.0, 0.01, 0.0]  # embedding and layers 0-2
+    run = _run(
+        {
+            ("repetition", "zh", "zh"): (0.9, 2.0, [0, 1], [0.0, 0.3, 0.2, 0.0], [900, 0, 1, 40]),
+            ("cloze", "zh", "zh"): (0.2, float("nan"), [], flat, [900, 50, 30, 70]),
+            ("translation", "en", "zh"): (0.8, 2.0, [1], [0.0, 0.1, 0.6, 0.0], [900, 3, 0, 9]),
+            ("repetition", "en", "en"): (1.0, 1.0, [], flat, [900, 80, 14, 200]),
+        }
+    )
+    chinese, english = reproduce.latent_language([run])
+    assert "Gemma 3 270M agrees: English leads in the middle layers" in chinese  # cloze zh, top-1 0.2, does not count
+    assert (
+        "repetition zh (top-1 0.90): English leads at layers 0-1 (median probability at most 0.300, layer 0" in chinese
+    )
+    assert "cloze zh (top-1 0.20): English leads at no layer" in chinese and "the target never takes over" in chinese
+    assert "translation en->zh (top-1 0.80): English leads at layers 1" in chinese
+    assert "shows no Chinese phase" in english and "best median rank 14, layer 1" in english
+    assert "the target leads from layer 1 (layers 0-2)" in english and "Translating" not in english
+    run["findings"][next(k for k in run["findings"] if k.endswith("cloze_zh_zh_top1"))]["value"] = 0.7
+    assert "agrees in part: English leads in 1 of 2 sets" in reproduce.latent_language([run])[0]
+    assert reproduce.latent_language([]) == []
