@@ -579,7 +579,9 @@ def _latent_set(runs: list[dict], model: str, task: str, source: str, target: st
 
 def _latent_words(s: dict, other: str) -> str:
     """One set in words: its top-1, where the other language leads (else its peak and best rank), the takeover."""
-    leads = f"leads at layers {_layer_list(s['leads'])}" if s["leads"] else "leads at no layer"
+    leads = (
+        f"leads at layer{'s' * (len(s['leads']) > 1)} {_layer_list(s['leads'])}" if s["leads"] else "leads at no layer"
+    )
     peak, rank = s["peak"], s["rank"]
     take = "the target never takes over" if s["layer"] is None else f"the target leads from layer {s['layer']:.0f}"
     return (

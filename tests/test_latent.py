@@ -351,7 +351,7 @@ def test_the_report_states_the_layers_language_against_both_papers_from_the_save
         "repetition zh (top-1 0.90): English leads at layers 0-1 (median probability at most 0.300, layer 0" in chinese
     )
     assert "cloze zh (top-1 0.20): English leads at no layer" in chinese and "the target never takes over" in chinese
-    assert "translation en->zh (top-1 0.80): English leads at layers 1" in chinese
+    assert "translation en->zh (top-1 0.80): English leads at layer 1 (" in chinese
     assert "shows no Chinese phase" in english and "best median rank 14, layer 1" in english
     assert "the target leads from layer 1 (layers 0-2)" in english and "Translating" not in english
     run["findings"][next(k for k in run["findings"] if k.endswith("cloze_zh_zh_top1"))]["value"] = 0.7
