@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lsa import bootstrap
 from lsa.tasks import (
     DATA_DIR,
     DropReport,
@@ -569,28 +570,23 @@ def lens(
 
 
 # ---------------------------------------------------------------------------- summaries
-def median_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """``(median, low, high)`` of ``values`` (NaN left out): the median and a distribution-free interval for it,
-    the order statistics ``x_(j)`` and ``x_(n+1-j)`` with ``j`` the largest rank such that
-    ``P(Binomial(n, 1/2) <= j - 1) <= (1 - level) / 2`` (coverage at least ``level``; the values' range
-    when ``n`` is too small for that, below 6 at 95%). All NaN without values.
+def median_interval(values, level: float = bootstrap.LEVEL) -> tuple[float, float, float]:
+    """``(median, low, high)`` of ``values`` (NaN left out): the median and its bootstrap interval over them
+    (:mod:`lsa.bootstrap`: the ``level`` percentile interval of the medians of seeded resamples). All NaN
+    without values.
 
-    >>> median_interval(range(1, 21))
-    (10.5, 6.0, 15.0)
+    >>> median_interval([0.1, 0.2, 0.3, 0.4, 0.9])[0]
+    0.3
     """
-    x = np.sort(np.asarray(values, dtype=float))
+    x = np.asarray(values, dtype=float)
     x = x[~np.isnan(x)]
-    n = len(x)
-    if n == 0:
+    if not len(x):
         return math.nan, math.nan, math.nan
-    tail, below, j = (1 - level) / 2, 1 / 2**n, 1  # below = P(B <= j - 1)
-    while j < (n + 1) // 2 and below + math.comb(n, j) / 2**n <= tail:
-        below += math.comb(n, j) / 2**n
-        j += 1
-    return float(np.median(x)), float(x[j - 1]), float(x[n - j])
+    medians = np.median(x[bootstrap.resamples(len(x)).numpy()], axis=1)
+    return (float(np.median(x)), *bootstrap.interval(medians, level))
 
 
-def summarize(result: LatentLens, level: float = 0.95) -> pd.DataFrame:
+def summarize(result: LatentLens, level: float = bootstrap.LEVEL) -> pd.DataFrame:
     """Per set, layer and role: the role's ``language``, the ``median`` probability with its ``low`` / ``high``
     interval over prompts (:func:`median_interval`), the median ``rank`` and ``n``. Role ``"difference"``
     (language ``""``): each prompt's ``p(target) - p(other)``, paired (sets with another language only)."""
@@ -619,7 +615,7 @@ def _takeover(ahead: np.ndarray, layers: np.ndarray) -> float:
     return float(layers[behind[-1] + 1] if len(behind) else layers[0])
 
 
-def overtaking(result: LatentLens, level: float = 0.95, floor: float = FLOOR) -> pd.DataFrame:
+def overtaking(result: LatentLens, level: float = bootstrap.LEVEL, floor: float = FLOOR) -> pd.DataFrame:
     """Per set: does the model answer, and when does the target language take over? One row per set, with its
     ``task``, ``source``, ``target`` and ``other`` language (``""``: none) and:
 
