@@ -349,16 +349,21 @@ def _finish(p: _Prompts, rows: list[dict], report: DropReport, tokenizer, bos: i
     )
 
 
+def _combinations(task: str, languages: list[str]) -> list[tuple[str, str, str | None]]:
+    """``(source, target, other)`` of each set ``task`` makes with ``languages`` (translation: none with one)."""
+    _check_choice("task", task, TASKS)
+    if task == "translation":
+        return [(source, target, source) for source, target in permutations(languages, 2)]
+    return [(target, target, next((x for x in languages if x != target), None)) for target in languages]
+
+
 def build_sets(
     tasks: str | Iterable[str],
     languages: str | Iterable[str],
     tokenizer,
     *,
-    n: int | None = None,
-    seed: int = 0,
-    template: str = AUTO,
     min_prompts: int = 8,
-    verbose: bool = True,
+    verbose=True,
     **kwargs,
 ) -> tuple[dict[str, LatentSet], dict[str, str]]:
     """Every set ``tasks`` make with ``languages``: ``({name: set}, {name: why it was skipped})``.
@@ -367,34 +372,30 @@ def build_sets(
     repetition and cloze run each language, scored against the other language given (if any).
     A set the tokenizer cannot express (:class:`lsa.tasks.NoPrompts`, e.g. Chinese for SmolLM2),
     or with fewer than ``min_prompts`` prompts (or ``n``, if fewer were asked for: its intervals would
-    span the data), is skipped with its reason; when every set is, this raises naming each reason. Prints each
-    set's report (``verbose``). ``kwargs`` go to :func:`build`.
+    span the data), is skipped with its reason; when every set is, this raises naming each reason.
+    Prints each set's report (``verbose``). ``kwargs`` go to :func:`build` (``n``, ``seed``, ``template``, ...).
     """
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     languages = [languages] if isinstance(languages, str) else list(languages)
-    template = pick_template(tokenizer) if template == AUTO else template
+    if kwargs.get("template", AUTO) == AUTO:
+        kwargs["template"] = pick_template(tokenizer)
+    need = min(min_prompts, _count(kwargs.get("n")))
     built, skipped = {}, {}
     for task in tasks:
-        _check_choice("task", task, TASKS)
-        if task == "translation":
-            combos = list(permutations(languages, 2))
-            if not combos:
-                skipped[task] = f"translation: needs two languages, got {languages}"
-        else:
-            combos = [(t, t) for t in languages]
-        for source, target in combos:
-            other = source if task == "translation" else next((x for x in languages if x != target), None)
+        combinations = _combinations(task, languages)
+        if not combinations:
+            skipped[task] = f"{task}: needs two languages, got {languages}"
+        for source, target, other in combinations:
             name = set_name(task, source, target)
             try:
-                built[name] = build(
-                    task, target, tokenizer, source=source, other=other, n=n, seed=seed, template=template, **kwargs
-                )
+                made = build(task, target, tokenizer, source=source, other=other, **kwargs)
             except NoPrompts as err:
                 skipped[name] = str(err)
                 continue
-            need = min(min_prompts, _count(n))
-            if len(built[name]) < need:
-                skipped[name] = f"{name}: only {len(built[name])} prompts, {need} needed; {built.pop(name).report}"
+            if len(made) < need:
+                skipped[name] = f"{name}: only {len(made)} prompts, {need} needed; {made.report}"
+            else:
+                built[name] = made
     if verbose:
         for name in [*built, *skipped]:
             print(f"{name:>22}: {built[name].report}" if name in built else f"{'skipped':>22}: {skipped[name]}")
