@@ -1,4 +1,4 @@
-"""Latent language: which language a model's middle layers work in (Wendler et al. 2024; Zhong et al. 2024).
+"""Latent language: which language a model's middle layers work in (Wendler et al. 2024; Zhong et al.).
 
 Word tasks with a one-word answer in a *target* language, built per tokenizer from
 ``data/tasks/latent_language.json`` (a bilingual word list, cloze sentences, prompt templates):
@@ -34,8 +34,8 @@ Cost: one forward per batch of prompts, stopped after the last block, plus the
 unembedding at each prompt's last position after every block (Gemma 3 270M: 168M
 multiply-adds per prompt and layer, 19 layers). The lens is computed where the model
 runs: inside the trace for a remote (NDIF) model, so only its statistics travel. The
-token energy needs a pass over the unembedding (:func:`energy_gram`; a second or two for
-Gemma 3 on a CPU) and is left out (NaN) for remote models, whose weights are not here.
+token energy needs a pass over the unembedding (:func:`energy_gram`; about 4 s for Gemma 3
+on one CPU thread) and is left out (NaN) for remote models, whose weights are not here.
 
 >>> sets, skipped = build_sets(["translation", "repetition", "cloze"], ["en", "zh"], tokenizer)  # doctest: +SKIP
 >>> result = lens(model, sets)                                                                  # doctest: +SKIP
@@ -100,7 +100,7 @@ class LatentSet:
 
     ``tokens`` ``[n, pos]`` right-padded with ``pad_id``; ``lengths``, ``target_id``, ``other_id``
     ``[n]`` (first tokens; ``other_id = -1`` without another language). ``meta``: one row per
-    prompt: ``word`` (the target word), ``other_word``, ``source_word`` (translation), ``clean_text`` (the prompt).
+    prompt: ``word`` (the target word), ``other_word``, ``source_word`` (the query's source word; none in cloze), ``clean_text`` (the prompt).
     """
 
     task: str
@@ -407,7 +407,7 @@ def build_sets(
 # ---------------------------------------------------------------------------- the logit lens
 @dataclass
 class LatentLens:
-    """The logit lens on latent-language sets: tidy frames, one row per ...
+    """The logit lens on latent-language sets, as tidy frames:
 
     - ``answers``: prompt x layer x role: ``set, prompt, word, layer, role, language, token_id, token,
       prob, rank`` (``layer = -1``: the embedding; ``rank`` 0 = the top token; roles without a
@@ -461,7 +461,7 @@ def _stats(h: torch.Tensor, ids: torch.Tensor, k: int, parts, basis) -> torch.Te
     inside a trace)."""
     norm, unembed = parts
     logp = unembed(norm(h)).float().log_softmax(-1)  # [m, d_vocab]
-    at = logp.gather(1, ids.clamp(min=0))
+    at = logp.gather(1, ids.clamp(min=0).to(logp.device))
     rank = (logp[:, None, :] > at[:, :, None]).sum(-1)
     entropy = -torch.einsum("mv,mv->m", logp.exp(), logp)[:, None] / math.log(2)
     top = logp.topk(k)
