@@ -62,6 +62,8 @@ from lsa.tasks import (
     DATA_DIR,
     DropReport,
     NoPrompts,
+    TokenizerMismatch,
+    TokenizerStamp,
     _bos,
     _check_choice,
     _count,
@@ -70,6 +72,7 @@ from lsa.tasks import (
     _pad_id,
     _Tokens,
     _word_problem,
+    tokenizer_stamp,
 )
 
 TASKS = ("translation", "repetition", "cloze")
@@ -101,6 +104,7 @@ class LatentSet:
     ``tokens`` ``[n, pos]`` right-padded with ``pad_id``; ``lengths``, ``target_id``, ``other_id``
     ``[n]`` (first tokens; ``other_id = -1`` without another language). ``meta``: one row per
     prompt: ``word`` (the target word), ``other_word``, ``source_word`` (the query's source word; none in cloze), ``clean_text`` (the prompt).
+    ``built_with``: the tokenizer the builder used (:func:`lsa.tasks.tokenizer_stamp`; None for a set made by hand).
     """
 
     task: str
@@ -115,6 +119,7 @@ class LatentSet:
     report: DropReport
     template: str
     pad_id: int = 0
+    built_with: TokenizerStamp | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -346,6 +351,7 @@ def _finish(p: _Prompts, rows: list[dict], report: DropReport, tokenizer, bos: i
         report=report,
         template=p.template,
         pad_id=pad_id,
+        built_with=tokenizer_stamp(tokenizer),
     )
 
 
@@ -559,6 +565,13 @@ def lens(
     >>> result.answers.query("role == 'target'")            # doctest: +SKIP
     """
     sets = list(sets.values()) if isinstance(sets, Mapping) else list(sets)
+    stamp = None if model.tokenizer is None else tokenizer_stamp(model.tokenizer)
+    for s in sets:
+        if None not in (s.built_with, stamp) and s.built_with != stamp:
+            raise TokenizerMismatch(
+                f"the {s.name} prompts were built with another tokenizer ({s.built_with}) than {model.name}'s "
+                f"({stamp}): their token ids would stand for other text; build them with model.tokenizer"
+            )
     basis = energy_gram(model) if energy and not model.remote else None
     frames = {"answers": [], "layers": [], "top": [], "prompts": []}
     for s in sets:

@@ -16,7 +16,7 @@ from helpers import FAMILIES, gpt2_tokenizer, tiny_model
 from transformers import AutoTokenizer
 
 from lsa import bootstrap, latent
-from lsa.tasks import DropReport, NoPrompts
+from lsa.tasks import DropReport, NoPrompts, TokenizerMismatch
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "models" / "toy-bilingual"
 
@@ -125,6 +125,12 @@ def test_token_energy_is_wendlers_rms_cosine_with_the_normalised_unembedding_ove
         want = (((u @ x) ** 2).mean().sqrt() / average).detach()
         got = result.layers.query("prompt == 0 and layer == @layer - 1")["energy"].item()
         assert got == pytest.approx(float(want), rel=1e-4)
+
+
+def test_the_lens_refuses_prompts_built_with_another_tokenizer(toy_tokenizer):
+    s = latent.build("repetition", "en", toy_tokenizer, n=8)
+    with pytest.raises(TokenizerMismatch, match="repetition en prompts were built with another tokenizer"):
+        latent.lens(tiny_model("gpt2"), [s])
 
 
 def test_an_english_only_set_has_target_rows_alone_and_no_overtaking():
