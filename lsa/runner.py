@@ -81,6 +81,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ),
         ("04_language_neurons", ["toy-bilingual"], ["en+zh"], {}),
         ("05_activation_patching", ["toy-bilingual"], ["en+zh"], {}),
+        ("06_latent_language", ["toy-bilingual"], ["en+zh"], {}),
     ],
     # Sizes: each circuit is found on 64 prompts (edge attribution, EAP-IG with 3 steps: on Gemma 3's
     # English IOI the circuit of 5 steps had 162 edges and kept 1.00 (0.85 to 1.18) held out, that of 3
@@ -98,6 +99,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ),
         ("01_ioi_circuit", ["smollm2-135m"], ["en"], dict(_REAL_IOI)),
         ("02_past_tense", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 48}),
+        ("06_latent_language", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 24}),
         ("00_quickstart", ["gemma-3-270m"], ["en+zh"], {"n_prompts": 100}),
         ("00_quickstart", ["smollm2-135m"], ["en"], {"n_prompts": 50}),
         (
@@ -112,6 +114,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
             ["en"],
             {"circuits": ["{circuit:gemma-3-270m:en}", "{circuit:smollm2-135m:en}"]},
         ),
+        ("06_latent_language", ["smollm2-135m"], ["en"], {"n_prompts": 24}),
     ],
     "paper": [
         ("00_quickstart", ["bigscience/bloom-560m", "Qwen/Qwen2-0.5B"], ["en+zh"], {}),
@@ -134,6 +137,7 @@ PRESETS: dict[str, list[tuple[str, list[str], list[str], dict]]] = {
         ),
         ("05_activation_patching", ["bigscience/bloom-560m"], ["en+zh"], {}),
         ("02_past_tense", ["Qwen/Qwen2-0.5B"], ["en+zh"], {}),
+        ("06_latent_language", ["bigscience/bloom-560m", "Qwen/Qwen2-0.5B"], ["en+zh"], {}),
     ],
 }
 # "{circuit:<model>:<language>}" in a preset parameter is the circuit.json that
