@@ -67,7 +67,7 @@ import torch
 from lsa import ablation
 from lsa.attribution import EDGE_METHODS, RANKS, EdgeScores, edge_attribution
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
-from lsa.circuits.faithful import Curve, edge_curve, edge_curves, edge_sizes
+from lsa.circuits.faithful import Curve, edge_curve, edge_curves, edge_sizes, node_curve
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
 from lsa.model import Model
 from lsa.tasks import PromptSet
@@ -317,6 +317,23 @@ class Discovery:
     scores: pd.DataFrame | None = None
     curve: Curve | None = None
     edges: EdgeScores | None = None
+
+    @property
+    def size(self) -> int:
+        """The circuit's size along its ranking: the number of top edges it was cut at, or its heads."""
+        return int(self.circuit.evidence["size"]) if self.edges is not None else len(self.circuit)
+
+    def heldout_curve(self, model: Model, prompts: PromptSet, **kwargs) -> Curve:
+        """The faithfulness curve of this discovery's ranking on other ``prompts``, the circuit's own size
+        included (:meth:`Curve.at` gives its faithfulness): an edge circuit along its edge ranking at MIB's
+        shares (:func:`edge_curve`); a path-patching circuit along the order its heads were found in,
+        at 1, 2, 4, ... heads (:func:`node_curve`)."""
+        if self.edges is not None:
+            sizes = sorted({*edge_sizes(self.edges.graph), self.size})
+            rank = self.circuit.evidence["parameters"]["rank"]
+            return edge_curve(model, self.edges, prompts, sizes=sizes, rank=rank, **kwargs)
+        sizes = sorted({*(2**i for i in range(max(1, self.size).bit_length())), self.size} - {0})
+        return node_curve(model, self.circuit.keys, prompts, sizes=sizes, **kwargs)
 
     @property
     def n_steps(self) -> int:
