@@ -245,7 +245,7 @@ def attribution_vs_exact(
 
 # ============================================================== edges
 EDGE_METHODS = ("eap", "eap-ig")
-RANKS = ("absolute", "signed")  # how edges are ranked into circuits (EdgeScores.values)
+RANKS = ("signed", "absolute")  # how edges are ranked into circuits (EdgeScores.values)
 EDGE_TOKENS = 1024  # prompts x positions per forward and backward of edge attribution
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from string import Formatter
 
 from lsa.circuits.data import json_safe
+from lsa.latent import ROLES as LATENT_ROLES
+from lsa.latent import TASKS as LATENT_TASKS
 from lsa.tasks import TASKS
 
 
@@ -215,6 +217,14 @@ top_head = Key("top_head_{language}")
 top_head_effect = Key("top_head_effect_{language}")
 HEAD_EFFECT_CORRELATION = "head_effect_correlation"
 attribution_correlation = Key("attribution_correlation_{language}_{direction}", direction=("noising", "denoising"))
+
+# latent language (06_latent_language): one prompt set, a task from a source to a target language (repetition
+# and cloze: source = target), and a role (the answer in the target language, or in the other one)
+latent_top1 = Key("latent_{task}_{source}_{target}_top1", task=LATENT_TASKS)
+latent_overtake = Key("latent_{task}_{source}_{target}_overtake_layer", task=LATENT_TASKS)
+latent_leads = Key("latent_{task}_{source}_{target}_{role}_leads", task=LATENT_TASKS, role=LATENT_ROLES)
+latent_median = Key("latent_{task}_{source}_{target}_{role}_median", task=LATENT_TASKS, role=LATENT_ROLES)
+latent_rank = Key("latent_{task}_{source}_{target}_{role}_rank", task=LATENT_TASKS, role=LATENT_ROLES)
 
 FIXED_KEYS = (
     FREQUENCY_CORRELATION,

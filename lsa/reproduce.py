@@ -65,6 +65,7 @@ HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
     ),
     ("03_compare_circuits", "toy-en+toy-zh", (keys.cross_faithfulness.pattern(task="ioi"),)),
     ("02_past_tense", "toy-bilingual", PAST_TENSE_ROUTES),
+    ("06_latent_language", "toy-bilingual", (keys.latent_top1.pattern(), keys.latent_overtake.pattern())),
     (
         "04_language_neurons",
         "toy-bilingual",
@@ -97,6 +98,12 @@ REAL_HEADLINES: list[tuple[str, str, tuple[re.Pattern, ...]]] = [
         REAL_MODELS[0],
         _each((keys.neuron_count, keys.neurons_off, keys.steering_share), method="lape"),
     ),
+    (
+        "06_latent_language",
+        REAL_MODELS[0],
+        (keys.latent_top1.pattern(), keys.latent_overtake.pattern(), keys.latent_leads.pattern(role="other")),
+    ),
+    ("06_latent_language", REAL_MODELS[1], (keys.latent_top1.pattern(source="en", target="en"),)),
 ]
 
 
@@ -401,6 +408,7 @@ def compare_with_paper(runs: list[dict]) -> list[str]:
             f"- **Language-specific neurons.** LAPE finds {counts['en']} English and {counts['zh']} Chinese neurons in "
             f"Gemma 3; " + "; ".join(words) + "." + (f" Steering ({steered})." if steered else "")
         )
+    out += latent_language(runs)
     return out
 
 
@@ -509,3 +517,112 @@ def main(
         print(f"FAILED {cell.label}: {cell.error}")
     print(f"\nreport: {report}\n        {output / 'report.md'}")
     return 1 if result.failed else 0
+
+
+# ---------------------------------------------------------------------------- latent language (notebook 06)
+LATENT = "06_latent_language"
+ANSWERED = 0.5  # top-1 accuracy from which a set is evidence about the layers' language
+LATENT_CLAIMS = {  # target language: (what the paper found, verdict when the other language leads in all / some / none)
+    "zh": (
+        "Wendler et al. found Llama-2's middle layers favour the English version of the answer, the prompt's "
+        "language taking over only in the last layers",
+        (
+            "agrees: English leads in the middle layers",
+            "agrees in part: English leads in {k} of {n} sets",
+            "disagrees: it shows no English phase",
+        ),
+    ),
+    "en": (
+        "Zhong et al. found that models trained largely on a language other than English think in that language, "
+        "or in it and English, where English-centric models think in English",
+        (
+            "shows a Chinese phase, as Zhong et al. find for models trained much on that language",
+            "shows a Chinese phase in {k} of {n} sets",
+            "shows no Chinese phase, as for the English-centric models Zhong et al. compare against",
+        ),
+    ),
+}
+
+
+def _layer_list(layers: list) -> str:
+    """``[12, 13, 14, 16]`` -> ``"12-14, 16"``."""
+    parts: list[list[int]] = []
+    for layer in layers:
+        if parts and layer == parts[-1][-1] + 1:
+            parts[-1].append(layer)
+        else:
+            parts.append([layer])
+    return ", ".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts)
+
+
+def _latent_set(runs: list[dict], model: str, task: str, source: str, target: str) -> dict | None:
+    """What notebook 06 saved on one set of ``model``: top-1, takeover, and the other language's leads, peak
+    median probability and best median rank (before the last layer); None where it saved nothing."""
+    where = (task, source, target)
+    top1 = _num(_finding(runs, LATENT, model, keys.latent_top1(*where)))
+    if top1 is None:
+        return None
+    medians = _finding(runs, LATENT, model, keys.latent_median(*where, "other")) or [0.0]
+    ranks = _finding(runs, LATENT, model, keys.latent_rank(*where, "other")) or [0.0, 0.0]
+    peak = max(range(len(medians)), key=medians.__getitem__)
+    best = min(range(len(ranks) - 1), key=ranks.__getitem__)
+    return {
+        "name": f"{task} {source}->{target}" if task == "translation" else f"{task} {target}",
+        "top1": top1,
+        "layer": _num(_finding(runs, LATENT, model, keys.latent_overtake(*where))),
+        "last": len(medians) - 2,
+        "leads": _finding(runs, LATENT, model, keys.latent_leads(*where, "other")) or [],
+        "peak": (medians[peak], peak - 1),
+        "rank": (ranks[best], best - 1),
+    }
+
+
+def _latent_words(s: dict, other: str) -> str:
+    """One set in words: its top-1, where the other language leads (else its peak and best rank), the takeover."""
+    leads = (
+        f"leads at layer{'s' * (len(s['leads']) > 1)} {_layer_list(s['leads'])}" if s["leads"] else "leads at no layer"
+    )
+    peak, rank = s["peak"], s["rank"]
+    take = "the target never takes over" if s["layer"] is None else f"the target leads from layer {s['layer']:.0f}"
+    return (
+        f"{s['name']} (top-1 {s['top1']:.2f}): {NAMES[other]} {leads} (median probability at most {peak[0]:.3f}, "
+        f"layer {peak[1]}; best median rank {rank[0]:.0f}, layer {rank[1]}), {take} (layers 0-{s['last']})"
+    )
+
+
+def latent_language(runs: list[dict], model: str = REAL_MODELS[0]) -> list[str]:
+    """Two sentences on the layers' language (notebook 06): Chinese prompts against Wendler et al.'s English
+    latent, English prompts against Zhong et al.'s non-English one. The verdict rests on the repetition and
+    cloze sets (no word of the other language in the prompt) that the model answers (top-1 >= ANSWERED)."""
+    out = []
+    for target, other in (("zh", "en"), ("en", "zh")):
+        clean = [s for task in ("repetition", "cloze") if (s := _latent_set(runs, model, task, target, target))]
+        if not clean:
+            continue
+        answered = [s for s in clean if s["top1"] >= ANSWERED]
+        leading = [s for s in answered if s["leads"]]
+        claim, (every, some, none) = LATENT_CLAIMS[target]
+        verdict = (
+            "cannot be judged (it answers too few of these prompts)"
+            if not answered
+            else every
+            if len(leading) == len(answered)
+            else some.format(k=len(leading), n=len(answered))
+            if leading
+            else none
+        )
+        translation = _latent_set(runs, model, "translation", other, target)
+        out.append(
+            f"- **Latent language ({NAMES[target]} prompts).** {claim}. Gemma 3 270M {verdict}. On {NAMES[target]} "
+            f"prompts that hold no {NAMES[other]}: "
+            + "; ".join(_latent_words(s, other) for s in clean)
+            + (
+                ""
+                if translation is None
+                else f". Translating from {NAMES[other]}, whose word is then in the prompt: "
+                + _latent_words(translation, other)
+            )
+            + ". (The logit lens at each layer, medians over words; a lead: the 95% interval of the paired "
+            "difference excludes 0 and the leader holds at least 1%; sets with top-1 below 0.5 do not count.)"
+        )
+    return out

@@ -275,7 +275,7 @@ _LEFT = {"en": "Then", "zh": "然后"}  # neutral left context for the per-item 
 _SLOT = re.compile(r"\{([A-Za-z_]+)\}")
 
 
-def _check_choice(kind: str, value, valid) -> None:
+def check_choice(kind: str, value, valid) -> None:
     if value not in valid:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(repr(v) for v in valid)}")
 
@@ -299,8 +299,8 @@ def load_data(task: str, language: str, data_dir: str | Path | None = None) -> d
     >>> load_data("ioi", "en")["templates"][0]["id"]
     'ioi-en-01'
     """
-    _check_choice("task", task, TASKS)
-    _check_choice("language", language, LANGUAGES)
+    check_choice("task", task, TASKS)
+    check_choice("language", language, LANGUAGES)
     root = Path(data_dir) if data_dir is not None else DATA_DIR
     with open(root / f"{task}_{language}.json", encoding="utf-8") as f:
         data = json.load(f)
@@ -319,7 +319,7 @@ def all_names(data: dict) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-class _Tokens:
+class Tokens:
     """``tokenizer.encode(text, add_special_tokens=False)`` with a cache (no BOS ever: positions never shift)."""
 
     def __init__(self, tokenizer):
@@ -403,7 +403,7 @@ def _lower_first(s: str) -> str:
     return s[:1].lower() + s[1:]
 
 
-def _word_problem(tokens: _Tokens, ids: list[int] | None, max_tokens: int | None = MAX_WORD_TOKENS) -> str | None:
+def word_problem(tokens: Tokens, ids: list[int] | None, max_tokens: int | None = MAX_WORD_TOKENS) -> str | None:
     """Why a word's tokens ``ids`` cannot be a span (None when they can; ``max_tokens=None``: any length)."""
     if ids is None:
         return "merges with the text before it"
@@ -416,7 +416,7 @@ def _word_problem(tokens: _Tokens, ids: list[int] | None, max_tokens: int | None
     return None
 
 
-def _word_widths(words: list[str], tokens: _Tokens, language: str, label: str, report: DropReport) -> dict[str, int]:
+def _word_widths(words: list[str], tokens: Tokens, language: str, label: str, report: DropReport) -> dict[str, int]:
     """``{word: its number of tokens}`` after a neutral left context, for the words that can be spans.
 
     A word is dropped (and counted in ``report`` as "{label}: <reason>") when it merges
@@ -427,7 +427,7 @@ def _word_widths(words: list[str], tokens: _Tokens, language: str, label: str, r
     for word in words:
         text = _SPACE[language] + word
         ids = tokens.after(_LEFT[language], text)
-        problem = _word_problem(tokens, ids)
+        problem = word_problem(tokens, ids)
         if problem is None:
             kept[word] = len(ids)
         else:
@@ -437,20 +437,20 @@ def _word_widths(words: list[str], tokens: _Tokens, language: str, label: str, r
     return kept
 
 
-def _continuations(tokens: _Tokens, prompt: str, answer: str, distractor: str) -> tuple[int, int]:
-    """First tokens of ``answer`` and of ``distractor`` after ``prompt`` (the metric's ids); raises _Drop.
+def _continuations(tokens: Tokens, prompt: str, answer: str, distractor: str) -> tuple[int, int]:
+    """First tokens of ``answer`` and of ``distractor`` after ``prompt`` (the metric's ids); raises Drop.
 
     Each word must continue the prompt cleanly with known, whole tokens, and the two first tokens must differ.
     """
     first = []
     for role, word in (("answer", answer), ("distractor", distractor)):
         ids = tokens.after(prompt, word)
-        problem = _word_problem(tokens, ids, max_tokens=None)  # only its first token is read
+        problem = word_problem(tokens, ids, max_tokens=None)  # only its first token is read
         if problem is not None:
-            raise _Drop(f"{role} after the prompt: {problem}", f"{word!r} after {prompt!r}")
+            raise Drop(f"{role} after the prompt: {problem}", f"{word!r} after {prompt!r}")
         first.append(ids[0])
     if first[0] == first[1]:
-        raise _Drop(
+        raise Drop(
             "answer and distractor share their first token",
             f"{answer!r} / {distractor!r} both start with {tokens.decode(first[0])!r}",
         )
@@ -471,7 +471,7 @@ def _warn_few(report: DropReport, task: str, language: str, label: str, used: se
         warnings.warn(msg, stacklevel=4)
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     width = max(len(r) for r in rows)
     out = torch.full((len(rows), width), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -479,7 +479,7 @@ def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
     return out
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     return int(pad) if pad is not None else 0
 
@@ -528,7 +528,7 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _bos(tokenizer, prepend_bos: bool | None) -> int | None:
+def bos_id(tokenizer, prepend_bos: bool | None) -> int | None:
     """The BOS id to put before every prompt: None unless asked for, or (``None``) unless the tokenizer adds one."""
     if prepend_bos is None:
         prepend_bos = adds_bos(tokenizer)
@@ -547,7 +547,7 @@ def encode(tokenizer, text: str, prepend_bos: bool | None = None) -> list[int]:
     >>> encode(gemma_tokenizer, "When Mary")[0] == gemma_tokenizer.bos_token_id   # doctest: +SKIP
     True
     """
-    bos = _bos(tokenizer, prepend_bos)
+    bos = bos_id(tokenizer, prepend_bos)
     return ([] if bos is None else [bos]) + list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -561,15 +561,15 @@ def first_token(tokenizer, text: str, word: str) -> int:
     >>> first_token(gpt2_tokenizer, "John gave a drink to", " Mary")   # doctest: +SKIP
     5335
     """
-    tokens = _Tokens(tokenizer)
+    tokens = Tokens(tokenizer)
     ids = tokens.after(text, word)
-    problem = _word_problem(tokens, ids, max_tokens=None)
+    problem = word_problem(tokens, ids, max_tokens=None)
     if problem is not None:
         raise ValueError(f"{word!r} after {text[-30:]!r}: {problem}; type it as it continues the text")
     return ids[0]
 
 
-def _count(n: int | None) -> int:
+def prompt_count(n: int | None) -> int:
     n = DEFAULT_N if n is None else int(n)
     if n < 1:
         raise ValueError(f"n must be a positive number of prompts, got {n}")
@@ -580,7 +580,7 @@ def _pair_allowed(split: str, heldout: bool) -> bool:
     return {"all": True, "heldout_templates": True, "train": not heldout, "heldout_pairs": heldout}[split]
 
 
-class _Drop(Exception):
+class Drop(Exception):
     """A candidate prompt failed a token check; the message is the report's reason."""
 
     def __init__(self, reason: str, example: str):
@@ -589,9 +589,9 @@ class _Drop(Exception):
 
 
 def _locate(
-    tokens: _Tokens, text: str, ids: list[int], spans, which: str, only: tuple[str, ...]
+    tokens: Tokens, text: str, ids: list[int], spans, which: str, only: tuple[str, ...]
 ) -> dict[str, tuple[int, int]]:
-    """Token ranges of the slots named in ``only``, keyed ``SLOT#k`` (k-th occurrence, from 1); raises _Drop.
+    """Token ranges of the slots named in ``only``, keyed ``SLOT#k`` (k-th occurrence, from 1); raises Drop.
 
     Other slots (place, object, complement) may merge with their neighbours: no position depends on them.
     """
@@ -602,7 +602,7 @@ def _locate(
             continue
         rng = tokens.span(text, start, end, ids)
         if rng is None:
-            raise _Drop(f"{which} slot {{{name}}} merges with its neighbours", repr(text[start:end]))
+            raise Drop(f"{which} slot {{{name}}} merges with its neighbours", repr(text[start:end]))
         out[f"{name}#{seen[name]}"] = rng
     return out
 
@@ -622,14 +622,14 @@ def _finish(task, language, rows, dropped: dict[str, int], report: DropReport, t
         shift, report.bos = 1, bos
         for r in rows:
             r["clean"], r["corrupt"] = [bos] + r["clean"], [bos] + r["corrupt"]
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     names = list(rows[0]["positions"])
     meta = pd.DataFrame([r["meta"] for r in rows])
     return PromptSet(
         task=task,
         language=language,
-        clean=_pad([r["clean"] for r in rows], pad_id),
-        corrupt=_pad([r["corrupt"] for r in rows], pad_id),
+        clean=pad_rows([r["clean"] for r in rows], pad_id),
+        corrupt=pad_rows([r["corrupt"] for r in rows], pad_id),
         lengths=torch.tensor([len(r["clean"]) for r in rows], dtype=torch.long),
         answer=torch.tensor([r["answer"] for r in rows], dtype=torch.long),
         distractor=torch.tensor([r["distractor"] for r in rows], dtype=torch.long),
@@ -655,8 +655,8 @@ def _sample(rng: random.Random, n: int, report: DropReport, make) -> tuple[list[
             row = make(rng)
             key = row["meta"]["clean_text"]
             if key in seen:
-                raise _Drop("duplicate of an earlier prompt", key)
-        except _Drop as d:
+                raise Drop("duplicate of an earlier prompt", key)
+        except Drop as d:
             report.drop(d.reason, d.example)
             dropped[d.reason] = dropped.get(d.reason, 0) + 1
             continue
@@ -671,7 +671,7 @@ def _sample(rng: random.Random, n: int, report: DropReport, make) -> tuple[list[
 
 
 def _draw(rng: random.Random, names: list[str], width: dict[str, int], widths: list[int], exclude) -> list[str]:
-    """Distinct names, none in ``exclude``, the k-th of ``widths[k]`` tokens; raises _Drop when none is left.
+    """Distinct names, none in ``exclude``, the k-th of ``widths[k]`` tokens; raises Drop when none is left.
 
     When every width is the same (always so for a word-level tokenizer) this is one
     ``rng.sample`` of the names of that width.
@@ -679,13 +679,13 @@ def _draw(rng: random.Random, names: list[str], width: dict[str, int], widths: l
     if len(set(widths)) == 1:
         pool = [x for x in names if x not in exclude and width[x] == widths[0]]
         if len(pool) < len(widths):
-            raise _Drop("too few counterfactual names of the same token length", f"{len(pool)} of {widths[0]} tokens")
+            raise Drop("too few counterfactual names of the same token length", f"{len(pool)} of {widths[0]} tokens")
         return rng.sample(pool, len(widths))
     out: list[str] = []
     for w in widths:
         pool = [x for x in names if x not in exclude and x not in out and width[x] == w]
         if not pool:
-            raise _Drop("too few counterfactual names of the same token length", f"none of {w} tokens left")
+            raise Drop("too few counterfactual names of the same token length", f"none of {w} tokens left")
         out.append(rng.choice(pool))
     return out
 
@@ -719,10 +719,10 @@ def build_ioi(
     >>> p = build_ioi("en", gpt2_tokenizer, n=8)   # doctest: +SKIP
     >>> p.clean.shape, p.positions["IO"]            # doctest: +SKIP
     """
-    _check_choice("language", language, LANGUAGES)
-    _check_choice("split", split, SPLITS)
-    _check_choice("variant", variant, (None, *VARIANTS["ioi"]))
-    n, bos = _count(n), _bos(tokenizer, prepend_bos)
+    check_choice("language", language, LANGUAGES)
+    check_choice("split", split, SPLITS)
+    check_choice("variant", variant, (None, *VARIANTS["ioi"]))
+    n, bos = prompt_count(n), bos_id(tokenizer, prepend_bos)
     data = load_data("ioi", language) if data is None else data
     ioi = _Ioi(language, tokenizer, split, variant, data, DropReport(requested=n))
     rows, dropped = _sample(random.Random(seed), n, ioi.report, ioi.make)
@@ -739,7 +739,7 @@ class _Ioi:
 
     def __init__(self, language: str, tokenizer, split: str, variant: str | None, data: dict, report: DropReport):
         self.language, self.variant, self.data, self.report = language, variant, data, report
-        self.space, self.tokens = _SPACE[language], _Tokens(tokenizer)
+        self.space, self.tokens = _SPACE[language], Tokens(tokenizer)
         self.templates = _templates(data, split, "ioi")
         for t in self.templates:
             _check_template(t, "ioi", language)
@@ -783,19 +783,19 @@ class _Ioi:
         return d
 
     def make(self, rng: random.Random) -> dict:
-        """One row of the prompt set (raises :class:`_Drop` for a pair the tokenizer cannot align)."""
+        """One row of the prompt set (raises :class:`Drop` for a pair the tokenizer cannot align)."""
         d, tokens, space = self._draw(rng), self.tokens, self.space
         clean, clean_spans = _fill(d["text"], {**d["clean"], **d["fixed"]}, space)
         corrupt, corrupt_spans = _fill(d["text"], {**d["corrupt"], **d["fixed"]}, space)
         ids, cids = tokens(clean), tokens(corrupt)
         if tokens.unknown(ids, cids):
-            raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
+            raise Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
         if len(ids) != len(cids):
-            raise _Drop("clean/counterfactual lengths differ", f"{len(ids)} vs {len(cids)}: {corrupt!r}")
+            raise Drop("clean/counterfactual lengths differ", f"{len(ids)} vs {len(cids)}: {corrupt!r}")
         pos = _locate(tokens, clean, ids, clean_spans, "clean", self.SLOTS)
         cpos = _locate(tokens, corrupt, cids, corrupt_spans, "counterfactual", self.SLOTS)
         if pos != cpos:
-            raise _Drop("clean/counterfactual name spans differ", f"{clean!r} / {corrupt!r}")
+            raise Drop("clean/counterfactual name spans differ", f"{clean!r} / {corrupt!r}")
         answer, distractor = _continuations(tokens, clean, space + d["io"], space + d["s"])
         positions = {"IO": pos["IO#1"][1] - 1, "S1": pos["S#1"][1] - 1, "S2": pos["S#2"][1] - 1, "end": len(ids) - 1}
         if self.context:
@@ -840,7 +840,7 @@ def _verb_key(language: str, verb: dict) -> str:
 
 def _counterfactual(language: str, variant: str, counterfactual: str | None) -> str:
     """The counterfactual a past-tense set uses: "verb" for Chinese copy by default, else "adverb"."""
-    _check_choice("counterfactual", counterfactual, (None, *COUNTERFACTUALS))
+    check_choice("counterfactual", counterfactual, (None, *COUNTERFACTUALS))
     default = "verb" if (language, variant) == ("zh", "copy") else "adverb"
     if counterfactual not in (None, "adverb", default):
         raise ValueError(
@@ -887,12 +887,12 @@ def build_past_tense(
     Positions ``verb`` (the verb in the context sentence, its last token), ``adverb``
     (the adverb's last token), ``name2`` (the repeated name's last token), ``end``.
     """
-    _check_choice("language", language, LANGUAGES)
-    _check_choice("split", split, SPLITS)
-    _check_choice("variant", variant, (None, *VARIANTS["past_tense"]))
+    check_choice("language", language, LANGUAGES)
+    check_choice("split", split, SPLITS)
+    check_choice("variant", variant, (None, *VARIANTS["past_tense"]))
     variant = variant or "copy"
     cf = _counterfactual(language, variant, counterfactual)
-    n, bos = _count(n), _bos(tokenizer, prepend_bos)
+    n, bos = prompt_count(n), bos_id(tokenizer, prepend_bos)
     data = load_data("past_tense", language) if data is None else data
     past = _PastTense(language, tokenizer, split, variant, cf, data, DropReport(requested=n))
     rows, dropped = _sample(random.Random(seed), n, past.report, past.make)
@@ -910,7 +910,7 @@ class _PastTense:
 
     def __init__(self, language, tokenizer, split: str, variant: str, cf: str, data: dict, report: DropReport):
         self.language, self.variant, self.cf, self.data, self.report = language, variant, cf, data, report
-        self.space, self.tokens = _SPACE[language], _Tokens(tokenizer)
+        self.space, self.tokens = _SPACE[language], Tokens(tokenizer)
         self.templates = _templates(data, split, "past_tense")
         for t in self.templates:
             _check_template(t, "past_tense", language)
@@ -945,7 +945,7 @@ class _PastTense:
         verbs, shape = [], {}
         for v in self.data["verbs"]:
             found = [(f, tokens.after(_LEFT[language], space + v[f])) for f in verb_forms]
-            bad = [(f, ids, problem) for f, ids in found if (problem := _word_problem(tokens, ids))]
+            bad = [(f, ids, problem) for f, ids in found if (problem := word_problem(tokens, ids))]
             if bad:  # one drop per verb, under its first form's problem
                 shown = ", ".join(f"{space + v[f]!r} -> {[tokens.decode(i) for i in ids or []]}" for f, ids, _ in bad)
                 self.report.drop(f"verbs: {bad[0][2]}", shown)
@@ -986,7 +986,7 @@ class _PastTense:
                 shape = self.shape
                 pool = [v for v in pool if shape[v["verb"]] == shape[verb["verb"]] and shape[v["verb"]][1] is not None]
                 if not pool:
-                    raise _Drop("no other verb of the same token lengths", f"{verb['verb'] + verb['rest']!r}")
+                    raise Drop("no other verb of the same token lengths", f"{verb['verb'] + verb['rest']!r}")
             d["other"] = rng.choice(pool)
         return d
 
@@ -1024,18 +1024,18 @@ class _PastTense:
         return verb["verb"], d["other"]["verb"]
 
     def make(self, rng: random.Random) -> dict:
-        """One row of the prompt set (raises :class:`_Drop` for a pair the tokenizer cannot align)."""
+        """One row of the prompt set (raises :class:`Drop` for a pair the tokenizer cannot align)."""
         d, tokens = self._draw(rng), self.tokens
         clean, spans, corrupt, cspans = self._texts(d)
         ids, cids = tokens(clean), tokens(corrupt)
         if tokens.unknown(ids, cids):
-            raise _Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
+            raise Drop("prompt has tokens unknown to the tokenizer", clean if tokens.unknown(ids) else corrupt)
         if len(ids) != len(cids):
-            raise _Drop("clean/counterfactual lengths differ", f"{clean!r} vs {corrupt!r}: {len(ids)} vs {len(cids)}")
+            raise Drop("clean/counterfactual lengths differ", f"{clean!r} vs {corrupt!r}: {len(ids)} vs {len(cids)}")
         pos = _locate(tokens, clean, ids, spans, "clean", self.SLOTS)
         cpos = _locate(tokens, corrupt, cids, cspans, "counterfactual", self.SLOTS)
         if pos != cpos:
-            raise _Drop("clean/counterfactual spans differ", f"{clean!r} / {corrupt!r}")
+            raise Drop("clean/counterfactual spans differ", f"{clean!r} / {corrupt!r}")
         verb_slot = "PRESENT#1" if self.language == "en" else "VERB#1"
         name2 = max((k for k in pos if k.startswith("NAME#")), key=lambda k: int(k.split("#")[1]))
         adverb_slot = next(k for k in pos if k.lower().startswith("adverb#"))
@@ -1099,8 +1099,8 @@ def build(
     >>> prompts = build("ioi", "en", tokenizer, n=100, split="train")   # doctest: +SKIP
     >>> print(prompts.report)                                             # doctest: +SKIP
     """
-    _check_choice("task", task, TASKS)
-    _check_choice("variant", variant, (None, *VARIANTS[task]))
+    check_choice("task", task, TASKS)
+    check_choice("variant", variant, (None, *VARIANTS[task]))
     return _BUILDERS[task](language, tokenizer, n=n, seed=seed, split=split, variant=variant, **kwargs)
 
 

@@ -74,22 +74,22 @@ def test_the_curve_measures_each_size_by_hand_and_its_areas_are_trapezoids():
     assert toy.areas() == pytest.approx({"cpr": cpr, "cmd": cmd})
 
 
-def test_edge_discovery_returns_the_smallest_measured_circuit_that_reaches_the_target():
+def test_edge_discovery_returns_the_smallest_measured_circuit_whose_interval_reaches_the_target():
     model, prompts = _setup()
     found = C.discover(model, prompts, "eap-ig", steps=2, target=0.6, progress=False, roles=False)
     frame = found.curve.frame
-    reached = frame[frame["normalized"] >= 0.6]
+    reached = frame[frame["ci_low"] >= 0.6]
     assert len(reached), "the toy model's curve never reaches the target: the test says nothing"
     best = reached.sort_values("edges").iloc[0]
     assert len(found.circuit.edges) == best["edges"]
     assert found.circuit.evidence["reached_target"] is True
-    assert _by_hand(model, prompts, found.circuit.mask(found.edges.graph)) >= 0.6 - 1e-6
+    kept = found.circuit.mask(found.edges.graph)
+    assert _by_hand(model, prompts, kept) == pytest.approx(best["normalized"], abs=1e-5)
     chosen = found.circuit.evidence["parameters"]["rank"]
     other = {"signed": "absolute", "absolute": "signed"}[chosen]
-    rival = C.edge_curve(model, found.edges, prompts, rank=other).smallest(0.6)  # the ranking not chosen
-    assert rival is None or rival["edges"] >= frame[frame["size"].isin(C.faithful.edge_sizes(found.edges.graph))].pipe(
-        lambda f: f[f["normalized"] >= 0.6]["edges"].min()
-    )
+    rival = C.edge_curve(model, found.edges, prompts, rank=other).smallest(0.6, "ci_low")  # the ranking not chosen
+    grid = frame[frame["size"].isin(C.faithful.edge_sizes(found.edges.graph)) & (frame["ci_low"] >= 0.6)]
+    assert rival is None or rival["edges"] >= grid["edges"].min()
     with pytest.raises(ValueError, match="method must be one of"):
         C.discover(model, prompts, "acdc")
 
@@ -152,19 +152,19 @@ def _faith(own, cross, ci=0.05):
     return pd.DataFrame(rows)
 
 
-def _overlap(ci_low, chance_95=0.1, across=0.5, within=0.6):
+def _overlap(across, chance_95=0.1, within=0.6):
     return pd.DataFrame(
-        [dict(unit="nodes", observed=ci_low + 0.1, ci_low=ci_low, ci_high=ci_low + 0.2, chance=0.05, chance_95=chance_95,
-              within_a=within, within_b=within, across_halves=across)]
+        [dict(unit="nodes", observed=across + 0.1, ci_low=across - 0.1, ci_high=across + 0.2, chance=0.05,
+              chance_95=chance_95, within_a=within, within_b=within, across_halves=across)]
     )  # fmt: skip
 
 
 def test_the_verdict_follows_its_written_rule():
     assert C.verdict(_faith(0.7, 0.9), _overlap(0.5))[0] == "inconclusive"  # a circuit below the target
     assert C.verdict(_faith(0.9, 0.85), _overlap(0.5))[0] == "same"
-    assert C.verdict(_faith(0.9, 0.85), _overlap(0.05))[0] == "inconclusive"  # overlap not above chance
-    assert C.verdict(_faith(0.9, 0.3), _overlap(0.3, across=0.2, within=0.6))[0] == "different"
-    assert C.verdict(_faith(0.9, 0.3), _overlap(0.3, across=0.7, within=0.6))[0] == "inconclusive"
+    assert C.verdict(_faith(0.9, 0.85), _overlap(0.05))[0] == "inconclusive"  # overlap not beyond chance
+    assert C.verdict(_faith(0.9, 0.3), _overlap(0.2, within=0.6))[0] == "different"
+    assert C.verdict(_faith(0.9, 0.3), _overlap(0.7, within=0.6))[0] == "inconclusive"  # as close as two halves
     assert "target" in C.VERDICT_RULE and "95th percentile" in C.VERDICT_RULE
 
 

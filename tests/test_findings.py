@@ -126,7 +126,7 @@ def _written(notebook: str) -> set[str]:
 
 def test_every_notebook_writes_its_findings_with_the_keys_of_lsa_findings():
     written = {path.stem: _written(path.stem) for path in sorted(NOTEBOOK_DIR.glob("*.ipynb"))}
-    assert len(written) == 6 and all(written.values()), written
+    assert len(written) == 7 and all(written.values()), written
     assert {"accuracy", "top1", "logit_diff"} <= written["00_quickstart"]
     assert "FREQUENCY_CORRELATION" in written["02_past_tense"] and "ablation" in written["02_past_tense"]
 

@@ -103,14 +103,10 @@ def test_every_widget_class_imports_from_the_widgets_package():
 
 # ---------------------------------------------------------------- the widgets each notebook embeds
 README = ROOT / "README.md"
+
+
 # Notebooks whose explorer is still to come, and what it will be: an entry fails the test below
 # as soon as its notebook embeds a widget (then remove the entry).
-AWAITING = {
-    "01_ioi_circuit": "CircuitViewer of the edge circuits (issue 26, with the circuit rebuild)",
-    "03_compare_circuits": "CircuitViewer of the compared edge circuits (issue 26, with the circuit rebuild)",
-}
-
-
 def _code_sources(path: Path) -> list[str]:
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     return ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
@@ -142,9 +138,4 @@ def test_the_readme_widget_table_names_the_widgets_each_notebook_embeds():
 def test_every_notebook_ends_with_an_explorer_of_its_results():
     for path in NOTEBOOKS:
         last = _widgets_used(_code_sources(path)[-1])
-        if path.stem in AWAITING:
-            assert not set().union(*map(_widgets_used, _code_sources(path))), (
-                f"{path.stem} embeds a widget now: remove it from AWAITING"
-            )
-        else:
-            assert last, f"{path.stem}: its last code cell shows no explorer (one of {widgets.__all__})"
+        assert last, f"{path.stem}: its last code cell shows no explorer (one of {widgets.__all__})"

@@ -239,8 +239,9 @@ def test_attribution_patching_remote_equals_local(family, server):
 # ----------------------------------------------------------------- the same notebooks, remote
 REMOTE_NOTEBOOKS = {
     "00_quickstart": {"n_prompts": [12]},
-    "01_ioi_circuit": {"n_prompts": [12], "max_steps": [2]},
-    "03_compare_circuits": {"n_prompts": [12], "max_steps": [1]},
+    # edge attribution differentiates the model here: on NDIF the circuit notebooks run the paper's path patching
+    "01_ioi_circuit": {"n_prompts": [12], "n_heldout": [12], "method": ["path-patching"], "max_steps": [2]},
+    "03_compare_circuits": {"n_prompts": [12], "method": ["path-patching"]},
     "04_language_neurons": {"n_texts": [60]},
     "05_activation_patching": {"n_prompts": [12]},
 }

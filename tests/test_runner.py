@@ -256,6 +256,7 @@ def test_the_real_preset_compares_only_circuits_that_its_own_earlier_cells_write
         "02_past_tense",
         "03_compare_circuits",
         "04_language_neurons",
+        "06_latent_language",
     }
 
 

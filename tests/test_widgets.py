@@ -450,3 +450,26 @@ def test_behaviour_explorer_scores_a_typed_prompt_and_typed_answers(setup):
     assert "unknown to the tokenizer" in ex.message.value and ex.error
     ex.text.value = " "
     assert "type a prompt" in ex.message.value
+
+
+def test_circuit_viewer_moves_an_edge_circuit_along_its_curve_and_shows_its_faithfulness():
+    from lsa import circuits as C
+    from widgets.circuits import CircuitViewer
+
+    model = tiny_model("gpt2", spec={"initializer_range": 0.2})
+    prompts = make_prompts(n=6, pos=6, seed=5)
+    found = C.discover(model, prompts, "eap-ig", steps=1, target=0.0, progress=False, roles=False)
+    curve = C.edge_curve(model, found.edges, prompts, sizes=[4, 12, 30], rank="absolute")
+    viewer = CircuitViewer({"en": found.circuit}, curves={"en": curve}, scores={"en": found.edges}, most=10)
+    for size in (4, 30):
+        viewer.size.value = size
+        shown = viewer.current["circuits"]["en"]
+        kept = found.edges.circuit(size, "absolute")  # the top edges by |score|, pruned
+        assert {(e.sender, e.receiver, e.kind) for e in shown.edges} == set(found.edges.graph.edge_keys(kept))
+        row = curve.frame.set_index("size").loc[size]
+        assert (
+            f"normalised faithfulness {row['normalized']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+            in (viewer.current["faithfulness"])
+        )
+    drawn = viewer.figure.axes[0].patches  # one arrow per edge drawn: the strongest ``most`` alone
+    assert len(drawn) == min(10, len(viewer.current["circuits"]["en"].edges))

@@ -7,7 +7,8 @@ data it currently shows in ``.current`` and its figure in ``.figure``.
 from widgets.behaviour import BehaviourExplorer
 from widgets.circuits import CircuitViewer
 from widgets.heads import HeadExplorer
+from widgets.latent import LatentExplorer
 from widgets.neurons import NeuronExplorer
 from widgets.patching import PatchingMap
 
-__all__ = ["BehaviourExplorer", "CircuitViewer", "HeadExplorer", "NeuronExplorer", "PatchingMap"]
+__all__ = ["BehaviourExplorer", "CircuitViewer", "HeadExplorer", "LatentExplorer", "NeuronExplorer", "PatchingMap"]

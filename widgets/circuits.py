@@ -14,15 +14,21 @@ model. It shows:
   :func:`lsa.circuits.compare` summary.
 
 Controls: which circuits to show, a role filter (only components with those
-roles, and the edges between them or to the logits), the component. What is
-shown is kept in ``current`` for headless tests; bad input (a missing file, an
-unknown component, circuits that do not fit ``model=``) shows a message.
+roles, and the edges between them or to the logits), the component, and for edge
+circuits how many of their strongest edges the diagram draws. Given a circuit's
+edge scores and faithfulness curve (``scores=``, ``curves=``, by label), a slider moves
+along the curve: the circuit of each measured size is shown with its faithfulness
+on the curve's (held-out) prompts and its interval. What is shown is kept in
+``current`` for headless tests; bad input (a missing file, an unknown component,
+circuits that do not fit ``model=``) shows a message.
 
 >>> CircuitViewer({"en": "runs/ioi_en/circuit.json", "zh": "runs/ioi_zh/circuit.json"})   # doctest: +SKIP
+>>> CircuitViewer({"en": found.circuit}, curves={"en": heldout_curve}, scores={"en": found.edges})  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 from collections.abc import Mapping, Sequence
@@ -66,6 +72,21 @@ def load_circuits(circuits) -> dict[str, Circuit]:
     return out
 
 
+def along_curve(circuit: Circuit, scores, curve, size: int) -> tuple[Circuit, str]:
+    """The edge circuit of one measured ``size`` of ``curve`` (its ranking of ``scores``), and its faithfulness in words."""
+    row = curve.frame[curve.frame["size"] == size]
+    if not len(row):
+        raise ValueError(f"size {size} is not on the curve; sizes: {curve.frame['size'].tolist()}")
+    row = row.iloc[0]
+    kept = scores.circuit(int(size), curve.meta.get("rank", "absolute"))
+    words = (
+        f"{int(row['edges'])} edges ({row['share']:.1%}), {int(row['nodes'])} heads and MLPs: normalised faithfulness "
+        f"{row['normalized']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] on {curve.metric.shape[1]} prompts "
+        f"({curve.ablation})"
+    )
+    return circuit.with_edges(scores.graph, kept, scores.scores), words
+
+
 def role_of(role: str) -> str:
     return role or NO_ROLE
 
@@ -82,17 +103,7 @@ def filter_roles(circuit: Circuit, roles: Sequence[str] | None) -> Circuit:
     comps = [c for c in circuit.components if role_of(c.role) in roles]
     keep = {c.key for c in comps} | {(LOGITS,)}
     edges = [e for e in circuit.edges if e.sender in keep and e.receiver in keep]
-    return Circuit(
-        circuit.model,
-        circuit.n_layers,
-        circuit.n_heads,
-        circuit.task,
-        circuit.language,
-        comps,
-        edges,
-        circuit.evidence,
-        circuit.d_mlp,
-    )
+    return dataclasses.replace(circuit, components=comps, edges=edges)
 
 
 def components_table(circuits: Mapping[str, Circuit]) -> pd.DataFrame:
@@ -175,12 +186,17 @@ class CircuitViewer(w.VBox):
         circuits: a :class:`lsa.circuits.Circuit`, a JSON path, a list or a ``{label: circuit or path}`` mapping.
         model: optional; every circuit is checked against it (``Circuit.validate``) and misfits are reported.
 
+    Edge circuits: ``most`` (a slider) strongest edges drawn; with ``curves`` and ``scores`` (by label:
+    :class:`lsa.circuits.Curve`, :class:`lsa.attribution.EdgeScores`), ``size`` moves the first such
+    circuit along its curve.
+
     ``current``: ``shown`` (labels), ``roles`` (``None`` = all), ``circuits``
     (filtered, by label), ``table``, ``component`` (key), ``evidence``, ``edges``,
-    ``comparison`` (summary frame with two circuits shown, else ``None``).
+    ``comparison`` (summary frame with two circuits shown, else ``None``), ``faithfulness``
+    (the words shown for the circuit on its curve, else ``None``).
     """
 
-    def __init__(self, circuits, *, model=None):
+    def __init__(self, circuits, *, model=None, curves=None, scores=None, most: int = 60):
         self.current: dict = {}
         self.figure = None
         self.error = ""
@@ -209,6 +225,19 @@ class CircuitViewer(w.VBox):
             options=[ALL_ROLES, *roles], value=(ALL_ROLES,), description="roles", rows=min(6, len(roles) + 1)
         )
         self.component = w.Dropdown(description="component", layout=w.Layout(width="340px"))
+        self.most = w.IntSlider(value=most, min=5, max=max(5, most * 4), step=5, description="edges drawn")
+        self.along = next((lab for lab in self.circuits if lab in (curves or {}) and lab in (scores or {})), None)
+        self.faithfulness_html = w.HTML()
+        self.size = w.SelectionSlider(options=[0], description="size", layout=w.Layout(width="480px"))
+        if self.along is not None:
+            self.curve, self.scores, self.found = curves[self.along], scores[self.along], self.circuits[self.along]
+            sizes = [int(x) for x in self.curve.frame["size"]]
+            chosen = self.found.evidence.get("size", sizes[-1])
+            self.size.options = [
+                (f"{int(r.edges)} edges: {r.normalized:.2f}", int(r.size)) for r in self.curve.frame.itertuples()
+            ]
+            self.size.value = chosen if chosen in sizes else sizes[-1]
+            self.size.observe(self._on_size, names="value")
         self.plot = w.Output()
         self.table_html = w.HTML()
         self.evidence_html = w.HTML()
@@ -216,9 +245,14 @@ class CircuitViewer(w.VBox):
         for control in (self.shown, self.role):
             control.observe(self._on_filter, names="value")
         self.component.observe(self._on_component, names="value")
+        self.most.observe(self._on_component, names="value")
+        edges = [self.most] if any(c.level == "edges" for c in self.circuits.values()) else []
+        along = [w.HBox([self.size, self.faithfulness_html])] if self.along is not None else []
         super().__init__(
             [
                 w.HBox([self.shown, self.role, self.component]),
+                *[w.HBox(edges)] * bool(edges),
+                *along,
                 self.message,
                 w.HBox([self.plot, w.VBox([self.evidence_html, self.comparison_html])]),
                 self.table_html,
@@ -253,7 +287,7 @@ class CircuitViewer(w.VBox):
     def refresh(self) -> None:
         """Redraw the diagram, the table and the selected component's evidence."""
         self.error = ""
-        from lsa.plotting.circuits import draw
+        from lsa.plotting.circuits import draw, strongest
 
         circuits = self.current["circuits"]
         key = self.component.value
@@ -267,7 +301,7 @@ class CircuitViewer(w.VBox):
             self.evidence_html.value = note_html("no component to show")
         if circuits:
             try:
-                self.figure = draw(list(circuits.values()), list(circuits))
+                self.figure = draw([strongest(c, self.most.value) for c in circuits.values()], list(circuits))
                 if key is not None and key[0] == "head" and len(self.figure.axes) == 1:  # ring the selected head
                     self.figure.axes[0].scatter(
                         [key[2]],
@@ -289,9 +323,14 @@ class CircuitViewer(w.VBox):
     def _update_filter(self) -> None:
         roles = None if ALL_ROLES in self.role.value or not self.role.value else list(self.role.value)
         shown = [label for label in self.circuits if label in self.shown.value]
+        faithfulness = None
+        if self.along is not None:  # the circuit of the size chosen on its curve
+            self.circuits[self.along], faithfulness = along_curve(self.found, self.scores, self.curve, self.size.value)
+            self.faithfulness_html.value = note_html(faithfulness)
         circuits = {label: filter_roles(self.circuits[label], roles) for label in shown}
         table = components_table(circuits)
         self.current = {"shown": shown, "roles": roles, "circuits": circuits, "table": table, "comparison": None}
+        self.current["faithfulness"] = faithfulness
         visible = table.drop(columns=["_key"], errors="ignore")
         self.table_html.value = table_html(visible, title="components")
         if len(circuits) == 2:
@@ -340,3 +379,6 @@ class CircuitViewer(w.VBox):
     def _on_component(self, change) -> None:
         if not self._busy:
             self.refresh()
+
+    def _on_size(self, change) -> None:
+        self._update_filter()

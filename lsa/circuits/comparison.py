@@ -185,14 +185,14 @@ def _nodes(graph, kept: torch.Tensor) -> set:
     }  # heads and MLPs: the embeddings are in every circuit
 
 
-def _jaccards(graph, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+def overlaps(graph, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """Jaccard of two edge circuits' edges and of their nodes (heads and MLPs)."""
     union = int((a | b).sum())
     edges = 1.0 if union == 0 else int((a & b).sum()) / union
     return edges, jaccard(_nodes(graph, a), _nodes(graph, b))
 
 
-def _chance(graph, a: torch.Tensor, b: torch.Tensor, draws: int, seed: int) -> np.ndarray:
+def chance_overlaps(graph, a: torch.Tensor, b: torch.Tensor, draws: int, seed: int) -> np.ndarray:
     """``[draws, 2]``: Jaccard of edges and of nodes of random circuits with as many edges / nodes as ``a`` and ``b``."""
     g = torch.Generator().manual_seed(seed)
     valid = graph.valid.nonzero()
@@ -236,11 +236,11 @@ def edge_overlap(
     """
     graph = a.graph
     ca, cb = a.circuit(size_a, rank), b.circuit(size_b, rank)
-    observed = _jaccards(graph, ca, cb)
+    observed = overlaps(graph, ca, cb)
     g = torch.Generator().manual_seed(seed)
     boot = np.array(
         [
-            _jaccards(
+            overlaps(
                 graph,
                 a.circuit(size_a, rank, _draw(len(a.per_prompt), g)),
                 b.circuit(size_b, rank, _draw(len(b.per_prompt), g)),
@@ -253,10 +253,10 @@ def edge_overlap(
         ha, hb = _halves(len(a.per_prompt), g), _halves(len(b.per_prompt), g)
         circuits_a = [a.circuit(size_a, rank, rows) for rows in ha]
         circuits_b = [b.circuit(size_b, rank, rows) for rows in hb]
-        within_a.append(_jaccards(graph, *circuits_a))
-        within_b.append(_jaccards(graph, *circuits_b))
-        across += [_jaccards(graph, x, y) for x, y in zip(circuits_a, circuits_b)]
-    chance = _chance(graph, ca, cb, n_chance, seed)
+        within_a.append(overlaps(graph, *circuits_a))
+        within_b.append(overlaps(graph, *circuits_b))
+        across += [overlaps(graph, x, y) for x, y in zip(circuits_a, circuits_b)]
+    chance = chance_overlaps(graph, ca, cb, n_chance, seed)
     rows = []
     for i, unit in enumerate(("edges", "nodes")):
         lo, hi = bootstrap.interval(boot[:, i])
@@ -288,8 +288,8 @@ def stability(
     One row per unit, ``"edges"`` and ``"nodes"``."""
     graph, g = scores.graph, torch.Generator().manual_seed(seed)
     pairs = [[scores.circuit(size, rank, rows) for rows in _halves(len(scores.per_prompt), g)] for _ in range(n_splits)]
-    seen = np.array([_jaccards(graph, *pair) for pair in pairs])
-    chance = _chance(graph, *pairs[0], n_chance, seed)
+    seen = np.array([overlaps(graph, *pair) for pair in pairs])
+    chance = chance_overlaps(graph, *pairs[0], n_chance, seed)
     rows = []
     for i, unit in enumerate(("edges", "nodes")):
         spread = {"within": seen[:, i].mean(), "within_min": seen[:, i].min(), "within_max": seen[:, i].max()}
@@ -310,10 +310,12 @@ VERDICT_RULE = (
     "1) each circuit must keep at least the target share of its own language's behaviour on held-out prompts "
     "(normalised faithfulness), or the verdict is 'inconclusive': circuits that do not explain the behaviour say "
     "nothing of the mechanism; 2) 'same' when, besides, each circuit keeps at least the target of the other "
-    "language's behaviour and the node overlap's 95% interval lies above the 95th percentile of random circuits of "
-    "the same sizes; 3) 'different' when, besides 1, one circuit's cross-language faithfulness interval lies wholly "
-    "below the target and the node overlap across languages (half samples) is below both languages' overlap between "
-    "two halves of their own prompts; 4) otherwise 'inconclusive'."
+    "language's behaviour and the two languages' circuits overlap beyond chance: their heads and MLPs, from half "
+    "of each language's prompts, overlap more than the 95th percentile of random circuits of the same sizes; "
+    "3) 'different' when, besides 1, one circuit's cross-language faithfulness interval lies wholly below the "
+    "target and that cross-language overlap is below both languages' overlap between two halves of their own "
+    "prompts; 4) otherwise 'inconclusive'. Overlaps are compared at half samples on both sides, as the circuits "
+    "of resampled prompts overlap less than those of all of them."
 )
 
 
@@ -338,7 +340,7 @@ def verdict(faith: pd.DataFrame, overlap: pd.DataFrame, target: float = 0.8) -> 
         f"{r.circuit} keeps {r.normalized:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}] of {r.language}"
         for r in cross.itertuples()
     ]
-    above_chance = nodes["ci_low"] > nodes["chance_95"]
+    above_chance = nodes["across_halves"] > nodes["chance_95"]
     reasons.append(
         f"node overlap {nodes['observed']:.2f} [{nodes['ci_low']:.2f}, {nodes['ci_high']:.2f}] against chance "
         f"{nodes['chance']:.2f} (95th percentile {nodes['chance_95']:.2f}); at half samples across languages "

@@ -20,6 +20,7 @@ are the senders its edges leave from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
@@ -277,23 +278,28 @@ class Circuit:
     def from_edges(
         cls, model: Model, kept: torch.Tensor, scores: torch.Tensor, task="", language="", **evidence
     ) -> Circuit:
-        """An edge circuit from ``kept`` ``[senders, receivers]`` bool over the model's graph; each edge's
-        ``effect`` is its score, each sender's the sum of its edges' scores, with the input of its
-        strongest edge (``receiver_input``) as evidence."""
-        graph = Graph.of(model)
-        circuit = cls.empty_for(model, task, language, **evidence)
-        circuit.level = "edges"
-        strongest: dict = {}
+        """An edge circuit from ``kept`` ``[senders, receivers]`` bool over the model's graph (:meth:`with_edges`)."""
+        return cls.empty_for(model, task, language, **evidence).with_edges(Graph.of(model), kept, scores)
+
+    def with_edges(self, graph: Graph, kept: torch.Tensor, scores: torch.Tensor) -> Circuit:
+        """This circuit's model, task, language and evidence with the edges ``kept`` ``[senders, receivers]`` bool
+        over ``graph`` instead of its own: each edge's ``effect`` is its score, each sender's the sum of its
+        edges' scores, with the input of its strongest edge (``receiver_input``) as evidence; a sender this
+        circuit holds keeps its role."""
+        edges, strongest = [], {}
         for i, j in (kept & graph.valid).nonzero().tolist():
             sender, (receiver, kind), score = graph.senders[i], graph.receivers[j], float(scores[i, j])
-            circuit.edges.append(Edge(sender, receiver, kind, score))
+            edges.append(Edge(sender, receiver, kind, score))
             total, best = strongest.get(sender, (0.0, (0.0, "")))
             strongest[sender] = (total + score, max(best, (abs(score), kind)))
+        roles = self.roles()
+        components = []
         for sender, (total, (_, kind)) in strongest.items():
             layer = sender[1] if len(sender) > 1 else -1  # the embeddings: below every layer
             index = sender[2] if len(sender) > 2 else None
-            circuit.add(Component(sender[0], layer, index, effect=total, evidence={"receiver_input": kind}))
-        return circuit
+            role = roles.get(sender, "")
+            components.append(Component(sender[0], layer, index, role, total, {"receiver_input": kind}))
+        return dataclasses.replace(self, components=components, edges=edges, level="edges")
 
     # ------------------------------------------------------------ checks
     def validate(self, model: Model) -> Circuit:

@@ -67,7 +67,7 @@ import torch
 from lsa import ablation
 from lsa.attribution import EDGE_METHODS, RANKS, EdgeScores, edge_attribution
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
-from lsa.circuits.faithful import Curve, edge_curve
+from lsa.circuits.faithful import Curve, edge_curve, edge_curves, edge_sizes, node_curve
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
 from lsa.model import Model
 from lsa.tasks import PromptSet
@@ -319,6 +319,23 @@ class Discovery:
     edges: EdgeScores | None = None
 
     @property
+    def size(self) -> int:
+        """The circuit's size along its ranking: the number of top edges it was cut at, or its heads."""
+        return int(self.circuit.evidence["size"]) if self.edges is not None else len(self.circuit)
+
+    def heldout_curve(self, model: Model, prompts: PromptSet, **kwargs) -> Curve:
+        """The faithfulness curve of this discovery's ranking on other ``prompts``, the circuit's own size
+        included (:meth:`Curve.at` gives its faithfulness): an edge circuit along its edge ranking at MIB's
+        shares (:func:`edge_curve`); a path-patching circuit along the order its heads were found in,
+        at 1, 2, 4, ... heads (:func:`node_curve`)."""
+        if self.edges is not None:
+            sizes = sorted({*edge_sizes(self.edges.graph), self.size})
+            rank = self.circuit.evidence["parameters"]["rank"]
+            return edge_curve(model, self.edges, prompts, sizes=sizes, rank=rank, **kwargs)
+        sizes = sorted({*(2**i for i in range(max(1, self.size).bit_length())), self.size} - {0})
+        return node_curve(model, self.circuit.keys, prompts, sizes=sizes, **kwargs)
+
+    @property
     def n_steps(self) -> int:
         return int(self.steps["step"].max()) if len(self.steps) else 0
 
@@ -561,11 +578,35 @@ def path_patching_discovery(
     return Discovery(circuit=circuit, steps=steps, scores=scores)
 
 
+SELECT = "ci_low"  # a circuit is chosen where the lower end of its 95% interval reaches the target
+FIRST_LOOK = 0.05  # the share of the edges up to which the discovery curve is measured first
+
+
 def _crossing(curve: Curve, target: float) -> tuple[float, float]:
-    """Sort key of a curve: the edges of its smallest circuit at or above ``target`` (none: infinity), then
-    minus its best faithfulness."""
-    best = curve.smallest(target)
+    """Sort key of a curve: the edges of its smallest circuit whose interval reaches ``target`` (none:
+    infinity), then minus its best faithfulness."""
+    best = curve.smallest(target, SELECT)
     return (math.inf if best is None else float(best["edges"]), -float(curve.frame["normalized"].max()))
+
+
+def _search(model, scores, prompts, ranks, target: float, kw: dict) -> dict[str, Curve]:
+    """Each ranking's discovery curve at MIB's shares, measured only where it can decide the choice: the shares
+    up to :data:`FIRST_LOOK` first, the larger ones where no curve reaches the target there; a later ranking
+    only below the sizes at which an earlier one already does (only a smaller circuit could win)."""
+    grid = edge_sizes(scores.graph)
+    curves: dict[str, Curve] = {}
+    for sizes in ([n for n in grid if n <= FIRST_LOOK * scores.graph.n_edges], grid):
+        for r in ranks:
+            found = [c.smallest(target, SELECT) for c in curves.values()]
+            bound = min((float(b["size"]) for b in found if b is not None), default=math.inf)
+            done = set(curves[r].frame["size"]) if r in curves else set()
+            todo = [n for n in sizes if n < bound and n not in done]
+            if todo:
+                new = edge_curves(model, scores, prompts, {r: todo}, **kw)[r]
+                curves[r] = curves[r].joined(new) if r in curves else new
+        if any(c.smallest(target, SELECT) is not None for c in curves.values()):
+            break
+    return curves
 
 
 def discover(
@@ -596,7 +637,7 @@ def edge_discovery(
     target: float = TARGET,
     ablation_method: str = ablation.DEFAULT_METHOD,
     rank: str = "best",
-    refine: int = 4,
+    refine: int = 3,
     direction: str = "noising",
     metric=None,
     roles: bool = True,
@@ -606,13 +647,15 @@ def edge_discovery(
     """The smallest edge circuit along the edge attribution ranking whose faithfulness on ``prompts`` reaches ``target``.
 
     Steps: 1) score every edge (:func:`lsa.attribution.edge_attribution`, or the given ``scores``);
-    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curve`, every other edge
-    ablated with ``ablation_method``), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
+    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curves`, every other edge
+    ablated with ``ablation_method``; the shares up to :data:`FIRST_LOOK` first, the others only where
+    none of those reaches the target), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
     ``"best"``: both rankings, and the one whose circuit reaches the target with fewer edges: neither
     wins everywhere, as edges whose estimated effect has the wrong sign are common where the model is
     far from linear); 3) between the largest share below the target and the first at or
-    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured at or above
-    the target (faithfulness need not grow with size: the first crossing), pruned to the paths from the
+    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured whose 95%
+    interval over the discovery prompts lies at or above the target (:data:`SELECT`: so that it holds on
+    prompts it was not found on; faithfulness need not grow with size: the first crossing), pruned to the paths from the
     embeddings to the logits; where no size reaches the target, the most faithful one, with
     ``evidence["reached_target"] = False``; 5) roles of its heads (:func:`suggest_roles`).
 
@@ -625,16 +668,16 @@ def edge_discovery(
         )
     graph = scores.graph
     kw = dict(method=ablation_method, metric=metric, progress=progress)
-    curves = {r: edge_curve(model, scores, prompts, rank=r, **kw) for r in (RANKS if rank == "best" else (rank,))}
+    curves = _search(model, scores, prompts, RANKS if rank == "best" else (rank,), target, kw)
     rank, curve = min(curves.items(), key=lambda item: _crossing(item[1], target))
     frame = curve.frame
-    hit = frame.index[frame["normalized"] >= target]
+    hit = frame.index[frame[SELECT] >= target]
     if len(hit) and hit[0] > 0 and refine > 0:
         lo, hi = int(frame["size"][hit[0] - 1]), int(frame["size"][hit[0]])
         between = np.unique(np.linspace(lo, hi, refine + 2).round().astype(int))[1:-1]
         if len(between):
             curve = curve.joined(edge_curve(model, scores, prompts, sizes=between.tolist(), rank=rank, **kw))
-    best = curve.smallest(target)
+    best = curve.smallest(target, SELECT)
     reached = best is not None
     if best is None:
         best = curve.frame.loc[curve.frame["normalized"].idxmax()]
@@ -647,6 +690,7 @@ def edge_discovery(
     params = dict(method=method, steps=scores.steps, direction=scores.direction, target=target, rank=rank)
     params["ablation"] = ablation_method
     params.update(n_prompts=len(prompts), metric=getattr(metric, "__name__", "logit_diff") if metric else "logit_diff")
+    params["select"] = f"the smallest circuit whose 95% interval on the discovery prompts reaches {target}"
     evidence = dict(
         method="edge attribution" + (" with integrated gradients" if method == "eap-ig" else ""),
         parameters=params, size=int(best["size"]), found_normalized=float(best["normalized"]), reached_target=reached,

@@ -173,9 +173,10 @@ class Curve:
         count = int(row["edges"]) if self.level == "edges" else int(row["size"])
         return ablation.Faithfulness(self.metric[rows[0]], self.full, self.empty, method, count, scope)
 
-    def smallest(self, target: float = 0.8) -> pd.Series | None:
-        """The smallest circuit whose normalised faithfulness reaches ``target`` (None where none does)."""
-        hit = self.frame[self.frame["normalized"] >= target]
+    def smallest(self, target: float = 0.8, by: str = "normalized") -> pd.Series | None:
+        """The smallest circuit whose normalised faithfulness reaches ``target`` (None where none does);
+        ``by="ci_low"``: whose 95% interval lies at or above it."""
+        hit = self.frame[self.frame[by] >= target]
         return None if hit.empty else hit.sort_values("edges" if self.level == "edges" else "size").iloc[0]
 
     def areas(self) -> dict[str, float]:
@@ -219,24 +220,36 @@ def edge_curve(
     """Faithfulness of the top-``size`` edges of ``scores`` (:class:`lsa.attribution.EdgeScores`) by ``rank``,
     pruned to the paths from the embeddings to the logits (:meth:`lsa.attribution.EdgeScores.circuit`), for each
     size (default: MIB's shares, :data:`MIB_SHARES`); every other edge ablated (``method``)."""
+    sizes = edge_sizes(scores.graph) if sizes is None else sizes
+    kw = dict(method=method, metric=metric, seed=seed, progress=progress)
+    return edge_curves(model, scores, prompts, {rank: sizes}, **kw)[rank]
+
+
+def edge_curves(
+    model: Model, scores, prompts: PromptSet, wanted: Mapping[str, Sequence[int]], **kw
+) -> dict[str, Curve]:
+    """:func:`edge_curve` for several rankings, ``{rank: sizes}``, in one pass over the prompts (the reference
+    run shared; each distinct circuit run once: no edge kept is the empty circuit, every edge the model)."""
     graph = scores.graph
-    sizes = edge_sizes(graph) if sizes is None else sorted(set(int(s) for s in sizes))
-    kept = [scores.circuit(n, rank) for n in sizes]
-    # each distinct circuit run once; no edge kept is the empty circuit, every edge kept the model itself
+    kept = {rank: {int(n): scores.circuit(int(n), rank) for n in sorted(set(sizes))} for rank, sizes in wanted.items()}
     distinct = [torch.zeros_like(graph.valid)]
-    for k in kept:
+    for k in (k for by_size in kept.values() for k in by_size.values()):
         if not any(torch.equal(k, d) for d in distinct) and not torch.equal(k, graph.valid):
             distinct.append(k)
-    out = ablation.ablate_edges(
-        model, prompts, torch.stack(distinct), method=method, metric=metric, seed=seed, progress=progress
-    )
-    full = clean_metric(model, prompts, metric)
-    metric_rows = [
-        full if torch.equal(k, graph.valid) else out[[torch.equal(k, d) for d in distinct].index(True)] for k in kept
-    ]
-    rows = [dict(size=n, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for n, k in zip(sizes, kept)]
-    scope = f"{method} ablation of every edge outside the circuit"
-    return _curve(torch.stack(metric_rows), full, out[0], rows, ablation=scope, level="edges", meta={"rank": rank})
+    out = ablation.ablate_edges(model, prompts, torch.stack(distinct), **kw)
+    full = clean_metric(model, prompts, kw.get("metric"))
+    scope = f"{kw.get('method', ablation.DEFAULT_METHOD)} ablation of every edge outside the circuit"
+    curves = {}
+    for rank, by_size in kept.items():
+        rows = [dict(size=n, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for n, k in by_size.items()]
+        metric_rows = [
+            full if torch.equal(k, graph.valid) else out[[torch.equal(k, d) for d in distinct].index(True)]
+            for k in by_size.values()
+        ]
+        curves[rank] = _curve(
+            torch.stack(metric_rows), full, out[0], rows, ablation=scope, level="edges", meta={"rank": rank}
+        )
+    return curves
 
 
 def _counts(graph: Graph, kept: torch.Tensor) -> dict[str, int]:
