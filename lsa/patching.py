@@ -278,10 +278,10 @@ class PathPatching:
             raise ValueError(f"receivers must be 'logits' or a list of (layer, head), got {receivers!r}")
         if not inputs or (self.to_logits and len(inputs) > 1):
             raise ValueError(f"receiver_input must be an input or a tuple of inputs for head receivers, got {inputs!r}")
-        # {input: {layer: {"q" | "k" | "v": units}}}, and every input's together (for the runs)
-        self.sites = {} if self.to_logits else {ix: _receiver_sites(model, receivers, ix) for ix in inputs}
-        self.all_sites = {} if self.to_logits else _receiver_sites(model, receivers, "".join(inputs))
-        self.last_receiver = model.adapter.n_layers if self.to_logits else max(self.all_sites)
+        # the receivers' units: {input: {layer: {"q" | "k" | "v": heads}}}, and every input's together (for the runs)
+        self.units = {} if self.to_logits else {ix: _receiver_units(model, receivers, ix) for ix in inputs}
+        self.all_units = {} if self.to_logits else _receiver_units(model, receivers, "".join(inputs))
+        self.last_receiver = model.adapter.n_layers if self.to_logits else max(self.all_units)
         self.base_tokens, self.donor_tokens = base_donor_tokens(model, prompts, direction)
         self.columns, self.scored = lsa_metrics.answer_columns(metric, prompts)  # vocabulary ids patched runs compute
 
@@ -298,7 +298,7 @@ class PathPatching:
         keep = self.where is not None and engine.can(model, "reuse_cache")
         if unpatched is None:
             heads = {("head", layer) for layer in range(model.adapter.n_layers)}
-            attn_in = {("attn_in", layer) for layer in self.all_sites}
+            attn_in = {("attn_in", layer) for layer in self.all_units}
             base = baseline(model, prompts, self.base_tokens, heads | attn_in, keep_cache=keep)
             donor = baseline(model, prompts, self.donor_tokens, heads)
         elif unpatched.prompts is not prompts or unpatched.direction != self.direction:
@@ -340,7 +340,7 @@ class PathPatching:
 
     def _chunk(self, chunk: list[int]) -> None:
         start = min(layer for layer, _ in self.groups[chunk[0]])
-        reads = [("attn_in", layer) for layer in self.all_sites if layer > start]
+        reads = [("attn_in", layer) for layer in self.all_units if layer > start]
         if not self.to_logits and not reads:  # no receiver after the senders: no path, the base run's metric
             for out in self.outs.values():
                 out[chunk] = self.base_metric
@@ -391,7 +391,7 @@ class PathPatching:
     # ---------------------------------------------------------------- step 3
     def receivers_run(self, ix: str, seen: dict, begin: Start | None, rows, ends, edits=()) -> Plan:
         """Step 3's plan for input ``ix``: the receivers' query / key / value from their inputs ``seen`` in step 2."""
-        projections = _receiver_projections(self.model, self.sites[ix], seen)
+        projections = _receiver_projections(self.model, self.units[ix], seen)
         return Plan(projections=projections, edits=list(edits), start=begin, rows=rows, end=ends, columns=self.columns)
 
     def _at_end(self, ix: str, layers: list[int], rows, width: int, batch: int, p: int) -> list[Patch]:
@@ -402,7 +402,7 @@ class PathPatching:
         other = other.repeat(batch // len(ends), 1)
         patches = []
         for layer in layers:
-            heads = _receiver_heads(self.model, self.sites[ix], layer).to(self.model.device)
+            heads = _receiver_heads(self.model, self.units[ix], layer).to(self.model.device)
             mask = other[:, :, None] & heads[None, None, :]
             patches.append(Patch("head", layer, self.base.values[("head", layer)], mask))
         return patches
@@ -422,12 +422,9 @@ class PathPatching:
         if self.to_logits:
             return self._score({self.inputs[0]: plan}, tokens, chunk, rows, sub)
         seen = engine.run(self.model, tokens[:, :upto], plan).values
-        layout = Layout(m * r, width, rows, p)
         if upto < width:  # the positions after p as in the base run
-            seen = {
-                key: torch.cat([x, layout.take(self.base.values[key])[:, upto - p :].to(x)], 1)
-                for key, x in seen.items()
-            }
+            after = Layout(m * r, width, rows, upto)
+            seen = {key: torch.cat([x, after.take(self.base.values[key]).to(x)], 1) for key, x in seen.items()}
         first = min(layer for _, layer in reads)
         begin = cached_start(self.base, first, first=p)
         plans = {}
@@ -451,15 +448,15 @@ class PathPatching:
         first = min(layer for _, layer in reads)
         later = (self.at < end).repeat(m).to(model.device)  # rows whose receivers read at a later end
         moved = self._moved_cache(seen, first, at, m) if bool(later.any()) else None
-        at_end = Layout(m * n, self.prompts.clean.shape[1], None, ends)
+        end_alone = Layout(m * n, self.prompts.clean.shape[1], None, ends)
         plans = {}
         for ix in self.inputs:
             cache = self.base.cache
             if moved is not None:
-                heads = {layer: self.sites[ix][layer] for _, layer in seen}
+                heads = {layer: self.units[ix][layer] for _, layer in seen}
                 cache = engine.plan.spliced(cache, moved, at, heads, later, m)
             given = {
-                key: torch.where(later[:, None, None], at_end.take(self.base.values[key]).to(x), x)
+                key: torch.where(later[:, None, None], end_alone.take(self.base.values[key]).to(x), x)
                 for key, x in seen.items()
             }
             begin = replace(cached_start(self.base, first, first=ends), cache=cache)
@@ -469,14 +466,11 @@ class PathPatching:
     def _moved_cache(self, seen: dict, first: int, at: torch.Tensor, m: int):
         """The receivers' keys and values at the senders' position, from their patched inputs ``seen``: one run of
         that position alone through the receiver layers (heads of other layers idle, MLPs idle)."""
-        model, last = self.model, max(self.all_sites)
-        idle = (
-            self.base.values[("head", first)]
-            .new_zeros(1, 1, 1)
-            .expand(len(self.prompts), *self.base.values[("head", first)].shape[1:])
-        )
+        model, last = self.model, max(self.all_units)
+        heads = self.base.values[("head", first)]
+        idle = heads.new_zeros(()).expand_as(heads)  # every head's output zero (its attention never runs)
         plan = Plan(
-            projections=_receiver_projections(model, self.all_sites, seen),
+            projections=_receiver_projections(model, self.all_units, seen),
             given_heads={layer: idle for layer in range(first, last) if ("attn_in", layer) not in seen},
             idle_mlps=tuple(range(first, last)),
             start=cached_start(self.base, first, first=at),
@@ -527,7 +521,7 @@ def _out_features(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.nf
 
 
-def _receiver_projections(model, rsites: dict, seen: dict) -> list[Projection]:
+def _receiver_projections(model, units: dict, seen: dict) -> list[Projection]:
     """Each receiver layer's q / k / v projections applied to its recorded attention input ``seen[("attn_in", layer)]``.
 
     Every head's q / k / v comes from the patched input; only the receivers' columns are used.
@@ -535,7 +529,7 @@ def _receiver_projections(model, rsites: dict, seen: dict) -> list[Projection]:
     projections = []
     for (_, layer), patched_in in sorted(seen.items()):
         by_module: dict[nn.Module, list[slice]] = {}
-        for kind, heads in rsites[layer].items():
+        for kind, heads in units[layer].items():
             for unit in heads:
                 module, cols = model.adapter.qkv_columns(model.hf, kind, layer, unit)
                 by_module.setdefault(module, []).append(cols)
@@ -547,14 +541,14 @@ def _receiver_projections(model, rsites: dict, seen: dict) -> list[Projection]:
     return projections
 
 
-def _receiver_heads(model, rsites: dict, layer: int) -> torch.Tensor:
+def _receiver_heads(model, units: dict, layer: int) -> torch.Tensor:
     """The query heads whose outputs the receivers' patched inputs reach at ``layer`` ``[n_heads]`` (bool):
     a query receiver's head, every head of a key / value receiver's KV group."""
     a = model.adapter
     mask = torch.zeros(a.n_heads, dtype=torch.bool)
-    for kind, units in rsites[layer].items():
+    for kind, heads in units[layer].items():
         for h in range(a.n_heads):
-            mask[h] |= (h if kind == "q" else a.kv_head(h)) in units
+            mask[h] |= (h if kind == "q" else a.kv_head(h)) in heads
     return mask
 
 
@@ -576,12 +570,12 @@ def _sender_groups(model, senders, last_receiver: int) -> list[tuple[tuple[int, 
     return groups
 
 
-def _receiver_sites(model, receivers, receiver_input: str) -> dict[int, dict[str, list[int]]]:
+def _receiver_units(model, receivers, receiver_input: str) -> dict[int, dict[str, list[int]]]:
     """``{layer: {"q": [heads], "k": [kv heads], "v": [kv heads]}}`` (keys and values per KV group)."""
     kinds = list(dict.fromkeys(receiver_input))
     if not kinds or any(k not in "qkv" for k in kinds):
         raise ValueError(f"receiver_input must be letters from 'qkv' (e.g. 'q', 'kv', 'qkv'), got {receiver_input!r}")
-    sites: dict[int, dict[str, list[int]]] = {}
+    found: dict[int, dict[str, list[int]]] = {}
     for entry in receivers:
         if not (isinstance(entry, tuple) and len(entry) == 2):
             raise ValueError(f"a receiver head is (layer, head), got {entry!r}")
@@ -589,7 +583,7 @@ def _receiver_sites(model, receivers, receiver_input: str) -> dict[int, dict[str
         model.adapter.check_head(head, layer)
         for kind in kinds:
             unit = head if kind == "q" else model.adapter.kv_head(head)
-            units = sites.setdefault(layer, {}).setdefault(kind, [])
+            units = found.setdefault(layer, {}).setdefault(kind, [])
             if unit not in units:
                 units.append(unit)
-    return sites
+    return found
