@@ -113,10 +113,11 @@ def faithfulness_table(
     rows = []
     for label, circuit in circuits.items():
         for language, prompts in prompt_sets.items():
-            f = faithfulness(model, circuit, prompts, **kwargs)
-            lo, hi = f.ci
+            summary = faithfulness(model, circuit, prompts, **kwargs).frame.iloc[0].to_dict()
+            summary["circuit_metric"] = summary.pop("circuit")
             rows.append(
                 {
+                    **summary,
                     "circuit": label,
                     "circuit_model": circuit.model,
                     "circuit_language": circuit.language,
@@ -124,15 +125,6 @@ def faithfulness_table(
                     "language": language,
                     "components": len(circuit),
                     "edges": len(circuit.edges) if circuit.level == "edges" else None,
-                    "ablation": f.ablation,
-                    "prompts": len(prompts),
-                    "full": float(f.full.mean()),
-                    "circuit_metric": float(f.circuit.mean()),
-                    "empty": float(f.empty.mean()),
-                    "faithfulness": f.faithfulness,
-                    "normalized": f.normalized,
-                    "ci_low": lo,
-                    "ci_high": hi,
                     "own_language": language == circuit.language,
                 }
             )
