@@ -590,9 +590,10 @@ def _crossing(curve: Curve, target: float) -> tuple[float, float]:
 
 
 def _search(model, scores, prompts, ranks, target: float, kw: dict) -> dict[str, Curve]:
-    """The discovery curve of the first ranking of ``ranks`` that reaches the target, measured at MIB's shares
-    up to :data:`FIRST_LOOK` first and at the larger ones only where no ranking reaches it there; a
-    ranking after the first only where the earlier ones do not reach it at all."""
+    """The discovery curve of the first ranking of ``ranks`` that reaches the target, measured at the
+    curve's shares (:data:`lsa.circuits.faithful.CURVE_SHARES`) up to :data:`FIRST_LOOK` first and at the
+    larger ones only where no ranking reaches it there; a ranking after the first only where the earlier
+    ones do not reach it at all."""
     grid = edge_sizes(scores.graph)
     curves: dict[str, Curve] = {}
     for sizes in ([n for n in grid if n <= FIRST_LOOK * scores.graph.n_edges], grid):
@@ -645,8 +646,8 @@ def edge_discovery(
     """The smallest edge circuit along the edge attribution ranking whose faithfulness on ``prompts`` reaches ``target``.
 
     Steps: 1) score every edge (:func:`lsa.attribution.edge_attribution`, or the given ``scores``);
-    2) faithfulness of the top edges at MIB's shares of the graph (:func:`edge_curves`, every other edge
-    ablated with ``ablation_method``; the shares up to :data:`FIRST_LOOK` first, the others only where
+    2) faithfulness of the top edges at MIB's shares of the graph from 0.5% (:func:`edge_curves`, every
+    other edge ablated with ``ablation_method``; the shares up to :data:`FIRST_LOOK` first, the others only where
     none of those reaches the target), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
     ``"auto"``: by how far each carries the behaviour, ``"signed"``, and by |score| where that ranking never
     reaches the target: on Gemma 3's IOI the signed ranking reaches it with a sixth of the edges the
