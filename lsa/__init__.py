@@ -12,9 +12,15 @@ model needs and no more.
 
 import importlib
 
+import tqdm
+
 from lsa import metrics, tasks
 from lsa.adapter import SUPPORTED, Adapter, UnsupportedArchitecture
 from lsa.model import Model, load_model, wrap
+
+# Progress bars refresh only from the thread that advances them: tqdm's monitor thread would refresh a
+# notebook bar (an ipywidget) from another thread, sending kernel messages off the kernel's main thread.
+tqdm.tqdm.monitor_interval = 0
 
 __all__ = ["SUPPORTED", "Adapter", "Model", "UnsupportedArchitecture", "load_model", "metrics", "tasks", "wrap"]
 

@@ -199,3 +199,34 @@ def test_discovery_and_heldout_prompts_share_no_sentence_and_are_rebuilt_alike()
     assert [len(p) for p in parts] == [10, 10, 20]
     with pytest.raises(ValueError, match="no prompts left"):
         tasks.disjoint(train, [40, 1])
+
+
+def test_a_path_patching_circuit_is_judged_along_the_order_its_heads_were_found_in():
+    from lsa.ablation import faithfulness
+
+    model, prompts = _setup("qwen2")
+    found = C.path_patching_discovery(model, prompts, k=0.5, floor=0.0, max_steps=1, progress=False, roles=False)
+    assert found.edges is None and found.size == len(found.circuit) > 2
+    curve = found.heldout_curve(model, prompts)
+    sizes = curve.frame["size"].tolist()
+    assert sizes[0] == 1 and sizes[-1] == found.size and all(b > a for a, b in zip(sizes, sizes[1:]))
+    for row in curve.frame.itertuples():  # heads outside the first ``size`` ablated, MLPs intact
+        want = faithfulness(model, prompts, found.circuit.keys[: row.size], method="interchange").normalized
+        assert row.normalized == pytest.approx(want, abs=1e-5)
+    assert curve.at(found.size).normalized == pytest.approx(curve.frame["normalized"].iloc[-1])
+
+
+def test_a_circuit_keeps_its_faithfulness_on_a_prompt_set_and_gives_it_back_from_its_json(monkeypatch, tmp_path):
+    model, prompts = _setup()
+    scores = edge_attribution(model, prompts, steps=1, progress=False)
+    circuit = C.Circuit.from_edges(model, scores.circuit(12), scores.scores, "random", "none")
+    first = C.faithfulness(model, circuit, prompts)
+    C.record(circuit, prompts, first)
+    again = C.Circuit.from_json(circuit.to_json(tmp_path / "circuit.json"))
+    monkeypatch.setattr("lsa.ablation.ablate_edges", lambda *a, **k: pytest.fail("the model ran again"))
+    kept = C.faithfulness(model, again, prompts)
+    assert kept.normalized == first.normalized and kept.ci == first.ci and kept.ablation == first.ablation
+    other = make_prompts(n=8, pos=6, seed=6)  # other prompts, or another ablation: computed, not reused
+    for prompts_, method in ((other, "interchange"), (prompts, "mean")):
+        with pytest.raises(pytest.fail.Exception, match="ran again"):
+            C.faithfulness(model, again, prompts_, method=method)

@@ -60,6 +60,7 @@ from lsa.circuits.faithful import (
     faithfulness,
     faithfulness_table,
     node_curve,
+    record,
 )
 from lsa.circuits.ioi_roles import attention_scores, effect_sign, head_scores, suggest_role, suggest_roles
 
@@ -101,6 +102,7 @@ __all__ = [
     "overlaps",
     "path_patching_discovery",
     "path_step",
+    "record",
     "select",
     "suggest_role",
     "stability",

@@ -20,6 +20,7 @@ Cost: one forward per circuit size and chunk of prompts, plus the reference run 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,9 @@ FAITHFULNESS_COLUMNS = [
 ]
 # MIB's circuit sizes, as shares of the model's edges (Mueller et al. 2025, circuit localization track)
 MIB_SHARES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# the sizes a curve measures by default: MIB's from 0.5% (below it a circuit prunes to a handful of edges, and
+# the shares below 0.5% span 0.005 of the areas' axis)
+CURVE_SHARES = MIB_SHARES[2:]
 
 
 def check_model(model: Model, circuit: Circuit) -> None:
@@ -90,19 +94,49 @@ def faithfulness(
     """A circuit's faithfulness on ``prompts`` (module docstring): ``.normalized``, ``.ci``, ``.ablation``.
 
     The circuit must come from this model (:func:`check_model`). Node circuits take
-    :func:`lsa.ablation.faithfulness`'s further arguments (``kinds``, ``reference``, ...).
+    :func:`lsa.ablation.faithfulness`'s further arguments (``kinds``, ``reference``, ...). A circuit that
+    keeps its faithfulness on these very prompts and with this ablation (:func:`record`) gives it back
+    without running the model.
     """
     check_model(model, circuit)
     circuit.validate(model)
+    kept = recorded(circuit, prompts, method) if metric is None and not kwargs else None
+    if kept is not None:
+        return kept
     if circuit.level == "nodes":
         keys = [c.key for c in circuit.components]
         return ablation.faithfulness(model, prompts, keys, method=method, metric=metric, seed=seed, **kwargs)
-    kept = circuit.mask(Graph.of(model))
+    mask = circuit.mask(Graph.of(model))
     both = ablation.ablate_edges(
-        model, prompts, torch.stack([kept, torch.zeros_like(kept)]), method=method, metric=metric, seed=seed
+        model, prompts, torch.stack([mask, torch.zeros_like(mask)]), method=method, metric=metric, seed=seed
     )
     full = clean_metric(model, prompts, metric)
     return ablation.Faithfulness(both[0], full, both[1], method, len(circuit), "every edge outside the circuit")
+
+
+def prompts_key(prompts: PromptSet) -> str:
+    """A fingerprint of a prompt set's tokens and answers (16 hex digits)."""
+    digest = hashlib.sha256()
+    for t in (prompts.clean, prompts.corrupt, prompts.answer, prompts.distractor):
+        digest.update(t.detach().cpu().to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def record(circuit: Circuit, prompts: PromptSet, result: ablation.Faithfulness) -> None:
+    """Keep ``result`` (the logit difference per prompt) in ``circuit.evidence["faithfulness"]``, by prompt set
+    (:func:`prompts_key`), so that the circuit saved to JSON carries it (:func:`faithfulness` gives it back)."""
+    kept = {name: getattr(result, name).tolist() for name in ("circuit", "full", "empty")}
+    kept.update(method=result.method, scope=result.scope, n_components=result.n_components)
+    circuit.evidence.setdefault("faithfulness", {})[prompts_key(prompts)] = kept
+
+
+def recorded(circuit: Circuit, prompts: PromptSet, method: str) -> ablation.Faithfulness | None:
+    """The faithfulness :func:`record` kept for these prompts and this ablation, or ``None``."""
+    kept = circuit.evidence.get("faithfulness", {}).get(prompts_key(prompts))
+    if kept is None or kept["method"] != method:
+        return None
+    values = {name: torch.tensor(kept[name]) for name in ("circuit", "full", "empty")}
+    return ablation.Faithfulness(**values, method=method, n_components=kept["n_components"], scope=kept["scope"])
 
 
 def faithfulness_table(
@@ -113,10 +147,11 @@ def faithfulness_table(
     rows = []
     for label, circuit in circuits.items():
         for language, prompts in prompt_sets.items():
-            f = faithfulness(model, circuit, prompts, **kwargs)
-            lo, hi = f.ci
+            summary = faithfulness(model, circuit, prompts, **kwargs).frame.iloc[0].to_dict()
+            summary["circuit_metric"] = summary.pop("circuit")
             rows.append(
                 {
+                    **summary,
                     "circuit": label,
                     "circuit_model": circuit.model,
                     "circuit_language": circuit.language,
@@ -124,15 +159,6 @@ def faithfulness_table(
                     "language": language,
                     "components": len(circuit),
                     "edges": len(circuit.edges) if circuit.level == "edges" else None,
-                    "ablation": f.ablation,
-                    "prompts": len(prompts),
-                    "full": float(f.full.mean()),
-                    "circuit_metric": float(f.circuit.mean()),
-                    "empty": float(f.empty.mean()),
-                    "faithfulness": f.faithfulness,
-                    "normalized": f.normalized,
-                    "ci_low": lo,
-                    "ci_high": hi,
                     "own_language": language == circuit.language,
                 }
             )
@@ -200,7 +226,7 @@ def _curve(metric: torch.Tensor, full: torch.Tensor, empty: torch.Tensor, rows: 
     return Curve(pd.DataFrame(rows), metric, full, empty, **kw)
 
 
-def edge_sizes(graph: Graph, shares: Sequence[float] = MIB_SHARES) -> list[int]:
+def edge_sizes(graph: Graph, shares: Sequence[float] = CURVE_SHARES) -> list[int]:
     """Numbers of top edges at the given shares of the graph's edges (at least 1, no repeats)."""
     return sorted({max(1, round(s * graph.n_edges)) for s in shares})
 
@@ -219,7 +245,7 @@ def edge_curve(
 ) -> Curve:
     """Faithfulness of the top-``size`` edges of ``scores`` (:class:`lsa.attribution.EdgeScores`) by ``rank``,
     pruned to the paths from the embeddings to the logits (:meth:`lsa.attribution.EdgeScores.circuit`), for each
-    size (default: MIB's shares, :data:`MIB_SHARES`); every other edge ablated (``method``)."""
+    size (default: :data:`CURVE_SHARES`); every other edge ablated (``method``)."""
     sizes = edge_sizes(scores.graph) if sizes is None else sizes
     kw = dict(method=method, metric=metric, seed=seed, progress=progress)
     return edge_curves(model, scores, prompts, {rank: sizes}, **kw)[rank]
