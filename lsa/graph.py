@@ -329,10 +329,19 @@ class AblatedInputs(SenderWrites):
         self._layer, self._attn = None, None
         self._norms: dict[str, torch.Tensor] = {}  # per normed layer: its dot products and gained parts
         self._normed = 0  # the normed layers seen so far
+        # senders whose part enters the residual stream as it is (all but the heads of normed layers)
+        self.linear = torch.ones(len(graph.senders), dtype=torch.bool, device=model.device)
+        if self.normed:
+            for layer in range(graph.n_layers):
+                self.linear[self.heads(layer)] = False
+        self.total = torch.zeros(reference.shape[0], reference.shape[1], model.adapter.d_model, device=model.device)
+        self._put_upto = 0  # the senders put so far: ``total`` sums their linear parts
 
     def _put(self, start: int, x: torch.Tensor) -> None:
         stop = start + x.shape[2]
         self.values[:, :, start:stop] = x.to(self.values.dtype) - self.reference[:, :, start:stop]
+        self.total += self.values[:, :, start:stop][:, :, self.linear[start:stop]].sum(2)
+        self._put_upto = stop
 
     def reads(self) -> list[Read]:
         out = super().reads()
@@ -370,14 +379,19 @@ class AblatedInputs(SenderWrites):
         return self._attn[:, :, cols.start - first : cols.stop - first]
 
     def _inputs(self, x: torch.Tensor, cols: slice, done: int) -> torch.Tensor:
-        """``[batch, pos, receivers, d_model]`` for the receivers ``cols``, which read the first ``done`` senders."""
-        mask = self.ablated[..., :done, cols]
-        if self._normed:  # heads of normed layers enter through their norm below
-            mask = mask.clone()
-            for layer in range(self._normed):
-                mask[..., self.heads(layer), :] = 0
-        mask = mask.transpose(-1, -2) if mask.ndim == 2 else mask.transpose(-1, -2)[:, None]  # [(b, 1), r, s]
-        out = x[:, :, None] - torch.matmul(mask, self.values[:, :, :done]).to(x.dtype)  # one [r, s] @ [s, d] per (b, p)
+        """``[batch, pos, receivers, d_model]`` for the receivers ``cols``, which read the first ``done`` senders.
+
+        ``x - sum_s ablated * change = x - (sum over every linear sender) + (sum over the kept edges)``: the
+        first sum runs with the forward (:attr:`total`), the second over the few senders a circuit keeps.
+        """
+        total = self.total
+        if done < self._put_upto:  # senders put that these receivers do not read (parallel attention and MLP)
+            total = total - self.values[:, :, done : self._put_upto][:, :, self.linear[done : self._put_upto]].sum(2)
+        kept = (1 - self.ablated[..., :done, cols]) * self.linear[:done, None]  # [(batch), senders, receivers]
+        rows = kept.reshape(-1, done, kept.shape[-1]).any(0).any(-1).nonzero().flatten()  # senders with a kept edge
+        kept = kept[..., rows, :]
+        kept = kept.transpose(-1, -2) if kept.ndim == 2 else kept.transpose(-1, -2)[:, None]  # [(b, 1), r, s]
+        out = (x - total.to(x.dtype))[:, :, None] + torch.matmul(kept, self.values[:, :, rows]).to(x.dtype)
         if self._normed:
             out = out + self._normed_heads(cols, x.shape[-1]).to(x.dtype)
         return out

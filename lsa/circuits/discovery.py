@@ -67,7 +67,7 @@ import torch
 from lsa import ablation
 from lsa.attribution import EDGE_METHODS, RANKS, EdgeScores, edge_attribution
 from lsa.circuits.data import LOGITS, Circuit, Component, Edge, component_name, json_safe
-from lsa.circuits.faithful import Curve, edge_curve, edge_curves, edge_sizes, node_curve
+from lsa.circuits.faithful import CURVE_SHARES, Curve, edge_curve, edge_curves, edge_sizes, node_curve
 from lsa.circuits.ioi_roles import head_scores, suggest_roles
 from lsa.model import Model
 from lsa.tasks import PromptSet
@@ -580,6 +580,8 @@ def path_patching_discovery(
 
 SELECT = "ci_low"  # a circuit is chosen where the lower end of its 95% interval reaches the target
 FIRST_LOOK = 0.05  # the share of the edges up to which the discovery curve is measured first
+ROLE_PROMPTS = 16  # prompts whose attention patterns and projections suggest the heads' roles
+REFINE = 2  # sizes measured between the last search size below the target and the first above it
 
 
 def _crossing(curve: Curve, target: float) -> tuple[float, float]:
@@ -594,14 +596,14 @@ def _search(model, scores, prompts, ranks, target: float, kw: dict) -> dict[str,
     curve's shares (:data:`lsa.circuits.faithful.CURVE_SHARES`) up to :data:`FIRST_LOOK` first and at the
     larger ones only where no ranking reaches it there; a ranking after the first only where the earlier
     ones do not reach it at all."""
-    grid = edge_sizes(scores.graph)
+    grid = edge_sizes(scores.graph, CURVE_SHARES[1:])  # from 1%
     curves: dict[str, Curve] = {}
     for sizes in ([n for n in grid if n <= FIRST_LOOK * scores.graph.n_edges], grid):
         for r in ranks:
             done = set(curves[r].frame["size"]) if r in curves else set()
             todo = [n for n in sizes if n not in done]
             if todo:
-                new = edge_curves(model, scores, prompts, {r: todo}, **kw)[r]
+                new = edge_curves(model, scores, prompts, {r: todo}, folds=2, **kw)[r]
                 curves[r] = curves[r].joined(new) if r in curves else new
             if curves[r].smallest(target, SELECT) is not None:
                 return {r: curves[r]}
@@ -636,8 +638,6 @@ def edge_discovery(
     target: float = TARGET,
     ablation_method: str = ablation.DEFAULT_METHOD,
     rank: str = "auto",
-    refine: int = 2,
-    direction: str = "noising",
     metric=None,
     roles: bool = True,
     scores: EdgeScores | None = None,
@@ -646,36 +646,42 @@ def edge_discovery(
     """The smallest edge circuit along the edge attribution ranking whose faithfulness on ``prompts`` reaches ``target``.
 
     Steps: 1) score every edge (:func:`lsa.attribution.edge_attribution`, or the given ``scores``);
-    2) faithfulness of the top edges at MIB's shares of the graph from 0.5% (:func:`edge_curves`, every
-    other edge ablated with ``ablation_method``; the shares up to :data:`FIRST_LOOK` first, the others only where
-    none of those reaches the target), edges ranked by ``rank`` (:meth:`lsa.attribution.EdgeScores.values`;
-    ``"auto"``: by how far each carries the behaviour, ``"signed"``, and by |score| where that ranking never
-    reaches the target: on Gemma 3's IOI the signed ranking reaches it with a sixth of the edges the
-    absolute one needs, while on the toy zoo's models, far from linear, it never does); 3) between the largest share below the target and the first at or
-    above it, ``refine`` sizes more (evenly spaced); 4) the circuit: the smallest size measured whose 95%
-    interval over the discovery prompts lies at or above the target (:data:`SELECT`: so that it holds on
-    prompts it was not found on; faithfulness need not grow with size: the first crossing), pruned to the paths from the
-    embeddings to the logits; where no size reaches the target, the most faithful one, with
-    ``evidence["reached_target"] = False``; 5) roles of its heads (:func:`suggest_roles`).
+    2) the search curve: the top edges at MIB's shares of the graph from 1% (:func:`edge_curves`, every
+    other edge ablated with ``ablation_method``; up to :data:`FIRST_LOOK` first, the larger shares only
+    where none of those reaches the target), cross-fitted: each half of the prompts judges the circuits
+    of the other half's scores, so that a size is chosen by how its circuits do on prompts they were not
+    found on (in-sample, a circuit tuned to its prompts looks better than it is: SmolLM2's kept 1.00 of
+    the behaviour on its own prompts and 0.68 on others); edges ranked by ``rank``
+    (:meth:`lsa.attribution.EdgeScores.values`; ``"auto"``: by how far each carries the behaviour,
+    ``"signed"``, and by |score| where that ranking never reaches the target: on Gemma 3's IOI the signed
+    ranking reaches it with a sixth of the edges the absolute one needs, while on the toy zoo's models,
+    far from linear, it never does); 3) between the largest share below the target and the first at or
+    above it, :data:`REFINE` sizes more (evenly spaced); 4) the circuit: the top edges of all the prompts' scores
+    at the smallest size measured whose 95% interval lies at or above the target (:data:`SELECT`;
+    faithfulness need not grow with size: the first crossing), pruned to the paths from the embeddings to
+    the logits; where no size reaches the target, the most faithful one, with
+    ``evidence["reached_target"] = False``; 5) roles of its heads (:func:`suggest_roles`, from the
+    attention patterns of :data:`ROLE_PROMPTS` prompts).
 
-    The curve is on the discovery prompts, so it chooses the size; held-out prompts judge the result.
+    The search curve is on the discovery prompts (cross-fitted), so it chooses the size; held-out prompts
+    judge the result. For the denoising direction, give ``scores`` of ``edge_attribution(...,
+    direction="denoising")``.
     """
     say = print if progress else (lambda *args: None)
     if scores is None:
-        scores = edge_attribution(
-            model, prompts, method=method, steps=steps, direction=direction, metric=metric, progress=progress
-        )
+        scores = edge_attribution(model, prompts, method=method, steps=steps, metric=metric, progress=progress)
     graph = scores.graph
     kw = dict(method=ablation_method, metric=metric, progress=progress)
     curves = _search(model, scores, prompts, RANKS if rank == "auto" else (rank,), target, kw)
     rank, curve = min(curves.items(), key=lambda item: _crossing(item[1], target))
     frame = curve.frame
     hit = frame.index[frame[SELECT] >= target]
-    if len(hit) and hit[0] > 0 and refine > 0:
+    if len(hit) and hit[0] > 0:
         lo, hi = int(frame["size"][hit[0] - 1]), int(frame["size"][hit[0]])
-        between = np.unique(np.linspace(lo, hi, refine + 2).round().astype(int))[1:-1]
+        between = np.unique(np.linspace(lo, hi, REFINE + 2).round().astype(int))[1:-1]
         if len(between):
-            curve = curve.joined(edge_curve(model, scores, prompts, sizes=between.tolist(), rank=rank, **kw))
+            more = edge_curves(model, scores, prompts, {rank: between.tolist()}, folds=2, **kw)[rank]
+            curve = curve.joined(more)
     best = curve.smallest(target, SELECT)
     reached = best is not None
     if best is None:
@@ -683,8 +689,8 @@ def edge_discovery(
     kept = scores.circuit(int(best["size"]), rank)
     say(
         f"{method}: {int(best['edges'])} of {graph.n_edges} edges ({best['share']:.2%}), {int(best['nodes'])} nodes, "
-        f"normalised faithfulness {best['normalized']:.2f} on the {len(prompts)} discovery prompts"
-        + ("" if reached else f": no size reaches the target {target}")
+        f"normalised faithfulness {best['normalized']:.2f} on the {len(prompts)} discovery prompts (each judged by "
+        "circuits of the other half's scores)" + ("" if reached else f": no size reaches the target {target}")
     )
     params = dict(method=method, steps=scores.steps, direction=scores.direction, target=target, rank=rank)
     params["ablation"] = ablation_method
@@ -698,6 +704,6 @@ def edge_discovery(
     circuit = Circuit.from_edges(model, kept, scores.scores, prompts.task, prompts.language, **evidence)
     role_scores = None
     if roles and any(c.kind == "head" for c in circuit.components):
-        role_scores = head_scores(model, prompts)
+        role_scores = head_scores(model, prompts.subset(range(min(ROLE_PROMPTS, len(prompts)))))
         suggest_roles(circuit, role_scores)
     return Discovery(circuit=circuit, steps=pd.DataFrame(), scores=role_scores, curve=curve, edges=scores)

@@ -252,30 +252,50 @@ def edge_curve(
 
 
 def edge_curves(
-    model: Model, scores, prompts: PromptSet, wanted: Mapping[str, Sequence[int]], **kw
+    model: Model, scores, prompts: PromptSet, wanted: Mapping[str, Sequence[int]], *, folds: int = 1, **kw
 ) -> dict[str, Curve]:
     """:func:`edge_curve` for several rankings, ``{rank: sizes}``, in one pass over the prompts (the reference
-    run shared; each distinct circuit run once: no edge kept is the empty circuit, every edge the model)."""
-    graph = scores.graph
-    kept = {rank: {int(n): scores.circuit(int(n), rank) for n in sorted(set(sizes))} for rank, sizes in wanted.items()}
+    run shared; each distinct circuit run once). ``folds=2``: cross-fitted on the prompts ``scores`` were
+    computed on: the prompts split in two (alternate rows), each half judged by the circuits of the other
+    half's scores, so that every prompt judges circuits not found on it; the rows' sizes and counts are
+    those of the circuits of all the prompts' scores (the circuits a discovery reports)."""
+    graph, n = scores.graph, len(prompts)
+    folds = folds if n >= 2 * folds else 1
+    wanted = {rank: sorted({int(x) for x in sizes}) for rank, sizes in wanted.items()}
+    parts = [torch.arange(n)[f::folds] for f in range(folds)]
+    metric = {rank: torch.empty(len(sizes), n) for rank, sizes in wanted.items()}
+    full, empty = torch.empty(n), torch.empty(n)
+    for rows in parts:
+        fit = None if folds == 1 else torch.cat([p for p in parts if p is not rows])  # the other half
+        masks = [scores.circuit(size, rank, fit) for rank, sizes in wanted.items() for size in sizes]
+        got, full[rows], empty[rows] = _judge(model, prompts.subset(rows), graph, masks, kw)
+        at = 0
+        for rank, sizes in wanted.items():
+            metric[rank][:, rows] = got[at : at + len(sizes)]
+            at += len(sizes)
+    scope = f"{kw.get('method', ablation.DEFAULT_METHOD)} ablation of every edge outside the circuit"
+    curves = {}
+    for rank, sizes in wanted.items():
+        kept = [scores.circuit(size, rank) for size in sizes]
+        rows = [dict(size=m, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for m, k in zip(sizes, kept)]
+        meta = {"rank": rank, "folds": folds}
+        curves[rank] = _curve(metric[rank], full, empty, rows, ablation=scope, level="edges", meta=meta)
+    return curves
+
+
+def _judge(model: Model, prompts: PromptSet, graph: Graph, masks: list[torch.Tensor], kw: dict):
+    """``(metric [len(masks), n], full [n], empty [n])``: each edge circuit judged on ``prompts``, each distinct
+    circuit run once (no edge kept: the empty circuit; every edge: the model itself)."""
     distinct = [torch.zeros_like(graph.valid)]
-    for k in (k for by_size in kept.values() for k in by_size.values()):
+    for k in masks:
         if not any(torch.equal(k, d) for d in distinct) and not torch.equal(k, graph.valid):
             distinct.append(k)
     out = ablation.ablate_edges(model, prompts, torch.stack(distinct), **kw)
     full = clean_metric(model, prompts, kw.get("metric"))
-    scope = f"{kw.get('method', ablation.DEFAULT_METHOD)} ablation of every edge outside the circuit"
-    curves = {}
-    for rank, by_size in kept.items():
-        rows = [dict(size=n, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for n, k in by_size.items()]
-        metric_rows = [
-            full if torch.equal(k, graph.valid) else out[[torch.equal(k, d) for d in distinct].index(True)]
-            for k in by_size.values()
-        ]
-        curves[rank] = _curve(
-            torch.stack(metric_rows), full, out[0], rows, ablation=scope, level="edges", meta={"rank": rank}
-        )
-    return curves
+    rows = [
+        full if torch.equal(k, graph.valid) else out[[torch.equal(k, d) for d in distinct].index(True)] for k in masks
+    ]
+    return torch.stack(rows), full, out[0]
 
 
 def _counts(graph: Graph, kept: torch.Tensor) -> dict[str, int]:
