@@ -96,32 +96,7 @@ def compare(a: Circuit, b: Circuit, *, labels: Sequence[str] | None = None, by: 
         )
     ua, ub = _units(a, by), _units(b, by)
     wa, wb = _weights(a, ua), _weights(b, ub)
-    rows = []
-    for unit in list(ua) + [u for u in ub if u not in ua]:
-        in_a, in_b = unit in ua, unit in ub
-        status = "shared" if in_a and in_b else f"only {la}" if in_a else f"only {lb}"
-        row = {"unit": component_name(unit) if by == "component" else unit, "status": status}
-        if by == "component":
-            ca, cb = (ua[unit][0] if in_a else None), (ub[unit][0] if in_b else None)
-            row.update(
-                kind=unit[0],
-                layer=unit[1],
-                index=unit[2] if len(unit) == 3 else None,
-                **{f"role_{la}": ca.role if ca else None, f"role_{lb}": cb.role if cb else None},
-                **{f"effect_{la}": ca.effect if ca else None, f"effect_{lb}": cb.effect if cb else None},
-            )
-            row["same_role"] = bool(ca and cb and ca.role == cb.role) if in_a and in_b else None
-        else:
-            for lab, circ, units in ((la, a, ua), (lb, b, ub)):
-                comps = units.get(unit, [])
-                row[f"count_{lab}"] = len(comps)
-                row[f"depth_{lab}"] = (
-                    float(np.mean([(c.layer + 0.5) / circ.n_layers for c in comps])) if comps else None
-                )
-                row[f"components_{lab}"] = ", ".join(c.name for c in comps)
-        row[f"weight_{la}"] = wa.get(unit, 0.0)
-        row[f"weight_{lb}"] = wb.get(unit, 0.0)
-        rows.append(row)
+    rows = [_unit_row(unit, by, (la, a, ua, wa), (lb, b, ub, wb)) for unit in list(ua) + [u for u in ub if u not in ua]]
     table = pd.DataFrame(rows)
     keys = list(dict.fromkeys([*ua, *ub]))
     mins = sum(min(wa.get(u, 0.0), wb.get(u, 0.0)) for u in keys)
@@ -149,6 +124,29 @@ def compare(a: Circuit, b: Circuit, *, labels: Sequence[str] | None = None, by: 
         depths = [abs(r[f"depth_{la}"] - r[f"depth_{lb}"]) for r in rows if r["status"] == "shared"]
         summary["depth_difference"] = float(np.mean(depths)) if depths else float("nan")
     return Comparison(table=table, summary=pd.DataFrame([summary]), labels=(la, lb), by=by)
+
+
+def _unit_row(unit, by: str, one: tuple, other: tuple) -> dict:
+    """One row of :func:`compare`'s table: ``one`` and ``other`` are ``(label, circuit, units, weights)``."""
+    (la, _, ua, wa), (lb, _, ub, wb) = one, other
+    in_a, in_b = unit in ua, unit in ub
+    status = "shared" if in_a and in_b else f"only {la}" if in_a else f"only {lb}"
+    row = {"unit": component_name(unit) if by == "component" else unit, "status": status}
+    if by == "component":
+        ca, cb = (ua[unit][0] if in_a else None), (ub[unit][0] if in_b else None)
+        row.update(kind=unit[0], layer=unit[1], index=unit[2] if len(unit) == 3 else None)
+        row.update({f"role_{la}": ca.role if ca else None, f"role_{lb}": cb.role if cb else None})
+        row.update({f"effect_{la}": ca.effect if ca else None, f"effect_{lb}": cb.effect if cb else None})
+        row["same_role"] = bool(ca and cb and ca.role == cb.role) if in_a and in_b else None
+    else:
+        for lab, circ, units, _ in (one, other):
+            comps = units.get(unit, [])
+            row[f"count_{lab}"] = len(comps)
+            row[f"depth_{lab}"] = float(np.mean([(c.layer + 0.5) / circ.n_layers for c in comps])) if comps else None
+            row[f"components_{lab}"] = ", ".join(c.name for c in comps)
+    row[f"weight_{la}"] = wa.get(unit, 0.0)
+    row[f"weight_{lb}"] = wb.get(unit, 0.0)
+    return row
 
 
 def logit_effect_correlation(a: Circuit, b: Circuit) -> float:

@@ -101,6 +101,12 @@ def select(effects, k: float = 1.5, floor: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame({"effect": e, "z": z, "selected": selected})
 
 
+STEP_COLUMNS = [
+    "layer", "head", "receiver_input", "receivers", "position", "receivers_at", "metric", "raw_effect", "effect",
+    "z", "selected",
+]  # fmt: skip
+
+
 def path_step(
     model: Model,
     prompts: PromptSet,
@@ -111,29 +117,26 @@ def path_step(
     floor: float = 0.05,
     direction: str = "noising",
     metric=None,
-    batch_size: int | None = None,
-    progress: bool = False,
     positions: str | int = "auto",
-    query: str = "end",
     receivers_at: str | None = "auto",
     unpatched=None,
+    **chunking,
 ) -> pd.DataFrame:
     """One discovery step: path patching every candidate head -> ``receivers`` and the selection rule.
 
     ``receivers``: ``"logits"`` or a list of ``(layer, head)``; candidates are the heads
     in layers before the last receiver. ``positions``: where senders are patched: ``"auto"``
-    (the rule of the module docstring, for receivers whose query position is ``query``),
+    (the rule of the module docstring, for receivers whose query position is the end),
     ``"all"`` (every position) or a position (a name such as ``"S2"`` or ``"S1+1"``, or an
     index). ``receivers_at``: where the receivers' outputs take the patched path
     (:func:`lsa.patching.path_patching`): ``"auto"`` (:func:`receivers_read_at`), ``"end"`` or
     ``None`` (every position). ``unpatched``: :func:`lsa.patching.path_runs` of these prompts,
-    shared between steps. Returns one row per candidate: ``layer``,
-    ``head``, ``receiver_input`` ("logits", "q", "k" or "v"), ``receivers`` (names),
-    ``position`` (where the senders were patched; "all" = every position), ``receivers_at``
-    ("end", or "all": every position),
-    ``metric``, ``raw_effect`` (metric change), ``effect`` (the change over ``clean - corrupt``:
-    noising, the usual normalised effect, negative = the head carries the behaviour;
-    denoising, positive = it does), ``z``, ``selected``. A tuple ``receiver_input`` such as
+    shared between steps; ``chunking``: ``batch_size`` and ``progress``. Returns one row per candidate
+    (:data:`STEP_COLUMNS`): ``layer``, ``head``, ``receiver_input`` ("logits", "q", "k" or "v"), ``receivers``
+    (names), ``position`` (where the senders were patched; "all" = every position), ``receivers_at``
+    ("end", or "all": every position), ``metric``, ``raw_effect`` (metric change), ``effect`` (the change
+    over ``clean - corrupt``: noising, the usual normalised effect, negative = the head carries the
+    behaviour; denoising, positive = it does), ``z``, ``selected``. A tuple ``receiver_input`` such as
     ``("k", "v")`` sweeps each input on its own (the selection rule per input), those patched at the
     same position from one senders' run (:func:`lsa.patching.path_patching`'s tuple of inputs); the
     frame holds every input's rows, input after input.
@@ -143,67 +146,51 @@ def path_step(
     to_logits = isinstance(receivers, str)
     kinds = [LOGITS] if to_logits else [receiver_input] if isinstance(receiver_input, str) else list(receiver_input)
     names = LOGITS if to_logits else ", ".join(component_name(r) for r in receivers)
-    a = model.adapter
-    last = a.n_layers if to_logits else max(layer for layer, _ in receivers)
-    senders = [(layer, h) for layer in range(last) for h in range(a.n_heads)]
-    cols = [
-        "layer", "head", "receiver_input", "receivers", "position", "receivers_at", "metric", "raw_effect", "effect",
-        "z", "selected",
-    ]  # fmt: skip
+    last = model.adapter.n_layers if to_logits else max(layer for layer, _ in receivers)
+    senders = [(layer, h) for layer in range(last) for h in range(model.adapter.n_heads)]
     if not senders:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame(columns=STEP_COLUMNS)
     sweeps: dict[tuple, list[str]] = {}  # (where senders are patched, where receivers read) -> inputs
     for kind in kinds:
-        at = sender_position(model, prompts, receivers, kind, positions, query=query, direction=direction)
-        read_at = receivers_read_at(kind, at, query) if receivers_at == "auto" else receivers_at
+        at = sender_position(model, prompts, receivers, kind, positions, direction=direction)
+        read_at = receivers_read_at(kind, at) if receivers_at == "auto" else receivers_at
         sweeps.setdefault((at, read_at), []).append(kind)
-    results, where = {}, {}
+    frames = {}
     for (at, read_at), inputs in sweeps.items():
         res = patching.path_patching(
-            model,
-            prompts,
-            senders,
-            receivers,
-            receiver_input="q" if to_logits else tuple(inputs),
-            direction=direction,
-            metric=metric,
-            batch_size=batch_size,
-            progress=progress,
-            positions=at,
-            receivers_at=read_at,
-            unpatched=unpatched,
-        )
-        results.update({LOGITS: res} if to_logits else res)
-        where.update({kind: (at, read_at) for kind in inputs})
-    frames = []
-    for kind in kinds:
-        res, (at, read_at) = results[kind], where[kind]
-        frame = res.frame
-        span = float(res.clean.mean() - res.corrupt.mean())
-        if span == 0:
-            raise ValueError("clean and counterfactual metrics are equal: normalised effects are undefined")
-        # change from the patched run's own baseline, in units of (clean - corrupt): noising = res.normalized
-        sel = select(frame["effect"].to_numpy() / span, k=k, floor=floor)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "layer": frame["layer"].astype(int),
-                    "head": frame["head"].astype(int),
-                    "receiver_input": kind,
-                    "receivers": names,
-                    "position": "all" if at is None else str(at),
-                    "receivers_at": read_at or "all",
-                    "metric": frame["metric"],
-                    "raw_effect": frame["effect"],
-                    "effect": sel["effect"],
-                    "z": sel["z"],
-                    "selected": sel["selected"],
-                }
-            )[cols]
-        )
-    out = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    out.attrs.update(clean=float(res.clean.mean()), corrupt=float(res.corrupt.mean()))
+            model, prompts, senders, receivers, receiver_input="q" if to_logits else tuple(inputs),
+            direction=direction, metric=metric, positions=at, receivers_at=read_at, unpatched=unpatched, **chunking,
+        )  # fmt: skip
+        for kind, one in ({LOGITS: res} if to_logits else res).items():
+            where = dict(receiver_input=kind, receivers=names, position="all" if at is None else str(at))
+            frames[kind] = _step_frame(one, k, floor, receivers_at=read_at or "all", **where)
+    out = pd.concat([frames[kind] for kind in kinds], ignore_index=True) if len(kinds) > 1 else frames[kinds[0]]
+    out.attrs.update(clean=float(one.clean.mean()), corrupt=float(one.corrupt.mean()))  # the same in every sweep
     return out
+
+
+def _step_frame(res, k: float, floor: float, **where) -> pd.DataFrame:
+    """A sweep's rows of :func:`path_step`: the effects over ``clean - corrupt`` and the selection rule;
+    ``where``: the columns every row shares (the receivers' input and names, the positions)."""
+    frame = res.frame
+    span = float(res.clean.mean() - res.corrupt.mean())
+    if span == 0:
+        raise ValueError("clean and counterfactual metrics are equal: normalised effects are undefined")
+    # change from the patched run's own baseline, in units of (clean - corrupt): noising = res.normalized
+    sel = select(frame["effect"].to_numpy() / span, k=k, floor=floor)
+    out = pd.DataFrame(
+        {
+            "layer": frame["layer"].astype(int),
+            "head": frame["head"].astype(int),
+            **where,
+            "metric": frame["metric"],
+            "raw_effect": frame["effect"],
+            "effect": sel["effect"],
+            "z": sel["z"],
+            "selected": sel["selected"],
+        }
+    )
+    return out[STEP_COLUMNS]
 
 
 POSITIONS = ("auto", "all")
@@ -353,40 +340,6 @@ class Discovery:
         return self.steps[self.steps["selected"]].reset_index(drop=True)
 
 
-def _edge_effects(
-    model, prompts, senders, receivers, kind, *, per_receiver, direction, metric, batch_size, at, read_at, unpatched
-):
-    """``{(sender, receiver): normalised effect}`` for selected senders into receivers' ``kind`` input."""
-    from lsa import patching
-
-    out = {}
-    groups = [[r] for r in receivers] if per_receiver else [list(receivers)]
-    for group in groups:
-        usable = [s for s in senders if s[0] < max(layer for layer, _ in group)]
-        if not usable:
-            continue
-        res = patching.path_patching(
-            model,
-            prompts,
-            usable,
-            group,
-            receiver_input=kind,
-            direction=direction,
-            metric=metric,
-            batch_size=batch_size,
-            progress=False,
-            positions=at,
-            receivers_at=read_at,
-            unpatched=unpatched,
-        )
-        span = float(res.clean.mean() - res.corrupt.mean())
-        for s, v in zip(usable, (res.effect / span).tolist()):
-            for r in group:
-                if s[0] < r[0]:
-                    out[(s, r)] = v
-    return out
-
-
 def path_patching_discovery(
     model: Model,
     prompts: PromptSet,
@@ -399,10 +352,8 @@ def path_patching_discovery(
     metric=None,
     per_receiver_edges: bool = True,
     roles: bool = True,
-    attention: float = 0.3,
-    batch_size: int | None = None,
-    progress: bool = True,
     positions: str = "auto",
+    **chunking,
 ) -> Discovery:
     """A circuit of heads by iterated path patching from the logits backwards (module docstring).
 
@@ -419,12 +370,13 @@ def path_patching_discovery(
             position the receivers attend to most for keys and values: module docstring) or
             ``"all"`` (every position at every step). ``steps["position"]`` says where each
             sweep patched its senders.
-        progress: a line per step and receiver input, and each sweep's progress bar.
+        chunking: ``batch_size``, and ``progress`` (default True: a line per step and receiver input,
+            and each sweep's progress bar).
 
     Returns a :class:`Discovery` (``.circuit``, ``.steps``, ``.scores``). A model in
     which no head passes the rule gives an empty circuit, not an error.
     """
-    from lsa.patching import check_prompts
+    from lsa.patching import check_prompts, path_runs
 
     check_prompts(prompts, model)  # before anything reads the prompts' positions
     if max_steps < 1:
@@ -434,148 +386,184 @@ def path_patching_discovery(
         raise ValueError(f"receiver_input must be letters from 'qkv', got {receiver_input!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    from lsa.patching import path_runs
-
-    kw = dict(
-        unpatched=path_runs(model, prompts, direction),  # every sweep starts from the same two runs
-        k=k,
-        floor=floor,
-        direction=direction,
-        metric=metric,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    params = dict(
-        k=k,
-        floor=floor,
-        max_steps=max_steps,
-        receiver_input=receiver_input,
-        direction=direction,
-        n_prompts=len(prompts),
-        positions=positions,
-    )
+    progress = chunking.setdefault("progress", True)
+    params = dict(k=k, floor=floor, max_steps=max_steps, receiver_input=receiver_input, direction=direction)
+    params.update(n_prompts=len(prompts), positions=positions)
     params["metric"] = getattr(metric, "__name__", "logit_diff") if metric is not None else "logit_diff"
     circuit = Circuit.empty_for(
         model, prompts.task, prompts.language, method="iterated path patching", parameters=params
     )
-    tables, frontier = [], None
-    query_at: dict[tuple[int, int], str] = {}  # each head's query position (module docstring)
-    say = print if progress else (lambda *args: None)
+    unpatched = path_runs(model, prompts, direction)  # every sweep starts from the same two runs
+    search = _PathSearch(model, prompts, circuit, kinds, positions, per_receiver_edges, progress)
+    search.rule, search.sweep = dict(k=k, floor=floor), dict(direction=direction, metric=metric, unpatched=unpatched)
+    search.sweep.update(chunking)
+    frontier = None
     for step in range(1, max_steps + 1):
-        calls = []  # (receivers, input, where senders are patched, the receivers' query position)
+        new = search.step(step, frontier)
+        if not new:
+            break
+        frontier = sorted(new)
+    steps = pd.concat(search.tables, ignore_index=True) if search.tables else pd.DataFrame()
+    circuit.evidence["steps"] = json_safe(steps.to_dict("records"))  # every candidate's score, kept with the circuit
+    return Discovery(circuit=circuit, steps=steps, scores=_path_roles(model, prompts, circuit) if roles else None)
+
+
+def _path_roles(model: Model, prompts: PromptSet, circuit: Circuit) -> pd.DataFrame | None:
+    """Suggest the roles of the circuit's heads (:func:`suggest_roles`) where the weights are here."""
+    from lsa import engine
+
+    if not len(circuit):
+        return None
+    if not engine.can(model, "weights"):
+        warnings.warn(
+            "role suggestions read attention patterns and weights locally: skipped for a remote model "
+            "(the circuit and its edges are complete)",
+            stacklevel=3,
+        )
+        return None
+    scores = head_scores(model, prompts)
+    suggest_roles(circuit, scores)
+    return scores
+
+
+class _PathSearch:
+    """Iterated path patching's state: the circuit so far, each head's query position (module docstring), the
+    selection ``rule`` (``k``, ``floor``), the options every sweep shares (``sweep``) and the step tables."""
+
+    def __init__(self, model, prompts, circuit, kinds, positions, per_receiver, progress):
+        self.model, self.prompts, self.circuit = model, prompts, circuit
+        self.kinds, self.positions, self.per_receiver = kinds, positions, per_receiver
+        self.say = print if progress else (lambda *args: None)
+        self.rule: dict = {}
+        self.sweep: dict = {}
+        self.query_at: dict[tuple[int, int], str] = {}
+        self.tables: list[pd.DataFrame] = []
+
+    def step(self, step: int, frontier) -> list[tuple[int, int]]:
+        """Runs one step (step 1: every head -> logits; later: earlier heads -> ``frontier``'s inputs), adds
+        what it selects to the circuit, and returns the heads new to it."""
+        new: list[tuple[int, int]] = []
+        for receivers, at, read_at, frame in self.sweeps(step, self.calls(step, frontier)):
+            if len(frame):
+                self.tables.append(self.take(step, receivers, at, frame, new))
+                self.add_edges(frame, receivers, at, read_at)
+        self.say(f"step {step}: {len(new)} new head(s): {', '.join(component_name(h) for h in new) or 'none'}")
+        return new
+
+    def calls(self, step: int, frontier) -> list[tuple]:
+        """``(receivers, inputs, where senders are patched, the receivers' query position)`` of one step: one
+        group of receivers per query position ("all": one group), one sweep per sender position."""
         if step == 1:
-            calls.append((LOGITS, ("q",), sender_position(model, prompts, LOGITS, LOGITS, positions), "end"))
-        else:
-            groups: dict[str, list[tuple[int, int]]] = {}
-            for head in frontier:  # one group per query position ("all": one group)
-                groups.setdefault("all" if positions == "all" else query_at[head], []).append(head)
-            for query, group in groups.items():
-                at_kind: dict = {}  # where senders are patched -> the inputs patched there (one sweep)
-                attended = None
-                for kind in kinds:
-                    if positions == "all":
-                        at = None
-                    elif kind == "q":
-                        at = query
-                    else:  # keys and values: one reading of the patterns per group
-                        attended = attended or attended_position(model, prompts, group, query, direction=direction)
-                        at = attended
-                    at_kind.setdefault(at, []).append(kind)
-                calls += [(group, tuple(inputs), at, query) for at, inputs in at_kind.items()]
-        frames = []
+            return [(LOGITS, ("q",), sender_position(self.model, self.prompts, LOGITS, LOGITS, self.positions), "end")]
+        groups: dict[str, list[tuple[int, int]]] = {}
+        for head in frontier:
+            groups.setdefault("all" if self.positions == "all" else self.query_at[head], []).append(head)
+        calls = []
+        for query, group in groups.items():
+            at_kind: dict = {}  # where senders are patched -> the inputs patched there (one sweep)
+            attended = None
+            for kind in self.kinds:
+                if self.positions == "all":
+                    at = None
+                elif kind == "q":
+                    at = query
+                else:  # keys and values: one reading of the patterns per group
+                    direction = self.sweep["direction"]
+                    attended = attended or attended_position(
+                        self.model, self.prompts, group, query, direction=direction
+                    )
+                    at = attended
+                at_kind.setdefault(at, []).append(kind)
+            calls += [(group, tuple(inputs), at, query) for at, inputs in at_kind.items()]
+        return calls
+
+    def sweeps(self, step: int, calls: list[tuple]) -> list[tuple]:
+        """``(receivers, at, read_at, table)`` per call and receiver input: :func:`path_step`'s tables."""
+        out = []
         for receivers, inputs, at, query in calls:
             read_at = receivers_read_at(inputs[0], at, query)
             where = "every position" if at is None else at
             if isinstance(receivers, str):
-                say(f"step 1: every head -> logits (senders at {where})")
+                self.say(f"step 1: every head -> logits (senders at {where})")
             else:
-                says = f"{len(receivers)} new head(s)" + ("" if positions == "all" else f" at {query}")
+                says = f"{len(receivers)} new head(s)" + ("" if self.positions == "all" else f" at {query}")
                 read = ", read at the end" if read_at else ""
-                say(f"step {step}: earlier heads -> {' and '.join(inputs)} of {says} (senders at {where}{read})")
+                self.say(f"step {step}: earlier heads -> {' and '.join(inputs)} of {says} (senders at {where}{read})")
             frame = path_step(
-                model, prompts, receivers, inputs, positions="all" if at is None else at, receivers_at=read_at, **kw
-            )
+                self.model, self.prompts, receivers, inputs, positions="all" if at is None else at,
+                receivers_at=read_at, **self.rule, **self.sweep,
+            )  # fmt: skip
             for _, part in frame.groupby("receiver_input", sort=False):  # one table per input
                 part = part.reset_index(drop=True)
                 part.attrs.update(frame.attrs)
-                frames.append((receivers, at, read_at, part))
-        new: list[tuple[int, int]] = []
-        for receivers, at, read_at, frame in frames:
-            if not len(frame):
+                out.append((receivers, at, read_at, part))
+        return out
+
+    def take(self, step: int, receivers, at, frame: pd.DataFrame, new: list) -> pd.DataFrame:
+        """Adds the heads one table selects to the circuit (those new to it also to ``new``); the table with
+        its ``step`` and which rows were ``new``."""
+        if step == 1:
+            self.circuit.evidence.update(clean=frame.attrs.get("clean"), corrupt=frame.attrs.get("corrupt"))
+        frame = frame.assign(step=step, new=False)
+        kind = frame["receiver_input"].iloc[0]
+        rule = f"|z| >= {self.rule['k']} and |effect| >= {self.rule['floor']}"
+        for r in frame[frame["selected"]].itertuples():
+            head = (int(r.layer), int(r.head))
+            if head in self.circuit or head in new:
                 continue
-            if step == 1:
-                circuit.evidence.update(clean=frame.attrs.get("clean"), corrupt=frame.attrs.get("corrupt"))
-            frame = frame.assign(step=step, new=False)
-            kind = frame["receiver_input"].iloc[0]
-            chosen = frame[frame["selected"]]
-            senders = [(int(r.layer), int(r.head)) for r in chosen.itertuples()]
-            for r in chosen.itertuples():
-                head = (int(r.layer), int(r.head))
-                if head not in circuit and head not in new:
-                    new.append(head)
-                    query_at[head] = "end" if kind == LOGITS or at is None else str(at)
-                    frame.loc[r.Index, "new"] = True
-                    circuit.add(
-                        Component(
-                            "head",
-                            head[0],
-                            head[1],
-                            effect=float(r.effect),
-                            evidence=dict(
-                                step=step,
-                                receiver_input=kind,
-                                receivers=r.receivers,
-                                position=r.position,
-                                effect=float(r.effect),
-                                raw_effect=float(r.raw_effect),
-                                z=float(r.z),
-                                rule=f"|z| >= {k} and |effect| >= {floor}",
-                            ),
-                        )
-                    )
-            if kind == LOGITS:
-                for r in chosen.itertuples():
-                    circuit.edges.append(Edge(("head", int(r.layer), int(r.head)), (LOGITS,), LOGITS, float(r.effect)))
-            elif senders and len(receivers) == 1:  # one receiver: the step's own effects are the edges
-                effects = {(s, receivers[0]): float(r.effect) for s, r in zip(senders, chosen.itertuples())}
-            elif senders:
-                effects = _edge_effects(
-                    model,
-                    prompts,
-                    senders,
-                    receivers,
-                    kind,
-                    per_receiver=per_receiver_edges,
-                    direction=direction,
-                    metric=metric,
-                    batch_size=batch_size,
-                    at=at,
-                    read_at=read_at,
-                    unpatched=kw["unpatched"],
-                )
-            if kind != LOGITS and senders:
-                for (s, r), v in effects.items():
-                    circuit.edges.append(
-                        Edge(("head", *s), ("head", *r), kind, v, evidence={"per_receiver": per_receiver_edges})
-                    )
-            tables.append(frame)
-        say(f"step {step}: {len(new)} new head(s): {', '.join(component_name(h) for h in new) or 'none'}")
-        if not new:
-            break
-        frontier = sorted(new)
-    steps = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    circuit.evidence["steps"] = json_safe(steps.to_dict("records"))  # every candidate's score, kept with the circuit
-    scores = None
-    if roles and len(circuit) and model.remote:
-        warnings.warn(
-            "role suggestions read attention patterns and weights locally: skipped for a remote model "
-            "(the circuit and its edges are complete)",
-            stacklevel=2,
-        )
-    elif roles and len(circuit):
-        scores = head_scores(model, prompts)
-        suggest_roles(circuit, scores, attention=attention)
-    return Discovery(circuit=circuit, steps=steps, scores=scores)
+            new.append(head)
+            self.query_at[head] = "end" if kind == LOGITS or at is None else str(at)
+            frame.loc[r.Index, "new"] = True
+            evidence = dict(step=step, receiver_input=kind, receivers=r.receivers, position=r.position)
+            evidence.update(effect=float(r.effect), raw_effect=float(r.raw_effect), z=float(r.z), rule=rule)
+            self.circuit.add(Component("head", head[0], head[1], effect=float(r.effect), evidence=evidence))
+        return frame
+
+    def add_edges(self, frame: pd.DataFrame, receivers, at, read_at) -> None:
+        """The edges of one table's selected senders: into the logits, or into each receiver's input (one
+        receiver: the step's own effects; several: :meth:`edge_effects`)."""
+        kind = frame["receiver_input"].iloc[0]
+        chosen = frame[frame["selected"]]
+        senders = [(int(r.layer), int(r.head)) for r in chosen.itertuples()]
+        if kind == LOGITS:
+            for s, r in zip(senders, chosen.itertuples()):
+                self.circuit.edges.append(Edge(("head", *s), (LOGITS,), LOGITS, float(r.effect)))
+            return
+        if not senders:
+            return
+        if len(receivers) == 1:
+            effects = {(s, receivers[0]): float(r.effect) for s, r in zip(senders, chosen.itertuples())}
+        else:
+            effects = self.edge_effects(senders, receivers, kind, at, read_at)
+        for (s, r), v in effects.items():
+            edge = Edge(("head", *s), ("head", *r), kind, v, evidence={"per_receiver": self.per_receiver})
+            self.circuit.edges.append(edge)
+
+    def edge_effects(self, senders, receivers, kind: str, at, read_at) -> dict:
+        """``{(sender, receiver): normalised effect}`` for the selected senders into the receivers' ``kind``
+        input: per receiver, or into the whole receiver set (``per_receiver=False``)."""
+        from lsa import patching
+
+        out = {}
+        for group in [[r] for r in receivers] if self.per_receiver else [list(receivers)]:
+            usable = [s for s in senders if s[0] < max(layer for layer, _ in group)]
+            if not usable:
+                continue
+            sweep = {**self.sweep, "progress": False}
+            res = patching.path_patching(
+                self.model,
+                self.prompts,
+                usable,
+                group,
+                receiver_input=kind,
+                positions=at,
+                receivers_at=read_at,
+                **sweep,
+            )
+            span = float(res.clean.mean() - res.corrupt.mean())
+            for s, v in zip(usable, (res.effect / span).tolist()):
+                out.update({(s, r): v for r in group if s[0] < r[0]})
+        return out
 
 
 SELECT = "ci_low"  # a circuit is chosen where the lower end of its 95% interval reaches the target
