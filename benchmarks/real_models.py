@@ -442,15 +442,21 @@ def main() -> None:
 
 
 def time_edges(model, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Section 5: EAP-IG over every edge and path-patching discovery on the same ``n`` IOI prompts."""
+    """Section 5: EAP-IG over every edge, the whole edge discovery (scores and the cross-fitted search) and
+    path-patching discovery on the same ``n`` IOI prompts; EAP-IG with the real preset's steps."""
     from lsa.attribution import edge_attribution
+    from lsa.runner import PRESETS
 
+    steps = dict(PRESETS["real"][0][3])["steps"]
     prompts = on_device(lsa.tasks.build("ioi", "en", model.tokenizer, n=n, seed=0), device)
     print(f"\n5. EAP-IG over every edge vs path-patching discovery (n={len(prompts)})")
     scores, t_edges = clocked(
-        lambda: edge_attribution(model, prompts, method="eap-ig", steps=5, progress=False), device
+        lambda: edge_attribution(model, prompts, method="eap-ig", steps=steps, progress=False), device
     )
-    row(f"EAP-IG, 5 steps, {scores.graph.n_edges} edges", t_edges)
+    row(f"EAP-IG, {steps} steps, {scores.graph.n_edges} edges", t_edges)
+    found, t_found = clocked(lambda: circuits.discover(model, prompts, scores=scores, progress=False), device)
+    size = f"{len(found.circuit.edges)} edges, reached the target: {found.circuit.evidence['reached_target']}"
+    row("  + the search along its ranking (edge discovery)", t_found, size)
     kw = dict(k=NOTEBOOK_01["k"], floor=NOTEBOOK_01["floor"], max_steps=NOTEBOOK_01["max_steps"], progress=False)
     found, t_paths = clocked(lambda: circuits.path_patching_discovery(model, prompts, **kw), device)
     row("path-patching discovery (default)", t_paths, f"{found.n_steps} step(s), {len(found.circuit)} heads")

@@ -6,7 +6,7 @@ one held-out set, :func:`lsa.tasks.disjoint`); a circuit discovered on each samp
 interval; the two circuits' overlap (Jaccard of edges, and of heads and MLPs) beside random circuits of
 the same sizes. Prints one markdown table. Minutes per language on one thread.
 
-    .venv/bin/python scripts/circuit_stability.py [--model gemma-3-270m] [--languages en zh] [--n 64]
+    .venv/bin/python scripts/circuit_stability.py [--model gemma-3-270m] [--languages en zh] [--n 64] [--steps 3]
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import lsa  # noqa: E402
 from lsa import circuits  # noqa: E402
 
 
-def one_language(model, language: str, n: int, seed: int) -> dict:
+def one_language(model, language: str, n: int, seed: int, steps: int) -> dict:
     built = lsa.tasks.build("ioi", language, model.tokenizer, n=3 * n * 5 // 4 + 8, seed=seed)
     first, second, heldout = lsa.tasks.disjoint(built, [n, n, n])
     found = []
     for sample in (first, second):
         start = time.perf_counter()
-        d = circuits.discover(model, sample, "eap-ig", progress=False, roles=False)
+        d = circuits.discover(model, sample, "eap-ig", steps=steps, progress=False, roles=False)
         f = circuits.faithfulness(model, d.circuit, heldout)
         found.append((d, f, time.perf_counter() - start))
     graph = found[0][0].edges.graph
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--languages", nargs="+", default=["en", "zh"])
     parser.add_argument("--n", type=int, default=64, help="prompts per discovery sample and in the held-out set")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=3, help="EAP-IG's steps (3: the real preset's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = lsa.load_model(args.model)
@@ -69,7 +70,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|")
     for language in args.languages:
-        print("\n".join(one_language(model, language, args.n, args.seed)["rows"]), flush=True)
+        print("\n".join(one_language(model, language, args.n, args.seed, args.steps)["rows"]), flush=True)
 
 
 if __name__ == "__main__":
