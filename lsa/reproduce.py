@@ -298,9 +298,12 @@ def _circuit_words(find, model: str, language: str, method: str = "eap-ig") -> s
     edges, share, nodes, faith = stat("edges"), _num(stat("edge_share")), stat("nodes"), _num(stat("faithfulness"))
     if edges is None or faith is None:
         return None
+    ci = _pair(stat("ci"))
+    over = ci is not None and ci[0] > 1  # the whole interval above the model's own behaviour
     return (
         f"{edges} edges ({share:.1%} of the model's), {nodes} heads and MLPs, keeping "
-        f"{_with(faith, _pair(stat('ci')))} of its behaviour on held-out prompts"
+        f"{_with(faith, ci)} of its behaviour on held-out prompts"
+        + (" (more than the model: it leaves out edges that work against the answer)" if over else "")
     )
 
 

@@ -239,3 +239,17 @@ def test_a_circuit_keeps_its_faithfulness_on_a_prompt_set_and_gives_it_back_from
     for prompts_, method in ((other, "interchange"), (prompts, "mean")):
         with pytest.raises(pytest.fail.Exception, match="ran again"):
             C.faithfulness(model, again, prompts_, method=method)
+
+
+def test_overlap_references_draws_a_skewed_null_and_an_interval_that_misses_its_estimate():
+    """A null whose mean lies above its 95th percentile (rare large overlaps of tiny circuits) gets no
+    whisker, and a percentile interval above its estimate a whisker up to its top: both used to raise."""
+    import matplotlib.pyplot as plt
+
+    from lsa.plotting import circuits as circuit_plots
+
+    row = dict(unit="edges", observed=0.5, ci_low=0.55, ci_high=0.7, across_halves=0.6, within_a=0.7, within_b=0.65)
+    fig = circuit_plots.overlap_references(pd.DataFrame([{**row, "chance": 0.04, "chance_95": 0.0}]), ("en", "zh"))
+    bars = [c.get_segments()[0] for c in fig.axes[0].collections]  # the two error bars, in drawing order
+    assert np.allclose(bars[0], [[0, 0.5], [0, 0.7]]) and np.allclose(bars[1], [[4, 0.04], [4, 0.04]])
+    plt.close(fig)

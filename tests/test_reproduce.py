@@ -87,7 +87,7 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
             g,
             _circuit("en", 93, 0.0162, 40, 0.85, [0.8, 0.9]) | _circuit("zh", 120, 0.02, 44, 0.7, [0.6, 0.8]),
         ),
-        _run("01_ioi_circuit", s, _circuit("en", 300, 0.004, 50, 0.9, [0.85, 0.95])),
+        _run("01_ioi_circuit", s, _circuit("en", 300, 0.004, 50, 1.2, [1.05, 1.4])),  # more than the model
         _run(
             "03_compare_circuits",
             g,
@@ -155,6 +155,8 @@ def test_the_real_models_section_states_agreement_with_the_paper_from_the_number
     assert "Jaccard 0.50 (0.40 to 0.60), against 0.20 for random circuits" in text
     assert "give 0.70 (English) and 0.65 (Chinese), a half of each language against the other 0.45" in text
     assert "SmolLM2 135M's English circuit: 300 edges (0.4% of the model's)" in text
+    assert "keeping 1.20 (1.05 to 1.40) of its behaviour on held-out prompts (more than the model: it leaves" in text
+    assert text.count("more than the model") == 1  # not where the interval reaches 1 or below
     assert "The roles both circuits hold: name mover (role agreement 0.50)." in text
     assert "correlates at 0.80 (0.70 to 0.90)" in text and "heads paired at random -0.20 to 0.25" in text
     assert "at 0.95 (English) and 0.93 (Chinese), a half of each language at 0.78" in text

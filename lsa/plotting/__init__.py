@@ -30,6 +30,16 @@ def save(fig, output_dir: str | Path, name: str) -> Path:
     return png
 
 
+def whiskers(value, low, high):
+    """Error bar lengths ``[2, n]`` below and above ``value`` for an interval ``low`` to ``high``, never negative:
+    a percentile interval can miss its own estimate (a ratio with a near-zero denominator; a skewed null
+    whose mean lies above its 95th percentile), and matplotlib refuses a negative whisker."""
+    import numpy as np
+
+    value, low, high = (np.asarray(x, dtype=float) for x in (value, low, high))
+    return np.stack([value - low, high - value]).clip(min=0)
+
+
 # Fonts with Chinese glyphs, tried after DejaVu Sans (matplotlib falls back per glyph).
 CJK_FONTS = (
     "WenQuanYi Micro Hei",

@@ -6,6 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from lsa.plotting import whiskers
+
 
 def plot_relative_effects(effects: pd.DataFrame, *, title: str | None = None, ax=None):
     """Each prompt set's relative metric per condition, with its 95% interval as an error bar.
@@ -24,7 +26,7 @@ def plot_relative_effects(effects: pd.DataFrame, *, title: str | None = None, ax
         rows = effects[effects["set"] == name].set_index("condition").reindex(conditions)
         value, lo, hi = (rows[c].to_numpy(float) for c in ("relative", "ci_low", "ci_high"))
         x = np.arange(len(conditions)) + (i - (len(names) - 1) / 2) * width
-        ax.errorbar(x, value, yerr=[value - lo, hi - value], fmt="o", capsize=4, label=name)
+        ax.errorbar(x, value, yerr=whiskers(value, lo, hi), fmt="o", capsize=4, label=name)
     for level in (1, 0):
         ax.axhline(level, color="0.6", lw=0.8, ls="--", zorder=0)
     ax.set_xticks(range(len(conditions)), conditions)

@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Patch
 
 from lsa.circuits import LOGITS, Circuit
+from lsa.plotting import whiskers
 
 ROLE_COLOURS = {
     "name mover": "#66c2a5",
@@ -416,8 +417,7 @@ def faithfulness_bars(frame: pd.DataFrame, target: float | None = 0.8):
     fig, ax = plt.subplots(figsize=(1.2 * len(frame) + 2.5, 3.6))
     labels = [f"{r.circuit}\non {r.language}" for r in frame.itertuples()]
     colours = [CIRCUIT_COLOURS[0] if r.own_language else CIRCUIT_COLOURS[1] for r in frame.itertuples()]
-    # a ratio's percentile interval can miss its own estimate (a near-zero denominator): no negative whisker
-    err = np.array([frame["normalized"] - frame["ci_low"], frame["ci_high"] - frame["normalized"]]).clip(min=0)
+    err = whiskers(frame["normalized"], frame["ci_low"], frame["ci_high"])
     ax.bar(range(len(frame)), frame["normalized"], yerr=err, color=colours, capsize=4)
     ax.set_xticks(range(len(frame)), labels, fontsize=8)
     if target is not None:
@@ -439,9 +439,11 @@ def overlap_references(frame: pd.DataFrame, labels: tuple[str, str] = ("a", "b")
         names = ["observed", "across\nhalves", f"within\n{labels[0]}", f"within\n{labels[1]}", "chance"]
         values = [row.observed, row.across_halves, row.within_a, row.within_b, row.chance]
         ax.bar(range(5), values, color=["#1f77b4", "#6baed6", "#bdbdbd", "#bdbdbd", "#fdae6b"])
-        whiskers = np.array([[row.observed - row.ci_low], [row.ci_high - row.observed]]).clip(min=0)
-        ax.errorbar([0], [row.observed], yerr=whiskers, color="black", capsize=4)
-        ax.errorbar([4], [row.chance], yerr=[[0], [row.chance_95 - row.chance]], color="black", capsize=4)
+        ax.errorbar(
+            [0], [row.observed], yerr=whiskers([row.observed], [row.ci_low], [row.ci_high]), color="black", capsize=4
+        )
+        chance = whiskers([row.chance], [row.chance], [row.chance_95])  # up to the null's 95th percentile
+        ax.errorbar([4], [row.chance], yerr=chance, color="black", capsize=4)
         ax.set_xticks(range(5), names, fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"Jaccard of {row.unit}", fontsize=10)

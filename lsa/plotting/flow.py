@@ -12,6 +12,8 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 
+from lsa.plotting import whiskers
+
 KIND_COLOURS = {"attn": "tab:blue", "attn+residual": "tab:blue", "residual": "0.6", "ffn": "tab:orange"}
 
 
@@ -166,8 +168,7 @@ def plot_frequency_comparison(frame: pd.DataFrame, *, ax=None):
         fig = ax.figure
     y = np.arange(len(frame))[::-1]
     values = frame["correlation"].to_numpy()
-    spread = [values - frame["low"].to_numpy(), frame["high"].to_numpy() - values]
-    ax.errorbar(values, y, xerr=spread, fmt="o", capsize=4, color="tab:blue")
+    ax.errorbar(values, y, xerr=whiskers(values, frame["low"], frame["high"]), fmt="o", capsize=4, color="tab:blue")
     ax.axvline(values[0], color="tab:blue", lw=0.8, ls=":")
     ax.axvline(0, color="0.6", lw=0.8, ls="--", zorder=0)
     ax.set_yticks(y, frame["reference"])
