@@ -314,3 +314,69 @@ def test_a_cross_model_comparison_is_filed_under_its_circuits_models_not_the_mod
     assert own.folder == out / "03_compare_circuits" / "toy-bilingual" / "en+zh"
     with pytest.raises(runner.GridError, match="would share the folder.*give -m once"):
         runner.plan(["compare_circuits"], ["toy-bilingual", "toy-en"], ["en+zh"], params, out)
+
+
+def test_a_kernel_channel_finds_a_reply_whose_wake_up_was_missed_and_times_out_on_time(monkeypatch):
+    """The notebook client's channels (lsa.kernel_client) against real zmq sockets: a queued message comes back;
+    with the socket's wake-ups lost (its poll future never fires), the next slice's fresh poll still finds
+    the message; with nothing queued, Empty once the timeout has passed."""
+    import asyncio
+    import time
+    from queue import Empty
+
+    import zmq
+    import zmq.asyncio
+    from jupyter_client.session import Session
+
+    from lsa import kernel_client
+
+    monkeypatch.setattr(kernel_client, "SLICE", 0.2)
+
+    async def check():
+        ctx = zmq.asyncio.Context()
+        a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        a.bind("inproc://lsa-channel-test")
+        b.connect("inproc://lsa-channel-test")
+        session = Session(key=b"")
+        channel = kernel_client.SlicedChannel(b, session)
+        session.send(a, "execute_reply", {"status": "ok"})
+        assert (await channel.get_msg(timeout=5))["msg_type"] == "execute_reply"
+        polls = []
+
+        async def at_slice_end(timeout_ms):
+            await asyncio.sleep(timeout_ms / 1000)
+            return b.get(zmq.EVENTS) & zmq.POLLIN  # the socket itself, asked now
+
+        def deaf(timeout_ms=None, *args):  # a wake-up lost: only the slice's end polls the socket
+            polls.append(timeout_ms)
+            return asyncio.ensure_future(at_slice_end(timeout_ms))
+
+        monkeypatch.setattr(b, "poll", deaf)
+        session.send(a, "status", {"execution_state": "idle"})
+        assert (await channel.get_msg(timeout=None))["msg_type"] == "status" and polls == [200]
+        start = time.monotonic()
+        with pytest.raises(Empty):
+            await channel.get_msg(timeout=0.5)
+        assert 0.5 <= time.monotonic() - start < 1.5
+        assert max(polls[1:]) == 200 and 480 <= sum(polls[1:]) <= 510  # slices of 0.2 s up to the deadline
+        a.close(linger=0), b.close(linger=0), ctx.term()
+
+    asyncio.run(check())
+
+
+def test_a_grid_cell_runs_its_kernel_through_the_sliced_channels(tmp_path, monkeypatch):
+    """run_cell hands papermill the kernel manager whose clients wait in slices."""
+    import papermill
+
+    from lsa.kernel_client import SlicedKernelManager
+
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("not run")
+
+    monkeypatch.setattr(papermill, "execute_notebook", spy)
+    (cell,) = runner.plan(["00_quickstart"], ["toy-bilingual"], ["en"], {}, tmp_path)
+    runner.run_cell(cell)
+    assert cell.status == "failed" and seen["kernel_manager_class"] is SlicedKernelManager
