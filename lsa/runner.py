@@ -519,8 +519,6 @@ def run_cell(
     kernel) are recorded in the cell, never raised."""
     import papermill
 
-    from lsa.kernel_client import SlicedKernelManager
-
     cell.folder.mkdir(parents=True, exist_ok=True)
     declared = declared_parameters(cell.notebook)
     parameters = cell_parameters(cell, declared)
@@ -537,7 +535,6 @@ def run_cell(
             log_output=log_output,
             cwd=str(cell.folder),
             execution_timeout=cell_timeout or None,
-            kernel_manager_class=SlicedKernelManager,  # no reply waits for a missed wake-up (lsa.kernel_client)
         )
         cell.status = "ok"
     except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the grid
