@@ -512,6 +512,12 @@ def versions() -> dict[str, str]:
     return found
 
 
+# Cells tagged so show an explorer widget; a grid skips them. There is no browser to draw a widget in a
+# batch run, and the notebook client can wait forever after a widget cell, the kernel idle with the cell
+# executed and its reply never read (seen in make reproduce and its test, on CircuitViewer cells).
+WIDGET_TAG = "widget"
+
+
 def run_cell(
     cell: Cell, *, kernel: str | None = None, log_output: bool = False, cell_timeout: int | None = DEFAULT_CELL_TIMEOUT
 ) -> Cell:
@@ -535,6 +541,7 @@ def run_cell(
             log_output=log_output,
             cwd=str(cell.folder),
             execution_timeout=cell_timeout or None,
+            skip_cells_with_tag=WIDGET_TAG,
         )
         cell.status = "ok"
     except Exception as exc:  # noqa: BLE001 - one failing cell must not stop the grid

@@ -139,3 +139,14 @@ def test_every_notebook_ends_with_an_explorer_of_its_results():
     for path in NOTEBOOKS:
         last = _widgets_used(_code_sources(path)[-1])
         assert last, f"{path.stem}: its last code cell shows no explorer (one of {widgets.__all__})"
+
+
+def test_the_cells_that_show_an_explorer_and_only_those_are_tagged_for_the_grid_to_skip():
+    from lsa.runner import WIDGET_TAG
+
+    for path in NOTEBOOKS:
+        for cell in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+            if cell["cell_type"] == "code":
+                shows = bool(_widgets_used("".join(cell["source"])))
+                tagged = WIDGET_TAG in cell["metadata"].get("tags", [])
+                assert shows == tagged, f"{path.stem}: {''.join(cell['source'])[:60]!r} shows an explorer: {shows}"

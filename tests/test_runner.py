@@ -314,3 +314,14 @@ def test_a_cross_model_comparison_is_filed_under_its_circuits_models_not_the_mod
     assert own.folder == out / "03_compare_circuits" / "toy-bilingual" / "en+zh"
     with pytest.raises(runner.GridError, match="would share the folder.*give -m once"):
         runner.plan(["compare_circuits"], ["toy-bilingual", "toy-en"], ["en+zh"], params, out)
+
+
+def test_a_grid_skips_the_cells_tagged_widget(tmp_path):
+    """The sleeper's last cell is tagged ``widget`` and raises: in a grid it is skipped, the cells before it run."""
+    out = tmp_path / "grid"
+    assert cli.main(["run", SLEEPER, "-p", "seconds=0", "-o", str(out)]) == 0
+    folder = out / "sleeper/toy-bilingual/en"
+    assert json.loads((folder / "provenance.json").read_text())["status"] == "ok"
+    cells = nbformat.read(folder / "notebook.ipynb", as_version=4).cells
+    assert runner.WIDGET_TAG in cells[-1].metadata.tags and cells[-1].outputs == []
+    assert json.loads((folder / "done.json").read_text())["slept"] == 0
