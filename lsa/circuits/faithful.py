@@ -265,9 +265,13 @@ def edge_curves(
     parts = [torch.arange(n)[f::folds] for f in range(folds)]
     metric = {rank: torch.empty(len(sizes), n) for rank, sizes in wanted.items()}
     full, empty = torch.empty(n), torch.empty(n)
+    kept = {rank: [scores.circuit(size, rank) for size in sizes] for rank, sizes in wanted.items()}  # all prompts'
     for rows in parts:
-        fit = None if folds == 1 else torch.cat([p for p in parts if p is not rows])  # the other half
-        masks = [scores.circuit(size, rank, fit) for rank, sizes in wanted.items() for size in sizes]
+        if folds == 1:
+            masks = [k for ks in kept.values() for k in ks]
+        else:
+            fit = torch.cat([p for p in parts if p is not rows])  # the other half
+            masks = [scores.circuit(size, rank, fit) for rank, sizes in wanted.items() for size in sizes]
         got, full[rows], empty[rows] = _judge(model, prompts.subset(rows), graph, masks, kw)
         at = 0
         for rank, sizes in wanted.items():
@@ -276,8 +280,9 @@ def edge_curves(
     scope = f"{kw.get('method', ablation.DEFAULT_METHOD)} ablation of every edge outside the circuit"
     curves = {}
     for rank, sizes in wanted.items():
-        kept = [scores.circuit(size, rank) for size in sizes]
-        rows = [dict(size=m, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for m, k in zip(sizes, kept)]
+        rows = [
+            dict(size=m, share=int(k.sum()) / graph.n_edges, **_counts(graph, k)) for m, k in zip(sizes, kept[rank])
+        ]
         meta = {"rank": rank, "folds": folds}
         curves[rank] = _curve(metric[rank], full, empty, rows, ablation=scope, level="edges", meta=meta)
     return curves
